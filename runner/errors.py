@@ -1,0 +1,84 @@
+"""Every error batchrun raises on purpose, as one hierarchy.
+
+Each class carries the process exit status the CLI uses for it, so the CLI never has to guess
+and a library caller can catch ``BatchrunError`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchrunError(Exception):
+    """Base class: an expected failure with a message meant for the user (no traceback)."""
+
+    exit_code: int = 1
+
+
+class UsageError(BatchrunError):
+    """Bad options or bad input that the user must fix before anything can run."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One defect in a job file, located precisely enough to fix it in an editor."""
+
+    path: str
+    line: int  # 1-based; 0 when the problem is about the file as a whole
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
+
+
+class JobFileError(UsageError):
+    """The job file is unreadable or invalid; ``problems`` lists every defect found."""
+
+    def __init__(self, problems: list[Problem], truncated: bool = False) -> None:
+        self.problems = problems
+        self.truncated = truncated
+        lines = [str(p) for p in problems]
+        if truncated:
+            lines.append(f"... stopped after {len(problems)} problems")
+        super().__init__("\n".join(lines))
+
+
+class PriceError(UsageError):
+    """The price table or a user price file is invalid."""
+
+
+class UnknownModelError(PriceError):
+    """A model has no price: pricing it at $0 would defeat the spend cap, so it is an error."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(
+            f"no price known for model {model!r}; add it to a price file (--prices FILE)"
+        )
+
+
+class VocabularyError(BatchrunError):
+    """A tokenizer vocabulary is missing or does not match tiktoken's expected sha256."""
+
+
+class StoreError(BatchrunError):
+    """The database cannot be opened, read or written safely."""
+
+    exit_code = 2
+
+
+class JobChangedError(StoreError):
+    """The job file at a known path now holds different requests."""
+
+
+class LeaseHeldError(StoreError):
+    """Another live batchrun process is running this job."""
+
+
+class FatalAPIError(BatchrunError):
+    """The API refused the whole run (bad key, no quota): retrying cannot help."""
+
+    exit_code = 4

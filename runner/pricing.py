@@ -1,0 +1,216 @@
+"""The price table: what one token of each model costs, and what a request can cost.
+
+A bundled, dated table (``prices.toml``) is merged with an optional user TOML file of the same
+shape. Prices are exact integers of picodollars per token (see ``money``). A model that the table
+does not know is an error, never $0: an unpriced request would make the spend cap meaningless.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import PriceError, UnknownModelError
+from .money import price_per_mtok_to_pico_per_token
+
+# "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"; "gpt-4-0613" -> "gpt-4"; "gpt-3.5-turbo-0125".
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+_PRICE_FIELDS = ("input", "cached_input", "output", "batch_input", "batch_output")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One model's prices in picodollars per token."""
+
+    model: str
+    input: int
+    cached_input: int  # equals ``input`` for models without a cache discount
+    output: int
+    batch_input: int
+    batch_output: int
+    max_output: int | None  # largest possible completion; None if unknown
+    source: str
+    origin: str = "bundled"  # "bundled" or the user's price file path
+
+    def cost(self, input_tokens: int, cached_tokens: int = 0, output_tokens: int = 0) -> int:
+        """Picodollars billed for one response's usage, the way the API bills it.
+
+        Cached tokens are a subset of the input tokens; reasoning tokens are already inside
+        ``output_tokens`` and must not be added again.
+        """
+        cached = min(max(cached_tokens, 0), input_tokens)
+        return (
+            (input_tokens - cached) * self.input
+            + cached * self.cached_input
+            + output_tokens * self.output
+        )
+
+
+@dataclass(slots=True)
+class PriceTable:
+    """Model name -> Price, with the date the bundled prices were checked."""
+
+    as_of: str
+    prices: dict[str, Price]
+    sources: dict[str, str] = field(default_factory=dict)
+    user_file: str | None = None
+    _cache: dict[str, Price] = field(default_factory=dict, repr=False)
+
+    def lookup(self, model: str) -> Price | None:
+        """The price for ``model``: its own entry, else its family's for a dated snapshot."""
+        hit = self._cache.get(model)
+        if hit is not None:
+            return hit
+        price = self.prices.get(model)
+        if price is None:
+            family = _SNAPSHOT.sub("", model)
+            if family != model:
+                price = self.prices.get(family)
+        if price is not None:
+            self._cache[model] = price
+        return price
+
+    def resolve(self, model: str) -> Price:
+        price = self.lookup(model)
+        if price is None:
+            raise UnknownModelError(model)
+        return price
+
+    def for_response(self, requested: str, response_model: str | None) -> Price:
+        """Bill by the model the response names when it has its own entry (a dated snapshot
+        can cost more than its alias), else by the model that was requested."""
+        if response_model:
+            own = self.prices.get(response_model)
+            if own is not None:
+                return own
+        return self.resolve(requested)
+
+    def bill(self, requested: str, usage: Usage) -> int:
+        """Picodollars the API bills for one response."""
+        price = self.for_response(requested, usage.model)
+        return price.cost(usage.input_tokens, usage.cached_tokens, usage.output_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one response, in the shape every endpoint shares."""
+
+    model: str | None  # the model the response names (often a dated snapshot)
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int  # a subset of output_tokens, already billed inside it
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def read_usage(data: dict[str, Any]) -> Usage:
+    """Usage from a chat, Responses or embeddings body (detail objects may be missing/null)."""
+    u = data.get("usage") or {}
+    if "input_tokens" in u:  # Responses API
+        in_details = u.get("input_tokens_details") or {}
+        out_details = u.get("output_tokens_details") or {}
+        inp, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
+    else:  # chat completions and embeddings
+        in_details = u.get("prompt_tokens_details") or {}
+        out_details = u.get("completion_tokens_details") or {}
+        inp, out = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
+    model = data.get("model")
+    return Usage(
+        model=model if isinstance(model, str) else None,
+        input_tokens=inp,
+        cached_tokens=min(_int(in_details.get("cached_tokens")), inp),
+        output_tokens=out,
+        reasoning_tokens=min(_int(out_details.get("reasoning_tokens")), out),
+    )
+
+
+def _parse_entry(
+    name: str, raw: Any, origin: str, base: Price | None, default_source: str
+) -> Price:
+    where = f"{origin}: models.{name}"
+    if not isinstance(raw, dict):
+        raise PriceError(f"{where}: must be a table")
+    unknown = set(raw) - {*_PRICE_FIELDS, "max_output", "source"}
+    if unknown:
+        raise PriceError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    values: dict[str, int] = {}
+    for key in _PRICE_FIELDS:
+        if key in raw:
+            try:
+                values[key] = price_per_mtok_to_pico_per_token(raw[key])
+            except (TypeError, ValueError) as exc:
+                raise PriceError(f"{where}: {key}: {exc}") from None
+    max_output = raw.get("max_output")
+    if max_output is not None and (
+        not isinstance(max_output, int) or isinstance(max_output, bool) or max_output < 0
+    ):
+        raise PriceError(f"{where}: max_output: must be a whole number of tokens")
+    source = str(raw.get("source", default_source))
+    if base is not None:
+        merged = replace(base, origin=origin, source=source)
+        if "input" in values and "cached_input" not in values and base.cached_input == base.input:
+            values["cached_input"] = values["input"]
+        for key, val in values.items():
+            merged = replace(merged, **{key: val})
+        if max_output is not None:
+            merged = replace(merged, max_output=max_output)
+        return merged
+    for key in ("input", "output"):
+        if key not in values:
+            raise PriceError(f"{where}: {key} is required for a model not in the bundled table")
+    return Price(
+        model=name,
+        input=values["input"],
+        cached_input=values.get("cached_input", values["input"]),
+        output=values["output"],
+        batch_input=values.get("batch_input", values["input"] // 2),
+        batch_output=values.get("batch_output", values["output"] // 2),
+        max_output=max_output if max_output is not None else (0 if values["output"] == 0 else None),
+        source=source,
+        origin=origin,
+    )
+
+
+def _load_toml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        # Decimal keeps "0.075" exact even when written as a bare TOML float.
+        return tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise PriceError(f"{origin}: invalid TOML: {exc}") from None
+
+
+def load_price_table(user_file: str | Path | None = None) -> PriceTable:
+    """The bundled table, with ``user_file``'s entries overriding or adding models."""
+    bundled = _load_toml(
+        resources.files("runner").joinpath("prices.toml").read_text("utf-8"), "prices.toml"
+    )
+    sources = {str(k): str(v) for k, v in bundled.get("sources", {}).items()}
+    prices: dict[str, Price] = {}
+    for name, raw in bundled["models"].items():
+        prices[name] = _parse_entry(name, raw, "bundled", None, "bundled")
+    table = PriceTable(as_of=str(bundled["as_of"]), prices=prices, sources=sources)
+    if user_file is None:
+        return table
+    path = Path(user_file)
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PriceError(f"{path}: cannot read price file: {exc.__class__.__name__}") from None
+    user = _load_toml(text, str(path))
+    models = user.get("models")
+    if not isinstance(models, dict) or not models:
+        raise PriceError(f"{path}: expected at least one [models.NAME] table")
+    for name, raw in models.items():
+        prices[name] = _parse_entry(name, raw, str(path), prices.get(name), "user price file")
+    if "as_of" in user:
+        table.as_of = f"{table.as_of} (user file as of {user['as_of']})"
+    table.user_file = str(path)
+    return table
