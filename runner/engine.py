@@ -307,8 +307,7 @@ class Engine:
             self._on_wire.add(req.id)
             out = await self.executor.send(req.url, req.body)
             self._on_wire.discard(req.id)
-            if out.headers:
-                self.governor.observe(out.headers)
+            self.governor.done(weight, out.headers)
             verdict = classify(out)
             self._attempt_rows.append(
                 AttemptRecord(

@@ -97,6 +97,9 @@ class Governor:
         self._paused_until = 0.0
         self.pauses = 0
         self.longest_pause = 0.0
+        # Admitted and not yet answered: the server's "remaining" cannot include these yet.
+        self._inflight_requests = 0
+        self._inflight_tokens = 0
 
     async def acquire(self, weight: int) -> None:
         """Wait until one request weighing ``weight`` tokens may be sent."""
@@ -109,6 +112,8 @@ class Governor:
             await self.requests.acquire(1)
         if self.tokens is not None and weight > 0:
             await self.tokens.acquire(weight)
+        self._inflight_requests += 1
+        self._inflight_tokens += weight
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (after a rate-limit 429)."""
@@ -120,19 +125,26 @@ class Governor:
             self.pauses += 1
             self.longest_pause = max(self.longest_pause, seconds)
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn limits from a response's ``x-ratelimit-*`` headers (any may be absent)."""
+    def done(self, weight: int, headers: Mapping[str, str]) -> None:
+        """One admitted request was answered (or failed); learn from its ``x-ratelimit-*``
+        headers, any of which may be absent."""
+        self._inflight_requests = max(0, self._inflight_requests - 1)
+        self._inflight_tokens = max(0, self._inflight_tokens - weight)
+        if not headers:
+            return
         self.requests = self._learn(
             self.requests,
             headers.get("x-ratelimit-limit-requests"),
             headers.get("x-ratelimit-remaining-requests"),
             headers.get("x-ratelimit-reset-requests"),
+            self._inflight_requests,
         )
         self.tokens = self._learn(
             self.tokens,
             headers.get("x-ratelimit-limit-tokens"),
             headers.get("x-ratelimit-remaining-tokens"),
             headers.get("x-ratelimit-reset-tokens"),
+            self._inflight_tokens,
         )
 
     def _learn(
@@ -141,6 +153,7 @@ class Governor:
         limit_h: str | None,
         remaining_h: str | None,
         reset_h: str | None,
+        inflight: int,
     ) -> _Bucket | None:
         limit = _positive_int(limit_h)
         if limit is None:
@@ -150,7 +163,8 @@ class Governor:
             bucket = _Bucket(limit, learned=True)
         remaining = _nonnegative_int(remaining_h)
         if remaining is not None and remaining <= limit:
-            bucket.align(remaining)
+            # Requests still on their way will spend the server's remaining capacity too.
+            bucket.align(max(0, remaining - inflight))
             if remaining == 0:
                 reset = parse_duration(reset_h)
                 if reset:
