@@ -80,9 +80,11 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             if value >= 0:
                 return value
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(ra) if ra else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+            try:
+                parsed = email.utils.parsedate_to_datetime(ra)
+            except (TypeError, ValueError):
+                return None
+            return max(0.0, parsed.timestamp() - time.time())
     return None
 
 
