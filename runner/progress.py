@@ -82,8 +82,8 @@ class Progress:
             now = time.monotonic()
             if now - self._last_log >= self.log_every:
                 self._last_log = now
-                print(f"batchrun: {self._finished():,}/{self.total:,} done, {self.line()}",
-                      file=self.stream, flush=True)
+                done = f"{self._finished():,}/{self.total:,} done"
+                print(f"batchrun: {done}, {self.line()}", file=self.stream, flush=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -93,3 +93,6 @@ class Progress:
         if self._bar is not None:
             self.refresh()
             self._bar.close()
+        elif not self.quiet:
+            self._last_log = 0.0  # a log always ends with where the run stopped
+            self.refresh()
