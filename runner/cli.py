@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import BatchrunError, UsageError
+from .errors import BatchrunError, JobFileError, UsageError
 from .money import format_usd, usd_to_pico
 from .plan import price_job
 from .pricing import load_price_table
@@ -64,6 +64,10 @@ class _Group(click.Group):
             _fail(exc.format_message() + _usage_hint(exc), EXIT_USAGE)
         except click.exceptions.Abort:
             _fail("aborted", 130)
+        except JobFileError as exc:
+            # FILE:LINE: field: reason lines stand alone, so editors can jump to them.
+            click.echo(redact(str(exc)), err=True)
+            sys.exit(exc.exit_code)
         except BatchrunError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:

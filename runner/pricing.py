@@ -111,16 +111,20 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def read_usage(data: dict[str, Any]) -> Usage:
     """Usage from a chat, Responses or embeddings body (detail objects may be missing/null)."""
-    u = data.get("usage") or {}
+    u = _obj(data.get("usage"))
     if "input_tokens" in u:  # Responses API
-        in_details = u.get("input_tokens_details") or {}
-        out_details = u.get("output_tokens_details") or {}
+        in_details = _obj(u.get("input_tokens_details"))
+        out_details = _obj(u.get("output_tokens_details"))
         inp, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
     else:  # chat completions and embeddings
-        in_details = u.get("prompt_tokens_details") or {}
-        out_details = u.get("completion_tokens_details") or {}
+        in_details = _obj(u.get("prompt_tokens_details"))
+        out_details = _obj(u.get("completion_tokens_details"))
         inp, out = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
     model = data.get("model")
     return Usage(
