@@ -297,8 +297,9 @@ class Engine:
         opts = self.opts
         weight = req.input_tokens + req.output_limit
         while True:
-            await self.governor.acquire(weight)
+            ticket = await self.governor.acquire(weight)
             if self._stop_dispatch:
+                self.governor.done(ticket, {})
                 self._release(req, "stopped before retry" if req.attempts else None)
                 return
             req.attempts += 1
@@ -307,7 +308,7 @@ class Engine:
             self._on_wire.add(req.id)
             out = await self.executor.send(req.url, req.body)
             self._on_wire.discard(req.id)
-            self.governor.done(weight, out.headers)
+            self.governor.done(ticket, out.headers)
             verdict = classify(out)
             self._attempt_rows.append(
                 AttemptRecord(

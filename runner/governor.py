@@ -97,12 +97,15 @@ class Governor:
         self._paused_until = 0.0
         self.pauses = 0
         self.longest_pause = 0.0
-        # Admitted and not yet answered: the server's "remaining" cannot include these yet.
-        self._inflight_requests = 0
-        self._inflight_tokens = 0
+        # Admitted and not yet answered, by admission number (ascending) and weight.
+        self._next_ticket = 0
+        self._inflight: dict[int, int] = {}
 
-    async def acquire(self, weight: int) -> None:
-        """Wait until one request weighing ``weight`` tokens may be sent."""
+    async def acquire(self, weight: int) -> int:
+        """Wait until one request weighing ``weight`` tokens may be sent.
+
+        Returns a ticket to hand back to :meth:`done` when the request is answered (or is not
+        sent after all)."""
         while True:
             delay = self._paused_until - time.monotonic()
             if delay <= 0:
@@ -112,8 +115,10 @@ class Governor:
             await self.requests.acquire(1)
         if self.tokens is not None and weight > 0:
             await self.tokens.acquire(weight)
-        self._inflight_requests += 1
-        self._inflight_tokens += weight
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._inflight[ticket] = weight
+        return ticket
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (after a rate-limit 429)."""
@@ -125,26 +130,34 @@ class Governor:
             self.pauses += 1
             self.longest_pause = max(self.longest_pause, seconds)
 
-    def done(self, weight: int, headers: Mapping[str, str]) -> None:
-        """One admitted request was answered (or failed); learn from its ``x-ratelimit-*``
-        headers, any of which may be absent."""
-        self._inflight_requests = max(0, self._inflight_requests - 1)
-        self._inflight_tokens = max(0, self._inflight_tokens - weight)
+    def done(self, ticket: int, headers: Mapping[str, str]) -> None:
+        """The request admitted as ``ticket`` was answered (or abandoned); learn from its
+        ``x-ratelimit-*`` headers, any of which may be absent."""
+        self._inflight.pop(ticket, None)
         if not headers:
             return
+        # The server's "remaining" already counts every request it received before this one;
+        # only those admitted after it may still be on their way and must be subtracted.
+        # Subtracting all in-flight requests would over-drain when replies come back out of order.
+        later_requests = later_tokens = 0
+        for t, w in reversed(self._inflight.items()):
+            if t < ticket:
+                break
+            later_requests += 1
+            later_tokens += w
         self.requests = self._learn(
             self.requests,
             headers.get("x-ratelimit-limit-requests"),
             headers.get("x-ratelimit-remaining-requests"),
             headers.get("x-ratelimit-reset-requests"),
-            self._inflight_requests,
+            later_requests,
         )
         self.tokens = self._learn(
             self.tokens,
             headers.get("x-ratelimit-limit-tokens"),
             headers.get("x-ratelimit-remaining-tokens"),
             headers.get("x-ratelimit-reset-tokens"),
-            self._inflight_tokens,
+            later_tokens,
         )
 
     def _learn(
@@ -163,7 +176,6 @@ class Governor:
             bucket = _Bucket(limit, learned=True)
         remaining = _nonnegative_int(remaining_h)
         if remaining is not None and remaining <= limit:
-            # Requests still on their way will spend the server's remaining capacity too.
             bucket.align(max(0, remaining - inflight))
             if remaining == 0:
                 reset = parse_duration(reset_h)

@@ -92,11 +92,11 @@ def test_go_durations_parse_with_ms_before_m(text: str, seconds: float | None) -
 
 async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() -> None:
     g = Governor()
-    await g.acquire(10)
-    g.done(10, {"x-ratelimit-limit-requests": "-1", "x-ratelimit-limit-tokens": "0"})
+    t = await g.acquire(10)
+    g.done(t, {"x-ratelimit-limit-requests": "-1", "x-ratelimit-limit-tokens": "0"})
     assert g.requests is None and g.tokens is None
-    await g.acquire(10)
-    g.done(10, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
+    t = await g.acquire(10)
+    g.done(t, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
                 "x-ratelimit-limit-tokens": "90000", "x-ratelimit-remaining-tokens": "1000"})
     assert g.requests is not None and g.requests.limit == 600
     assert g.tokens is not None and g.tokens.limit == 90000
@@ -107,6 +107,25 @@ async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() ->
 
 async def test_a_user_limit_above_the_servers_gives_way_to_the_server() -> None:
     g = Governor(rpm=10_000)
-    await g.acquire(1)
-    g.done(1, {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"})
+    t = await g.acquire(1)
+    g.done(t, {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"})
     assert g.requests is not None and g.requests.limit == 500
+
+
+async def test_only_requests_admitted_after_the_answered_one_are_subtracted() -> None:
+    g = Governor(rpm=100)
+    tickets = [await g.acquire(1) for _ in range(11)]
+    assert g.requests is not None
+    headers = {"x-ratelimit-limit-requests": "100"}
+    # The last request is answered first: the server had received all 11 (89 left), so the
+    # 10 still in flight were already counted there and must not be subtracted again.
+    g.done(tickets[-1], {**headers, "x-ratelimit-remaining-requests": "89"})
+    assert g.requests.limiter.has_capacity(89)
+    # The first request, answered now, was seen when only it had arrived (99 left); the 9
+    # admitted after it and still unanswered may not have arrived yet.
+    g.done(tickets[0], {**headers, "x-ratelimit-remaining-requests": "99"})
+    assert g.requests.limiter.has_capacity(89)
+    # A server with less room than we think (another client shares the account) drains us.
+    g.done(tickets[1], {**headers, "x-ratelimit-remaining-requests": "50"})
+    assert not g.requests.limiter.has_capacity(50)
+    assert g.requests.limiter.has_capacity(42)
