@@ -112,12 +112,15 @@ class Engine:
         self.stats = RunStats(cap_pico=options.cap_pico)
         self._rng = random.Random(options.seed)
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-db")
-        # Feeder state: the next candidates in file order, and reserved ones ready to send.
+        # Feeder state: the next candidates in file order, and reserved ones ready to send
+        # (None tells a worker to exit). The feeder keeps up to ``_prefetch`` reserved ahead of
+        # the workers, so a worker never waits for a database round trip to get its next one.
         self._cursor = -1
         self._candidates: deque[PendingRequest] = deque()
-        self._ready: deque[PendingRequest] = deque()
+        self._ready: asyncio.Queue[PendingRequest | None] = asyncio.Queue()
+        self._prefetch = max(16, options.concurrency)
+        self._taken = asyncio.Event()
         self._rescan = False
-        self._feed_lock = asyncio.Lock()
         self._settled = asyncio.Event()
         # Requests on the wire (their outcome is unknown if we are cancelled).
         self._on_wire: set[int] = set()
@@ -158,6 +161,7 @@ class Engine:
             self._outcome = reason
             self._message = message
         self._settled.set()
+        self._taken.set()
         # In-flight requests get the grace period (a fatal API error, only a moment: more
         # requests would meet the same refusal), then the run ends regardless.
         grace = self.opts.grace if reason is RunOutcome.INTERRUPTED else min(self.opts.grace, 2.0)
@@ -173,14 +177,17 @@ class Engine:
         self._workers = [
             asyncio.create_task(self._worker()) for _ in range(max(1, self.opts.concurrency))
         ]
+        feeder = asyncio.create_task(self._feeder())
         waiter = asyncio.create_task(self._wait_workers())
         hard = asyncio.create_task(self._hard_stop.wait())
         try:
             await asyncio.wait({waiter, hard}, return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done() or waiter.exception() is not None:
-                for w in self._workers:
-                    w.cancel()
-                await asyncio.gather(*self._workers, return_exceptions=True)
+                for task in (feeder, *self._workers):
+                    task.cancel()
+                await asyncio.gather(feeder, *self._workers, return_exceptions=True)
+            else:
+                await feeder
         finally:
             hard.cancel()
             waiter.cancel()
@@ -206,54 +213,62 @@ class Engine:
 
     # -- feeder ---------------------------------------------------------------------------------
 
-    async def _next(self) -> PendingRequest | None:
-        """The next reserved request to send, or None when this worker should exit."""
-        async with self._feed_lock:
-            while True:
-                if self._stop_dispatch:
-                    return None
-                if self._ready:
-                    return self._ready.popleft()
-                if not self._candidates:
-                    batch = await self._in_db(
-                        self.store.next_pending,
-                        self.job.id,
-                        self._cursor,
-                        max(16, self.opts.concurrency),
-                    )
-                    if not batch:
-                        if self._rescan:
-                            # Requests handed back for a later try sit behind the cursor, and
-                            # the store must have their release before it can return them.
-                            self._rescan = False
-                            self._cursor = -1
-                            await self._flush()
-                            continue
-                        if self.stats.reserved_pico == 0:
-                            return None
-                        await self._wait_settlement()
+    async def _feeder(self) -> None:
+        try:
+            await self._feed()
+        except BatchrunError as exc:  # the store failed: nothing more can be reserved
+            self.stop(RunOutcome.STORE_ERROR, str(exc))
+            self._hard_stop.set()
+        finally:
+            for _ in self._workers:
+                self._ready.put_nowait(None)
+
+    async def _feed(self) -> None:
+        """Reserve requests in file order while they fit under the cap, and queue them."""
+        cap = self.opts.cap_pico
+        while not self._stop_dispatch:
+            if self._ready.qsize() >= self._prefetch:
+                self._taken.clear()
+                await self._taken.wait()
+                continue
+            if not self._candidates:
+                batch = await self._in_db(
+                    self.store.next_pending, self.job.id, self._cursor, self._prefetch
+                )
+                if not batch:
+                    if self._rescan:
+                        # Requests handed back for a later try sit behind the cursor, and the
+                        # store must have their release before it can return them.
+                        self._rescan = False
+                        self._cursor = -1
+                        await self._flush()
                         continue
-                    self._candidates.extend(batch)
-                    self._cursor = batch[-1].seq
-                fitting: list[PendingRequest] = []
-                cap = self.opts.cap_pico
-                while self._candidates:
-                    r = self._candidates[0]
-                    if self.settled + self.stats.reserved_pico + r.worst_pico > cap:
-                        break
-                    self._candidates.popleft()
-                    self.stats.reserved_pico += r.worst_pico
-                    fitting.append(r)
-                if fitting:
-                    await self._in_db(self.store.reserve, fitting)
-                    self._ready.extend(fitting)
+                    if self.stats.reserved_pico == 0:
+                        return  # nothing pending, queued or in flight: the job is finished
+                    await self._wait_settlement()
                     continue
-                # The next request does not fit. Settlements of requests in flight may free
-                # room (actual cost < worst case); with nothing in flight, the cap is reached.
-                if self.stats.reserved_pico == 0:
-                    self._capped = True
-                    return None
-                await self._wait_settlement()
+                self._candidates.extend(batch)
+                self._cursor = batch[-1].seq
+            room = self._prefetch - self._ready.qsize()
+            fitting: list[PendingRequest] = []
+            while self._candidates and len(fitting) < room:
+                r = self._candidates[0]
+                if self.settled + self.stats.reserved_pico + r.worst_pico > cap:
+                    break
+                self._candidates.popleft()
+                self.stats.reserved_pico += r.worst_pico
+                fitting.append(r)
+            if fitting:
+                await self._in_db(self.store.reserve, fitting)
+                for r in fitting:
+                    self._ready.put_nowait(r)
+                continue
+            # The next request does not fit. Settlements of requests in flight may free room
+            # (actual cost < worst case); with nothing queued or in flight, the cap is reached.
+            if self.stats.reserved_pico == 0:
+                self._capped = True
+                return
+            await self._wait_settlement()
 
     async def _wait_settlement(self) -> None:
         self._settled.clear()
@@ -264,19 +279,23 @@ class Engine:
 
     async def _unwind_ready(self) -> None:
         """Hand back reservations of requests that were reserved but never sent."""
-        while self._ready:
-            r = self._ready.popleft()
-            self.stats.reserved_pico -= r.worst_pico
-            self._releases.append(ReleaseRecord(r.id, r.attempts, None))
+        while not self._ready.empty():
+            r = self._ready.get_nowait()
+            if r is not None:
+                self._release(r, None)
 
     # -- workers --------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
         try:
             while True:
-                req = await self._next()
+                req = await self._ready.get()
+                self._taken.set()
                 if req is None:
                     return
+                if self._stop_dispatch:
+                    self._release(req, None)
+                    continue
                 try:
                     await self._process(req)
                 except BaseException:
