@@ -45,6 +45,11 @@ def redact(text: str) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
+def _say(text: str) -> None:
+    """Print a report that names paths: a key pasted where a path belongs is not echoed."""
+    click.echo(redact(text))
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(redact(f"batchrun: {message}"), err=True)
     sys.exit(code)
@@ -62,16 +67,16 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message() + _usage_hint(exc), EXIT_USAGE)
-        except click.exceptions.Abort:
-            _fail("aborted", 130)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            # Ctrl-C before the run installs its own handler (click turns it into Abort).
+            # Every write is one transaction, so there is nothing to undo.
+            _fail("interrupted; run the same command again to resume", 130)
         except JobFileError as exc:
             # FILE:LINE: field: reason lines stand alone, so editors can jump to them.
             click.echo(redact(str(exc)), err=True)
             sys.exit(exc.exit_code)
         except BatchrunError as exc:
             _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
 
 
 def _usage_hint(exc: click.ClickException) -> str:
@@ -214,10 +219,10 @@ def run(jobfile: Path, db: Path, cap: int, rpm: int | None, tpm: int | None, con
         backoff_max=backoff_max, grace=grace, new_job=new_job, quiet=quiet, prices=prices,
         lease_ttl=lease_ttl, simulate=simulate,
     )
-    report, store, job = asyncio.run(run_job(settings, click.echo))
+    report, store, job = asyncio.run(run_job(settings, _say))
     status = store.status(job.id)
     store.close()
-    click.echo(format_status(status))
+    _say(format_status(status))
     pending = status.states.get("pending", 0) + status.states.get("reserved", 0)
     failed = status.states.get("failed", 0)
     if report.outcome is RunOutcome.INTERRUPTED:
@@ -260,10 +265,9 @@ def status(db: Path, job_id: int | None, as_json: bool) -> None:
     finally:
         store.close()
     if as_json:
-        click.echo(json.dumps({"db": str(db), "jobs": [status_json(s) for s in statuses]},
-                              indent=2))
+        _say(json.dumps({"db": str(db), "jobs": [status_json(s) for s in statuses]}, indent=2))
     else:
-        click.echo("\n".join(format_status(s) for s in statuses) or f"{db}: no jobs yet")
+        _say("\n".join(format_status(s) for s in statuses) or f"{db}: no jobs yet")
 
 
 @main.command()

@@ -353,6 +353,9 @@ class Engine:
             # Retry.
             if verdict.maybe_billed:
                 self._charge_unknown(req)
+                # The charge must be durable before the request can be billed again: a crash
+                # in between would leave one reservation standing for two bills.
+                await self._flush()
             if verdict.rate_limited:
                 self.stats.rate_limited += 1
             if req.attempts >= opts.max_attempts:

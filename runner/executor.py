@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import aiohttp
 import httpx2
 import openai
 
@@ -52,6 +53,18 @@ def api_key_from_env() -> str:
             "built-in simulator"
         )
     return key
+
+
+def _dropped(exc: BaseException) -> bool:
+    """Whether a "timeout" was really the server closing the connection: the aiohttp transport
+    reports aiohttp's ServerDisconnectedError as httpx's ConnectTimeout, and "timed out" would
+    send the user off raising --timeout."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ServerDisconnectedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class OpenAIExecutor:
@@ -102,9 +115,10 @@ class OpenAIExecutor:
                 headers=r.headers,
                 latency=time.monotonic() - started,
             )
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
             latency = time.monotonic() - started
-            return Outcome(None, error="timeout", maybe_sent=True, latency=latency)
+            kind = "connection" if _dropped(exc) else "timeout"
+            return Outcome(None, error=kind, maybe_sent=True, latency=latency)
         except openai.APIConnectionError as exc:
             # A refused connection never reached the server; anything later might have.
             connect = isinstance(exc.__cause__, httpx2.ConnectError)

@@ -15,6 +15,7 @@ Money invariants kept here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -302,15 +303,46 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cur.close()
 
 
+_WRITES = "batchrun_writes"  # execution option of connections whose transactions write
+
+
 def _on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A writer takes the write lock up front (BEGIN IMMEDIATE), so two writers queue on
+    # busy_timeout instead of deadlocking. A reader begins deferred: in WAL mode it never waits
+    # for a writer, so a lock held by another process cannot fail a read.
+    writes = conn.get_execution_options().get(_WRITES)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
-def _sqlite_errmsg(exc: BaseException) -> str:
+@contextlib.contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction: BEGIN IMMEDIATE, then COMMIT (ROLLBACK on error)."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITES: True})
+        with conn.begin():
+            yield conn
+
+
+def _sqlite_errmsg(exc: BaseException, path: Path | None = None) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip() or orig.__class__.__name__
     if "readonly" in text or "read-only" in text:
         return "the database is read-only (check the file's and its folder's permissions)"
+    if "unable to open" in text and path is not None:
+        # SQLite's own message names no cause; the usual one is a folder it cannot write to.
+        folder = path.parent
+        if not os.access(folder, os.W_OK):
+            return (
+                f"cannot open the database: its folder {folder} is read-only, and SQLite must "
+                f"create {path.name}-wal and {path.name}-shm beside it; use a writable folder"
+            )
+        return "cannot open the database file (check the file's and its folder's permissions)"
+    if "disk I/O error" in text:
+        return (
+            "writing the database failed (disk I/O error): the disk may be full or failing, or "
+            "the file may have reached a size limit; fix that and run the same command again to "
+            "resume"
+        )
     if "locked" in text or "busy" in text:
         return "the database is locked by another process; try again when it has finished"
     if "disk is full" in text or "full" in text:
@@ -326,6 +358,7 @@ class Store:
     def __init__(self, engine: Engine, path: Path | None) -> None:
         self.engine = engine
         self.path = path
+        self._lease: tuple[int, str] | None = None  # (job id, owner) while this process holds it
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
@@ -351,7 +384,7 @@ class Store:
             raise
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
-            raise StoreError(f"{path}: {_sqlite_errmsg(exc)}") from None
+            raise StoreError(f"{path}: {_sqlite_errmsg(exc, path)}") from None
         return store
 
     def _migrate(self) -> None:
@@ -370,7 +403,7 @@ class Store:
                 f"{self.path}: this database was written by a newer batchrun "
                 f"(schema {current}); upgrade batchrun to use it"
             )
-        with self.engine.begin() as conn:
+        with _writing(self.engine) as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -525,6 +558,21 @@ class Store:
                 .where(jobs.c.id == job_id)
                 .values(lease_owner=owner, lease_expires=now + ttl_s)
             )
+        self._lease = (job_id, owner)
+
+    def _check_lease(self, conn: Connection) -> None:
+        """Refuse the run's writes once another runner has taken the job over (this process was
+        suspended past its lease's expiry): both would send, and book, the same requests."""
+        if self._lease is None:
+            return
+        job_id, owner = self._lease
+        holder = conn.execute(sa.select(jobs.c.lease_owner).where(jobs.c.id == job_id)).scalar()
+        if holder != owner:
+            raise LeaseHeldError(
+                f"job {job_id} was taken over by another batchrun process ({holder}) after this "
+                "one stopped renewing its lease (was it suspended?); this run stops here, and "
+                "what it had in flight is charged at worst case by the other one"
+            )
 
     def renew_lease(self, job_id: int, owner: str, ttl_s: float) -> bool:
         with self._write() as conn:
@@ -536,6 +584,7 @@ class Store:
         return n == 1
 
     def release_lease(self, job_id: int, owner: str) -> None:
+        self._lease = None
         with self._write() as conn:
             conn.execute(
                 jobs.update()
@@ -627,6 +676,7 @@ class Store:
         if not items:
             return
         with self._write() as conn:
+            self._check_lease(conn)
             conn.execute(
                 requests.update()
                 .where(requests.c.id == sa.bindparam("rid"), requests.c.state == "pending")
@@ -644,6 +694,7 @@ class Store:
     ) -> None:
         """Write one batch of outcomes in a single transaction (the engine's group commit)."""
         with self._write() as conn:
+            self._check_lease(conn)
             if attempt_rows:
                 conn.execute(
                     attempts.insert(),
@@ -871,18 +922,21 @@ class _WriteTxn:
         self.store = store
         self._ctx: Any = None
 
+    def _error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"{self.store.path}: {_sqlite_errmsg(exc, self.store.path)}")
+
     def __enter__(self) -> Connection:
         try:
-            self._ctx = self.store.engine.begin()
+            self._ctx = _writing(self.store.engine)
             return self._ctx.__enter__()
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"{self.store.path}: {_sqlite_errmsg(exc)}") from None
+            raise self._error(exc) from None
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
         try:
             self._ctx.__exit__(et, ev, tb)
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"{self.store.path}: {_sqlite_errmsg(exc)}") from None
+            raise self._error(exc) from None
         if isinstance(ev, sa.exc.SQLAlchemyError):
-            raise StoreError(f"{self.store.path}: {_sqlite_errmsg(ev)}") from None
+            raise self._error(ev) from None
         return False
