@@ -113,6 +113,7 @@ def format_estimate(
     settings: RunSettings,
     orphans: int,
     orphan_pico: int,
+    states: dict[str, int],
 ) -> str:
     """What ``run`` prints before sending: the estimate against the cap."""
     lines = []
@@ -129,14 +130,14 @@ def format_estimate(
             f"{orphans:,} request(s) were in flight when the last run died: charged "
             f"{format_usd(orphan_pico)} at worst case (their outcome is unknown) and queued again"
         )
+    # Only cheap, indexed queries here: this runs before the first request of a resume.
     spend = store.spend(job.id)
     pending_fit = store.fits_under(job.id, settings.cap_pico - spend.total_pico)
-    status = store.status(job.id)
-    pending = status.states.get("pending", 0)
+    pending = states.get("pending", 0)
     lines.append(
         f"cap {format_usd(settings.cap_pico, 2)}: spent so far {format_usd(spend.settled_pico)};"
         f" {pending_fit:,} of {pending:,} pending request(s) fit under the cap at worst case"
-        f" ({format_usd(status.pending_worst_pico)} for all of them)"
+        f" ({format_usd(store.pending_worst(job.id))} for all of them)"
     )
     return "\n".join(lines)
 

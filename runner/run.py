@@ -176,8 +176,10 @@ async def run_job(settings: RunSettings, echo: Echo) -> tuple[RunReport, Store, 
     lease.acquire()
     try:
         orphans, orphan_pico = store.recover_orphans(job.id)
-        echo(format_estimate(store, job, plan, table, settings, orphans, orphan_pico))
-        report = await _drive(store, job, table, settings, lease)
+        states = store.state_counts(job.id)
+        echo(format_estimate(store, job, plan, table, settings, orphans, orphan_pico, states))
+        finished = states.get("done", 0) + states.get("failed", 0)
+        report = await _drive(store, job, table, settings, lease, finished)
     finally:
         await lease.release()
     store.set_job(job.id, state=_FINAL_STATE[report.outcome])
@@ -185,7 +187,12 @@ async def run_job(settings: RunSettings, echo: Echo) -> tuple[RunReport, Store, 
 
 
 async def _drive(
-    store: Store, job: Job, table: PriceTable, settings: RunSettings, lease: _Lease
+    store: Store,
+    job: Job,
+    table: PriceTable,
+    settings: RunSettings,
+    lease: _Lease,
+    finished_before: int,
 ) -> RunReport:
     simulator = None
     if settings.simulate:
@@ -219,8 +226,6 @@ async def _drive(
             grace=settings.grace,
         ),
     )
-    status = store.status(job.id)
-    finished_before = status.states.get("done", 0) + status.states.get("failed", 0)
     progress = Progress(engine.stats, job.requests, finished_before, quiet=settings.quiet)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)

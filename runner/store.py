@@ -643,6 +643,29 @@ class Store:
             ).scalar_one()
         return Spend(int(settled), int(reserved))
 
+    def state_counts(self, job_id: int) -> dict[str, int]:
+        """Requests by state: one pass over the (job_id, state, seq) index."""
+        with self.engine.connect() as conn:
+            return {
+                state: int(n)
+                for state, n in conn.execute(
+                    sa.select(requests.c.state, sa.func.count())
+                    .where(requests.c.job_id == job_id)
+                    .group_by(requests.c.state)
+                )
+            }
+
+    def pending_worst(self, job_id: int) -> int:
+        """The worst case of every request not yet sent."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(
+                        requests.c.job_id == job_id, requests.c.state == "pending"
+                    )
+                ).scalar_one()
+            )
+
     # -- the run loop ---------------------------------------------------------------------------
 
     def next_pending(self, job_id: int, after_seq: int, limit: int) -> list[PendingRequest]:
