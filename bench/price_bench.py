@@ -1,7 +1,7 @@
 """Benchmark `batchrun price` against raw tiktoken encoding of the same texts, in one run.
 
 Usage: python bench/price_bench.py [--requests 1000000] [--keep FILE] [--repeat 3]
-       [--mix chat] [--prompt-words 40] [--seed 0]
+       [--mix chat] [--prompt-words 40] [--seed 0] [--no-batch-baseline]
 
 1. Writes a synthetic job with bench/make_job.py (or reuses ``--keep FILE`` if it exists).
 2. (b) ``price_job`` in-process, timed end to end: file reading, hashing, JSON parsing,
@@ -15,6 +15,14 @@ The vocabularies the job needs are loaded before any timing (a fixed per-process
 separately) and count in the peak RSS, as they do for `batchrun price`. The first (b) run
 happens before the prepass so its peak RSS is that of pricing alone; the other runs alternate
 (a) and (b). Figures are medians. The goal: (b) throughput >= 70% of (a).
+
+``price_job`` counts message texts in one tokenizer call per chunk of lines (exact; see
+``runner.tokens.count_texts``). For an honest comparison the same run also times (a3) raw
+tiktoken called that way (the same texts joined per ~1 MB at a special token, one call per
+chunk, one thread), (b1) ``price_job(threads=1)``, which counts each chunk in a worker thread
+(tiktoken releases the GIL) and so may use two cores, and, as the two-thread raw baseline, (a2)
+tiktoken's own ``encode_ordinary_batch(texts, num_threads=2)`` (skip with --no-batch-baseline:
+its thread pool makes it ~10x slower than (a) on short texts).
 """
 
 from __future__ import annotations
@@ -40,7 +48,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from runner.plan import Plan, price_job  # noqa: E402
 from runner.pricing import load_price_table  # noqa: E402
-from runner.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_NAME  # noqa: E402
+from runner.tokens import (  # noqa: E402
+    REPLY_PRIMING,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_NAME,
+    count_texts,
+)
 from runner.vocab import encoding_name_for_model, get_encoding  # noqa: E402
 
 GOAL = 0.70
@@ -154,6 +167,32 @@ def raw_tiktoken(groups: dict[str, list[str]]) -> int:
     return total
 
 
+def raw_tiktoken_batch(groups: dict[str, list[str]], threads: int = 2) -> int:
+    """tiktoken's parallel API: ``encode_ordinary_batch`` (a thread pool, one task per text)."""
+    total = 0
+    for name, texts in groups.items():
+        enc = get_encoding(name)
+        for start in range(0, len(texts), 100_000):  # bounded lists of token lists
+            batch = enc.encode_ordinary_batch(texts[start : start + 100_000], num_threads=threads)
+            total += sum(map(len, batch))
+    return total
+
+
+def raw_tiktoken_joined(groups: dict[str, list[str]], chunk_chars: int = 1 << 20) -> int:
+    """The texts joined at a special token, one tokenizer call per ~``chunk_chars``."""
+    total = 0
+    for name, texts in groups.items():
+        enc = get_encoding(name)
+        start = size = 0
+        for i, text in enumerate(texts):
+            size += len(text)
+            if size >= chunk_chars:
+                total += count_texts(enc, texts[start : i + 1])
+                start, size = i + 1, 0
+        total += count_texts(enc, texts[start:])
+    return total
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
@@ -209,10 +248,10 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
             print(f"wrote {path} in {took:.1f} s")
-        return measure(path, args.repeat)
+        return measure(path, args.repeat, batch_baseline=args.batch_baseline)
 
 
-def measure(path: Path, repeat: int) -> int:
+def measure(path: Path, repeat: int, *, batch_baseline: bool = True) -> int:
     size = path.stat().st_size
     table = load_price_table()
     names = encodings_used(path)
@@ -220,10 +259,9 @@ def measure(path: Path, repeat: int) -> int:
     print(f"loaded {', '.join(names)} in {took:.2f} s (not counted below)")
 
     rss_before = peak_rss_bytes()
-    price_times: list[float] = []
-    raw_times: list[float] = []
+    times: dict[str, list[float]] = {key: [] for key in ("a", "a2", "a3", "b", "b1")}
     took, plan = timed(lambda: price_job(path, table))
-    price_times.append(took)
+    times["b"].append(took)
     rss_price = peak_rss_bytes()
     assert isinstance(plan, Plan)
     requests = plan.total.requests
@@ -235,23 +273,33 @@ def measure(path: Path, repeat: int) -> int:
         return 2
     texts = sum(len(t) for t in groups.values())
     print(f"prepass: {texts:,} strings to encode, extracted in {took:.1f} s (not timed)")
+    raws: list[tuple[str, Callable[[], int]]] = [
+        ("a", lambda: raw_tiktoken(groups)),
+        ("a3", lambda: raw_tiktoken_joined(groups)),
+    ]
+    if batch_baseline:
+        raws.append(("a2", lambda: raw_tiktoken_batch(groups)))
     for i in range(repeat):
-        took, tokens = timed(lambda: raw_tiktoken(groups))
-        raw_times.append(took)
-        if tokens + overhead != plan.total.input_tokens:
-            print(
-                f"error: raw tokens {tokens:,} + overhead {overhead:,} != plan input tokens "
-                f"{plan.total.input_tokens:,}: the two sides did not encode the same texts",
-                file=sys.stderr,
-            )
-            return 1
+        for key, fn in raws:
+            took, tokens = timed(fn)
+            times[key].append(took)
+            if tokens + overhead != plan.total.input_tokens:
+                print(
+                    f"error: raw tokens {tokens:,} ({key}) + overhead {overhead:,} != plan input "
+                    f"tokens {plan.total.input_tokens:,}: the two sides did not encode the same "
+                    "texts",
+                    file=sys.stderr,
+                )
+                return 1
+        took, threaded = timed(lambda: price_job(path, table, threads=1))
+        times["b1"].append(took)
+        assert threaded == plan
         if i < repeat - 1:
             took, again = timed(lambda: price_job(path, table))
-            price_times.append(took)
-            assert again.total == plan.total
+            times["b"].append(took)
+            assert again == plan
 
-    price_t, raw_t = statistics.median(price_times), statistics.median(raw_times)
-    ratio = raw_t / price_t  # throughput ratio (b)/(a) over the same requests and bytes
+    med = {key: statistics.median(runs) for key, runs in times.items() if runs}
     mb = size / 1e6
     print()
     print(
@@ -259,13 +307,19 @@ def measure(path: Path, repeat: int) -> int:
         f"input tokens)"
     )
     print(f"machine: {machine()}; commit {git_commit()}")
-    print(f"{'':22}{'median s':>10}{'requests/s':>13}{'MB/s':>9}  runs (s)")
-    for label, t, runs in (
-        ("(a) raw tiktoken", raw_t, raw_times),
-        ("(b) price_job", price_t, price_times),
-    ):
-        shown = ", ".join(f"{x:.2f}" for x in runs)
-        print(f"{label:22}{t:10.2f}{requests / t:13,.0f}{mb / t:9.1f}  {shown}")
+    print(f"{'':40}{'median s':>10}{'requests/s':>13}{'MB/s':>9}  runs (s)")
+    labels = {
+        "a": "(a) raw tiktoken, encode_ordinary loop",
+        "a2": "(a2) raw, encode_ordinary_batch x2",
+        "a3": "(a3) raw, joined texts, 1 call/chunk",
+        "b": "(b) price_job",
+        "b1": "(b1) price_job(threads=1)",
+    }
+    for key, label in labels.items():
+        if key in med:
+            shown = ", ".join(f"{x:.2f}" for x in times[key])
+            t = med[key]
+            print(f"{label:40}{t:10.2f}{requests / t:13,.0f}{mb / t:9.1f}  {shown}")
     print(
         f"peak RSS of pricing: {rss_price / 2**20:,.1f} MiB (process total after run 1; "
         f"{(rss_price - rss_before) / 2**20:,.1f} MiB added by the pricing pass itself)"
@@ -274,8 +328,14 @@ def measure(path: Path, repeat: int) -> int:
         f"peak RSS of the whole benchmark: {peak_rss_bytes() / 2**20:,.1f} MiB (the prepass "
         "holds every text in memory)"
     )
+    ratio = med["a"] / med["b"]  # throughput ratio (b)/(a) over the same requests and bytes
     verdict = "meets" if ratio >= GOAL else "below"
     print(f"ratio (b)/(a): {ratio:.2f} ({verdict} the goal of {GOAL:.2f})")
+    print(f"ratio (b)/(a3): {med['a3'] / med['b']:.2f} (raw called the way price_job calls it)")
+    two = f"ratio (b1)/(a): {med['a'] / med['b1']:.2f}"
+    if "a2" in med:
+        two += f", (b1)/(a2): {med['a2'] / med['b1']:.2f}"
+    print(f"{two} (pricing with a worker thread)")
     return 0
 
 
@@ -287,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mix", default="chat", help="endpoints: chat,responses,embeddings")
     parser.add_argument("--prompt-words", type=int, default=40, help="words per prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-batch-baseline",
+        dest="batch_baseline",
+        action="store_false",
+        help="skip (a2), encode_ordinary_batch(num_threads=2), about 10x slower than (a)",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1 or args.repeat < 1:
         parser.error("--requests and --repeat must be >= 1")

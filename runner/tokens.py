@@ -11,9 +11,11 @@ part. Notes are drawn from a fixed set: ``encoding``, ``tools``, ``tool_calls``,
 Estimates lean high on purpose: a reservation or a cap that comes out short is the failure that
 costs money, one that comes out long only costs a little throughput.
 
-Speed: the plain-text path makes one ``encode_ordinary`` call per string (role and name counts
-are cached), touches no regex or JSON, and returns shared ``TokenCount`` objects for exact
-counts, so its overhead over raw encoding stays small.
+Speed: the plain-text path makes one ``encode_ordinary`` call per string (role and name counts,
+and system/developer prompts, which jobs repeat on every line, are cached), touches no regex or
+JSON, and returns shared ``TokenCount`` objects for exact counts, so its overhead over raw
+encoding stays small. For whole files, ``count_request(..., batch)`` sets the texts aside and
+``count_texts`` counts many of them in one tokenizer call (see there), with the same result.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ __all__ = [
     "CHAT_URL",
     "EMBEDDINGS_URL",
     "RESPONSES_URL",
+    "TextBatch",
     "TokenCount",
     "count_chat",
     "count_embeddings",
     "count_request",
     "count_responses",
+    "count_texts",
     "image_tokens",
 ]
 
@@ -62,14 +66,24 @@ class TokenCount:
     notes: tuple[str, ...] = ()
 
 
-class _EncState(NamedTuple):
+class _EncState:
     """Per-encoding hot-path state, so a count does one dict lookup instead of several."""
 
-    encode: Callable[[str], list[int]]
-    small: dict[str, int]  # token counts of roles and names, which repeat on every request
+    __slots__ = ("encode", "measure", "prompt_chars", "prompts", "small")
+
+    def __init__(self, encode: Callable[[str], list[int]]) -> None:
+        self.encode = encode
+        self.measure: Callable[[str], int] = lambda text: len(encode(text))
+        self.small: dict[str, int] = {}  # token counts of roles and names, repeated everywhere
+        # Token counts of system/developer message texts and Responses instructions: a job
+        # usually repeats one prompt on every line. Bounded in entries and in characters held.
+        self.prompts: dict[str, int] = {}
+        self.prompt_chars = 0
 
 
 _SMALL_CACHE_MAX = 1024
+_PROMPT_CACHE_MAX = 4096
+_PROMPT_CACHE_CHARS = 1 << 22  # at most ~4M characters of prompt text kept alive (<= 16 MiB)
 _EXACT_CACHE_MAX = 1 << 16
 _states: dict[tiktoken.Encoding, _EncState] = {}
 _exact: dict[int, TokenCount] = {}  # shared immutable results; avoids a frozen-dataclass init
@@ -79,7 +93,7 @@ def _state(enc: tiktoken.Encoding) -> _EncState:
     """Create the hot-path state for an encoding (kept for the process, like the encoding)."""
     st = _states.get(enc)
     if st is None:
-        st = _states[enc] = _EncState(enc.encode_ordinary, {})
+        st = _states[enc] = _EncState(enc.encode_ordinary)
     return st
 
 
@@ -88,6 +102,19 @@ def _small_count(st: _EncState, text: str) -> int:
     n = len(st.encode(text))
     if len(st.small) < _SMALL_CACHE_MAX:
         st.small[text] = n
+    return n
+
+
+def _prompt_count(st: _EncState, text: str) -> int:
+    """Count a system/developer prompt and remember it; the cache starts over when full."""
+    n = len(st.encode(text))
+    if len(st.prompts) >= _PROMPT_CACHE_MAX or st.prompt_chars + len(text) > _PROMPT_CACHE_CHARS:
+        st.prompts.clear()
+        st.prompt_chars = 0
+        if len(text) > _PROMPT_CACHE_CHARS:
+            return n
+    st.prompts[text] = n
+    st.prompt_chars += len(text)
     return n
 
 
@@ -401,12 +428,18 @@ def count_chat(
     the model for image estimates.
     """
     st = _states.get(enc) or _state(enc)
-    encode, small = st
+    return _count_chat(st, st.measure, messages, body)
+
+
+def _count_chat(
+    st: _EncState, measure: Callable[[str], int], messages: object, body: dict[str, Any] | None
+) -> TokenCount:
+    encode, small, prompts = st.encode, st.small, st.prompts
     if messages.__class__ is not list:
         return _odd_shape(st, messages)
     total = REPLY_PRIMING
     notes: list[str] | None = None
-    for message in messages:
+    for message in messages:  # type: ignore[attr-defined]
         if message.__class__ is not dict and not isinstance(message, dict):
             if notes is None:
                 notes = []
@@ -414,6 +447,8 @@ def count_chat(
             _note(notes, "other")
             continue
         total += TOKENS_PER_MESSAGE
+        role = message.get("role")
+        prompt = role == "system" or role == "developer"  # any type: the role is not checked here
         for key, value in message.items():
             if value.__class__ is str:
                 if key == "role":
@@ -422,8 +457,11 @@ def count_chat(
                 elif key == "name":
                     n = small.get(value)
                     total += (n if n is not None else _small_count(st, value)) + TOKENS_PER_NAME
+                elif prompt and key == "content":
+                    n = prompts.get(value)
+                    total += n if n is not None else _prompt_count(st, value)
                 else:
-                    total += len(encode(value))
+                    total += measure(value)
             elif value is not None:
                 if notes is None:
                     notes = []
@@ -453,7 +491,11 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> TokenCount:
     (noted ``conversation``); ``tools`` and a ``text.format`` JSON schema are estimated.
     """
     st = _states.get(enc) or _state(enc)
-    encode, small = st
+    return _count_responses(st, st.measure, body)
+
+
+def _count_responses(st: _EncState, measure: Callable[[str], int], body: object) -> TokenCount:
+    encode, small, prompts = st.encode, st.small, st.prompts
     if not isinstance(body, dict):
         return _odd_shape(st, body)
     model = body.get("model")
@@ -463,12 +505,13 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> TokenCount:
     if instructions.__class__ is str:
         n = small.get("developer")
         total += TOKENS_PER_MESSAGE + (n if n is not None else _small_count(st, "developer"))
-        total += len(encode(instructions))
+        n = prompts.get(instructions)
+        total += n if n is not None else _prompt_count(st, instructions)
     items = body.get("input")
     if items.__class__ is str:
         n = small.get("user")
         total += TOKENS_PER_MESSAGE + (n if n is not None else _small_count(st, "user"))
-        total += len(encode(items))
+        total += measure(items)
     elif items.__class__ is list:
         for item in items:
             if item.__class__ is not dict and not isinstance(item, dict):
@@ -483,6 +526,8 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> TokenCount:
                     notes = []
                 total += _responses_item_tokens(encode, item, notes, model)
                 continue
+            role = item["role"]
+            prompt = role == "system" or role == "developer"
             for key, value in item.items():
                 if value.__class__ is str:
                     if key in _RESPONSES_IGNORED_KEYS:
@@ -494,8 +539,11 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> TokenCount:
                         n = small.get(value)
                         n = n if n is not None else _small_count(st, value)
                         total += n + TOKENS_PER_NAME
+                    elif prompt and key == "content":
+                        n = prompts.get(value)
+                        total += n if n is not None else _prompt_count(st, value)
                     else:
-                        total += len(encode(value))
+                        total += measure(value)
                 elif value is not None:
                     if notes is None:
                         notes = []
@@ -573,17 +621,21 @@ def count_embeddings(enc: tiktoken.Encoding, input: object) -> TokenCount:
     token array counts as its length.
     """
     st = _states.get(enc) or _state(enc)
+    return _count_embeddings(st, st.measure, input)
+
+
+def _count_embeddings(st: _EncState, measure: Callable[[str], int], input: object) -> TokenCount:
     encode = st.encode
     if input.__class__ is str:
-        return _exact_count(len(encode(input)))
+        return _exact_count(measure(input))  # type: ignore[arg-type]
     if input.__class__ is not list:
         return TokenCount(_json_tokens(encode, input), True, ("other",))
     total = 0
     notes: list[str] | None = None
-    for item in input:
+    for item in input:  # type: ignore[attr-defined]
         cls = item.__class__
         if cls is str:
-            total += len(encode(item))
+            total += measure(item)
         elif cls is int:  # an element of a single token array
             total += 1
         elif cls is list:  # one token array of several
@@ -608,24 +660,119 @@ def _encoding_for(model: object) -> tuple[tiktoken.Encoding, bool]:
     return hit
 
 
-def count_request(url: str, body: dict[str, Any]) -> TokenCount:
+def count_request(url: str, body: dict[str, Any], batch: TextBatch | None = None) -> TokenCount:
     """Input tokens of one job-file request, choosing the encoding from ``body["model"]``.
 
     A model tiktoken does not know is counted with the fallback encoding and noted
     ``encoding``; an endpoint without a rule here is estimated from the body's JSON and noted
     ``endpoint``.
+
+    With ``batch``, the texts that the rule counts exactly and one by one (message contents,
+    string inputs; not roles, names or repeated system prompts, which are cached) are set aside
+    in it instead of encoded, and the result leaves them out: their tokens are
+    ``batch.count()``, to be added once the batch is full. One batch holds the texts of one
+    encoding (one model, say).
     """
     if not isinstance(body, dict):
         return _odd_shape(_state(get_encoding(FALLBACK_ENCODING)), body)
     enc, fallback = _encoding_for(body.get("model"))
-    if url == CHAT_URL:
-        result = count_chat(enc, body.get("messages"), body)  # type: ignore[arg-type]
-    elif url == RESPONSES_URL:
-        result = count_responses(enc, body)
-    elif url == EMBEDDINGS_URL:
-        result = count_embeddings(enc, body.get("input"))
+    st = _states.get(enc) or _state(enc)
+    if batch is None:
+        measure = st.measure
     else:
-        result = TokenCount(_json_tokens(_state(enc).encode, body), True, ("endpoint",))
+        if batch.encoding is not enc:
+            if batch.encoding is not None:
+                raise ValueError("a TextBatch holds the texts of one encoding only")
+            batch.encoding = enc
+        measure = batch.add
+    if url == CHAT_URL:
+        result = _count_chat(st, measure, body.get("messages"), body)
+    elif url == RESPONSES_URL:
+        result = _count_responses(st, measure, body)
+    elif url == EMBEDDINGS_URL:
+        result = _count_embeddings(st, measure, body.get("input"))
+    else:
+        result = TokenCount(_json_tokens(st.encode, body), True, ("endpoint",))
     if fallback:
         return TokenCount(result.tokens, True, ("encoding", *result.notes))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting many texts at once. The tokenizer splits its input at allowed special tokens *before*
+# its regex and BPE run, so each piece between two separators is tokenized exactly as the text
+# alone would be (encode_ordinary), and the separators add one token each:
+#     tokens(sep.join(texts)) == sum(tokens(t) for t in texts) + len(texts) - 1
+# provided no text contains the separator itself (checked: then that text is counted alone).
+# One call instead of one per text saves the per-call overhead and the list of token ids, and it
+# runs entirely without the GIL, so another thread can parse the next lines meanwhile.
+
+_SEPARATOR = "<|endoftext|>"  # in every shipped encoding; it cannot overlap itself
+_BATCH_CALL_CHARS = 1 << 22  # texts joined per tokenizer call, at most (bounds the copy)
+
+
+class TextBatch:
+    """Texts set aside by ``count_request(..., batch=)``; ``count()`` gives their tokens."""
+
+    __slots__ = ("chars", "encoding", "texts")
+
+    def __init__(self) -> None:
+        self.encoding: tiktoken.Encoding | None = None
+        self.texts: list[str] = []
+        self.chars = 0  # characters held, for callers that bound their memory
+
+    def add(self, text: str) -> int:
+        """Set ``text`` aside; 0 tokens now (the counting functions call this per text)."""
+        self.texts.append(text)
+        self.chars += len(text)
+        return 0
+
+    def count(self) -> int:
+        """The exact tokens of every text set aside (safe to call from another thread)."""
+        if self.encoding is None:
+            return 0
+        return count_texts(self.encoding, self.texts)
+
+
+def count_texts(enc: tiktoken.Encoding, texts: list[str]) -> int:
+    """``sum(len(enc.encode_ordinary(t)) for t in texts)``, computed in few tokenizer calls.
+
+    Releases the GIL while tokenizing. Texts that contain the separator, or that cannot be
+    encoded as UTF-8 (lone surrogates), are counted one by one with ``encode_ordinary``.
+    """
+    total = 0
+    sep = _SEPARATOR if _SEPARATOR in enc.special_tokens_set else None
+    start, n = 0, len(texts)
+    while start < n:
+        end, size = start, 0
+        while end < n and (size < _BATCH_CALL_CHARS or end == start):
+            size += len(texts[end]) + 13
+            end += 1
+        total += _count_joined(enc, texts[start:end], sep)
+        start = end
+    return total
+
+
+def _count_joined(enc: tiktoken.Encoding, texts: list[str], sep: str | None) -> int:
+    if sep is None or len(texts) < 2:
+        return sum(len(enc.encode_ordinary(t)) for t in texts)
+    joined = sep.join(texts)
+    if joined.count(sep) != len(texts) - 1:  # some text contains the separator
+        alone = [t for t in texts if sep in t]
+        rest = [t for t in texts if sep not in t]
+        return _count_joined(enc, rest, sep) + sum(len(enc.encode_ordinary(t)) for t in alone)
+    try:
+        return _encoded_length(enc, joined, sep) - (len(texts) - 1)
+    except UnicodeEncodeError:  # a lone surrogate: encode_ordinary replaces it, as tiktoken does
+        return sum(len(enc.encode_ordinary(t)) for t in texts)
+
+
+def _encoded_length(enc: tiktoken.Encoding, text: str, sep: str) -> int:
+    """Tokens of ``text`` with ``sep`` allowed as a special token, without a list of token ids
+    when the installed tiktoken offers its buffer API (what ``encode_to_numpy`` uses)."""
+    core = getattr(enc, "_core_bpe", None)
+    to_buffer = getattr(core, "encode_to_tiktoken_buffer", None)
+    if to_buffer is not None:
+        with memoryview(to_buffer(text, {sep})) as view:
+            return view.nbytes // 4  # uint32 token ids
+    return len(enc.encode(text, allowed_special={sep}, disallowed_special=()))

@@ -679,3 +679,58 @@ def test_make_job_cli_writes_the_requested_count(tmp_path: Path) -> None:
     jobs, reader = read(out)
     reader.check()
     assert len(jobs) == 25 and not any("max_completion_tokens" in j.body for j in jobs)
+
+
+# -- pricing-only reads (keep_body_json=False) ------------------------------------------------
+
+
+def test_reading_without_body_json_accepts_and_reports_exactly_the_same(tmp_path: Path) -> None:
+    """price_job skips encoding bodies; every verdict must stay the one the encoder gave."""
+    paths = badcorpus.materialize(tmp_path / "bad")
+
+    def temperature(custom_id: str, literal: str) -> str:
+        return json.dumps(chat(custom_id, temperature=0.5)).replace("0.5", literal)
+
+    paths.append(
+        write(
+            tmp_path,
+            temperature("a", "NaN"),
+            temperature("b", "1e999"),  # overflows to inf
+            temperature("c", "-Infinity"),
+            temperature("d", "1.5e-3"),  # finite floats stay fine
+            '{"custom_id": "e", "extra": NaN, ' + json.dumps(chat("e"))[1:],  # outside body: ok
+            json.dumps(chat("f", messages=[{"role": "user", "content": "\ud83d\ude00 ok\n"}])),
+            json.dumps(chat("g", messages=[{"role": "user", "content": "lone \udc00"}])),
+            json.dumps(chat("h", metadata={"\ud800": 1})),  # a lone surrogate in a key
+            "  " + json.dumps(chat("i")),  # leading whitespace: the slow path
+            name="floats.jsonl",
+        )
+    )
+    for path in paths:
+        kept, with_json = read(path, known_model=badcorpus.KNOWN_MODELS.__contains__)
+        lean, without = read(
+            path, known_model=badcorpus.KNOWN_MODELS.__contains__, keep_body_json=False
+        )
+        assert without.problems == with_json.problems, path.name
+        assert [(j.line, j.custom_id, j.body) for j in lean] == [
+            (j.line, j.custom_id, j.body) for j in kept
+        ], path.name
+        assert all(j.body_json == "" for j in lean)
+        assert (without.sha256, without.requests) == (with_json.sha256, with_json.requests)
+    problems = {(p.line, p.field, p.reason[:30]) for p in without.problems}
+    assert problems == {
+        (1, "body", "contains NaN or Infinity, whic"),
+        (2, "body", "contains NaN or Infinity, whic"),
+        (3, "body", "contains NaN or Infinity, whic"),
+        (7, "body", "contains an unpaired surrogate"),
+        (8, "body", "contains an unpaired surrogate"),
+    }
+
+
+def test_id_fingerprints_are_64_bit_and_never_zero() -> None:
+    from runner.jobfile import _IdIndex
+
+    fps = {_IdIndex.fingerprint(f"req-{i}") for i in range(10_000)}
+    assert len(fps) == 10_000 and 0 not in fps
+    assert all(0 < fp < 2**64 for fp in fps)
+    assert _IdIndex.fingerprint("a\ud800") != 0  # lone surrogates hash like any string

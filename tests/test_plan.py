@@ -313,3 +313,89 @@ def test_min_seconds_of_a_priced_job(tmp_path: Path, table: PriceTable) -> None:
     plan = price_job(mixed_job(tmp_path), table)
     assert plan.min_seconds(1, None) == pytest.approx((7 - 1) * 60)
     assert plan.min_seconds(None, 1000) == pytest.approx((68 + 65_826 - 1000) / 1000 * 60)
+
+
+# -- price_job's fast path adds up to the same plan as pricing line by line ---------------------
+
+
+def plan_by_rows(path: Path, table: PriceTable) -> Plan:
+    reader, planner = open_job(path, table)
+    for _ in plan_rows(reader, planner):
+        pass
+    return planner.plan
+
+
+def varied_job(tmp_path: Path) -> Path:
+    prompts = ["Be brief.", "Answer in French.", "You are a support agent for a shop."]
+    requests: list[dict[str, Any] | str] = []
+    for i in range(300):
+        system = {"role": "system", "content": prompts[i % 3]}
+        user = {"role": "user", "content": f"#{i}: where is my order  {i * 7}?\n" * (i % 4)}
+        kind = i % 5
+        if kind == 0:
+            requests.append(chat(f"c{i}", messages=[system, user], max_completion_tokens=i + 1))
+        elif kind == 1:
+            requests.append(chat(f"u{i}", messages=[user], model="gpt-4.1-mini"))  # no limit
+        elif kind == 2:
+            body = {"model": "gpt-4.1-mini", "instructions": prompts[i % 3], "input": f"Hi {i}"}
+            requests.append(line(f"r{i}", RESPONSES, dict(body, max_output_tokens=20)))
+        elif kind == 3:
+            body = {"model": "text-embedding-3-small", "input": [f"text {i}", "<|endoftext|>"]}
+            requests.append(line(f"e{i}", EMBEDDINGS, body))
+        else:
+            image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+            parts = [{"type": "text", "text": f"What is in picture {i}?"}, image]
+            messages = [system, {"role": "user", "content": parts}]
+            requests.append(chat(f"i{i}", messages=messages, max_tokens=9, n=2))
+    return write(tmp_path, *requests)
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+@pytest.mark.parametrize("chunk_lines", [1, 7, 4096])
+def test_price_job_equals_pricing_every_row(
+    tmp_path: Path,
+    table: PriceTable,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+    chunk_lines: int,
+) -> None:
+    path = varied_job(tmp_path)
+    expected = plan_by_rows(path, table)
+    monkeypatch.setattr("runner.plan.CHUNK_LINES", chunk_lines)
+    plan = price_job(path, table, threads=threads)
+    assert plan == expected
+    assert list(plan.by_model) == list(expected.by_model)  # first-seen order too
+    assert plan.total.approximate_requests == 60 and plan.approximate_parts == {"image": 60}
+
+
+def test_price_job_bounds_the_text_it_holds_by_characters(
+    tmp_path: Path, table: PriceTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner import plan as plan_module
+
+    held: list[int] = []
+    original = plan_module.TextBatch.count
+
+    def count(self: Any) -> int:
+        held.append(self.chars)
+        return original(self)
+
+    monkeypatch.setattr(plan_module.TextBatch, "count", count)
+    monkeypatch.setattr(plan_module, "CHUNK_CHARS", 1000)
+    path = write(tmp_path, *[chat(f"r{i}", content="word " * 100) for i in range(50)])
+    assert price_job(path, table) == plan_by_rows(path, table)
+    assert len(held) > 10 and max(held) < 1000 + 500
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_price_job_errors_stop_the_worker(tmp_path: Path, threads: int) -> None:
+    import threading
+
+    prices = tmp_path / "p.toml"
+    prices.write_text('[models.my-model]\ninput = "1"\noutput = "2"\n', "utf-8")
+    limited = {"model": "my-model", "messages": [{"role": "user", "content": "Hi"}], "n": 1}
+    rows = [line(f"ok{i}", CHAT, dict(limited, max_completion_tokens=4)) for i in range(5000)]
+    path = write(tmp_path, *rows, line("open", CHAT, limited))
+    with pytest.raises(PriceError, match=rf"^{path}:5001: body.model: 'my-model'"):
+        price_job(path, load_price_table(prices), threads=threads)
+    assert not [t for t in threading.enumerate() if t.name.startswith("batchrun-count")]

@@ -7,6 +7,7 @@ import gzip
 import importlib.resources
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import tiktoken
 
 from runner.errors import VocabularyError
 from runner.tokens import (
+    TextBatch,
     TokenCount,
     count_chat,
     count_embeddings,
     count_request,
     count_responses,
+    count_texts,
     image_tokens,
 )
 from runner.vocab import (
@@ -463,3 +466,116 @@ def test_counting_never_touches_the_network(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [8, 1]
     assert list(cache.iterdir()) == []
+
+
+# -- counting many texts at once (what price_job does) -------------------------------------------
+
+_TRICKY = [" ", "  ", "\n", "\r\n", "\t", "a", "B", "xyz", "Hello", "'s", "'", "1", "23", "4567",
+           ".", ",", "!?", "/", "-", "é", "中文", "🙂", "\u0301", "\u00a0", " \n ", "<|endoftext|>",
+           "<|endofprompt|>", "<|endoftext", "|>", "<|"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(VOCABULARIES))
+def test_count_texts_equals_encoding_each_text_alone(name: str) -> None:
+    """Joined at a special token, texts tokenize exactly as alone, whatever their edges are."""
+    enc = get_encoding(name)
+    rng = random.Random(7)
+    for _ in range(400):
+        texts = [
+            "".join(rng.choice(_TRICKY) for _ in range(rng.randint(0, 10)))
+            for _ in range(rng.randint(0, 40))
+        ]
+        assert count_texts(enc, texts) == sum(len(enc.encode_ordinary(t)) for t in texts), texts
+
+
+def test_count_texts_handles_separators_surrogates_and_many_calls(
+    o200k: tiktoken.Encoding, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["a <|endoftext|> b", "x", "", "lone \ud800 surrogate", "y" * 50] * 30
+    expected = sum(len(o200k.encode_ordinary(t)) for t in texts)
+    assert count_texts(o200k, texts) == expected
+    monkeypatch.setattr("runner.tokens._BATCH_CALL_CHARS", 40)  # one tokenizer call per ~2 texts
+    assert count_texts(o200k, texts) == expected
+    assert count_texts(o200k, []) == 0
+
+
+_BATCH_BODIES: list[tuple[str, dict[str, Any]]] = [
+    (CHAT, {"model": "gpt-4o-mini", "messages": NOTEBOOK_MESSAGES}),
+    (CHAT, {"model": "gpt-4", "messages": NOTEBOOK_MESSAGES}),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"content": "Hi", "role": "developer"}]}),
+    (
+        CHAT,
+        {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                {"role": "tool", "tool_call_id": "1", "content": "42"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+    ),
+    (RESPONSES, {"model": "gpt-4.1-mini", "instructions": "Be brief.", "input": "Hello"}),
+    (
+        RESPONSES,
+        {
+            "model": "gpt-4.1-mini",
+            "input": [
+                {"role": "system", "content": "Be brief."},
+                {"type": "message", "role": "user", "content": "Where is my order?"},
+                {"type": "function_call_output", "call_id": "c", "output": "shipped"},
+            ],
+        },
+    ),
+    (EMBEDDINGS, {"model": "text-embedding-3-small", "input": "Where is my order?"}),
+    (EMBEDDINGS, {"model": "text-embedding-3-small", "input": ["a", "bb", "ccc"]}),
+    (EMBEDDINGS, {"model": "text-embedding-3-small", "input": [[1, 2], [3]]}),
+    (CHAT, {"model": "my-own-model", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/images/generations", {"model": "gpt-4o-mini", "prompt": "a cat"}),
+]
+
+
+@pytest.mark.parametrize(("url", "body"), _BATCH_BODIES)
+def test_a_batch_defers_only_text_and_adds_up_to_the_same_count(
+    url: str, body: dict[str, Any]
+) -> None:
+    direct = count_request(url, body)
+    batch = TextBatch()
+    deferred = count_request(url, body, batch)
+    assert deferred.tokens + batch.count() == direct.tokens
+    assert (deferred.approximate, deferred.notes) == (direct.approximate, direct.notes)
+    assert batch.chars == sum(map(len, batch.texts))
+
+
+def test_a_batch_holds_one_encoding() -> None:
+    batch = TextBatch()
+    count_request(
+        CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a"}]}, batch
+    )
+    with pytest.raises(ValueError, match="one encoding"):
+        count_request(
+            CHAT, {"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]}, batch
+        )
+
+
+def test_repeated_prompts_are_cached_within_bounds(
+    o200k: tiktoken.Encoding, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner import tokens
+
+    monkeypatch.setattr(tokens, "_PROMPT_CACHE_MAX", 3)
+    monkeypatch.setattr(tokens, "_PROMPT_CACHE_CHARS", 100)
+    state = tokens._state(o200k)
+    state.prompts.clear()
+    state.prompt_chars = 0
+    for i in range(10):
+        prompt = f"You are assistant number {i}."
+        messages = [{"role": "system", "content": prompt}, {"role": "user", "content": "Hi"}]
+        expected = 3 + (3 + 1 + len(o200k.encode_ordinary(prompt))) + (3 + 1 + 1)
+        assert count_chat(o200k, messages).tokens == expected
+        assert count_chat(o200k, messages).tokens == expected  # a cache hit
+        assert len(state.prompts) <= 3 and state.prompt_chars <= 100
+    count_chat(o200k, [{"role": "system", "content": "x" * 101}])  # too long to keep
+    assert "x" * 101 not in state.prompts
+    instructions = count_responses(o200k, {"instructions": "Be brief.", "input": "Hello"})
+    assert instructions.tokens == 15 and state.prompts["Be brief."] == 3
