@@ -32,7 +32,7 @@ from .books import (
     wait_quiet,
     watch_bills,
 )
-from .helpers import BATCHRUN, export_rows, write_job
+from .helpers import BATCHRUN, batchrun_env, export_rows, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 
@@ -52,12 +52,6 @@ FAULTS = {
     "p_slow": 0.005,
     "slow_s": 0.6,
 }
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    env["OPENAI_API_KEY"] = "sk-test-key"
-    return env
 
 
 def _run_args(job: Path, db: Path, sim: SimulatorThread, cap: str, *extra: str) -> list[str]:
@@ -98,7 +92,7 @@ def _kill_sometime(proc: subprocess.Popen[bytes], sim: SimulatorThread, received
 def _run_to_the_end(args: list[str]) -> subprocess.CompletedProcess[str]:
     """Run without a kill, once the last killed run's lease has expired."""
     for _ in range(5):
-        out = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(args, env=batchrun_env(), capture_output=True, text=True, timeout=120)
         if not (out.returncode == 2 and "being run by another" in out.stderr):
             return out
         time.sleep(0.3)
@@ -150,7 +144,7 @@ def test_kill_9_at_random_moments_then_resume_keeps_every_invariant(
         if kills >= KILLS:
             break
         received = sim.ledger_snapshot()["requests_received"]
-        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=_env(),
+        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=batchrun_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         err = _kill_sometime(proc, sim, received, rng, anywhere=run_no % 4 == 0)
         if err is None:
@@ -212,7 +206,7 @@ def test_kills_and_resumes_never_let_billing_pass_the_cap(
     kills = 0
     while kills < 4:
         received = sim.ledger_snapshot()["requests_received"]
-        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=_env(),
+        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=batchrun_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         err = _kill_sometime(proc, sim, received, rng, anywhere=False)
         if err is not None and _lease_refused(proc, err):
@@ -250,7 +244,7 @@ def test_a_kill_right_after_a_lost_reply_leaves_every_billed_attempt_recorded(
     proc = subprocess.Popen(
         _run_args(job, db, sim, "1", "--concurrency", "1", "--max-attempts", "100000",
                   "--backoff-base", "0", "--backoff-max", "0"),
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=batchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30

@@ -33,16 +33,9 @@ from .books import (
     wait_quiet,
     watch_bills,
 )
-from .helpers import BATCHRUN, batchrun, write_job
+from .helpers import BATCHRUN, batchrun, batchrun_env, start_run, wait_received, write_job
 
 SimFactory = Callable[..., SimulatorThread]
-
-
-def _env(key: str = "sk-test-key", **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    env["OPENAI_API_KEY"] = key
-    env.update(extra)
-    return env
 
 
 def _run(job: Path, db: Path, sim: SimulatorThread, *extra: str,
@@ -68,22 +61,6 @@ def _import(job: Path, db: Path, sim: SimulatorThread) -> None:
 
 def _finish(job: Path, db: Path, sim: SimulatorThread) -> None:
     _in_process("run", job, "--db", db, "--cap", "5", "--base-url", sim.base_url, "-q", status=0)
-
-
-def _start(job: Path, db: Path, sim: SimulatorThread, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
-         "--quiet", *extra],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _wait_received(sim: SimulatorThread, n: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while sim.ledger_snapshot()["requests_received"] < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never got going"
-        time.sleep(0.005)
 
 
 def _clean_failure(out: subprocess.CompletedProcess[str], status: int, *phrases: str) -> None:
@@ -149,9 +126,9 @@ def test_a_second_runner_on_a_running_job_is_refused_and_changes_nothing(
     sim = make_simulator(latency_ms=200)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, seed=2)
-    first = _start(job, db, sim, "--concurrency", "4")
+    first = start_run(job, db, sim, "--concurrency", "4")
     try:
-        _wait_received(sim, 4, first)
+        wait_received(sim, 4, first)
         same_content = tmp_path / "same.jsonl"
         shutil.copyfile(job, same_content)
         for path in (job, same_content):
@@ -174,8 +151,8 @@ def test_the_lease_of_a_killed_runner_is_taken_over_once_it_expires(
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, seed=3)
-    first = _start(job, db, sim, "--concurrency", "8", "--lease-ttl", "4")
-    _wait_received(sim, 8, first)
+    first = start_run(job, db, sim, "--concurrency", "8", "--lease-ttl", "4")
+    wait_received(sim, 8, first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     (expires,) = rows(db, "SELECT lease_expires FROM jobs")[0]
@@ -204,8 +181,8 @@ def test_a_runner_whose_lease_was_taken_over_stops_at_once_and_writes_nothing_mo
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 300, seed=14)
-    proc = _start(job, db, sim, "--concurrency", "8")
-    _wait_received(sim, 16, proc)
+    proc = start_run(job, db, sim, "--concurrency", "8")
+    wait_received(sim, 16, proc)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("UPDATE jobs SET lease_owner = 'elsewhere:1:feedface', lease_expires = ?",
                  (time.time() + 60,))
@@ -349,8 +326,8 @@ def test_a_lock_taken_mid_run_stops_the_run_cleanly_and_the_job_resumes(
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 300, seed=7)
-    proc = _start(job, db, sim, "--concurrency", "8")
-    _wait_received(sim, 30, proc)
+    proc = start_run(job, db, sim, "--concurrency", "8")
+    wait_received(sim, 30, proc)
     with _locked(db):
         time.sleep(6)  # the run's next commit waits its 5 s busy timeout, then gives up
     out, err = proc.communicate(timeout=30)
@@ -407,7 +384,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_no_half_written_result
         proc = subprocess.run(
             [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url",
              sim.base_url, "--quiet", "--lease-ttl", "2"],
-            env=_env(), capture_output=True, text=True, timeout=60, preexec_fn=preexec,
+            env=batchrun_env(), capture_output=True, text=True, timeout=60, preexec_fn=preexec,
         )  # fmt: skip
         _clean_failure(proc, 2, "run the same command again to resume")
         # With the disk full, even releasing the lease can fail: it then expires.
@@ -520,7 +497,7 @@ def test_the_api_key_is_never_written_or_printed(
         full = [str(a) for a in args]
         if args[0] == "run":
             full += ["--base-url", base.base_url]
-        out = subprocess.run([BATCHRUN, *full], env=_env(SENTINEL, **env), cwd=tmp_path,
+        out = subprocess.run([BATCHRUN, *full], env=batchrun_env(SENTINEL, **env), cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
         outputs.append(out)
         return out

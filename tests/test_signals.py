@@ -4,7 +4,6 @@ second Ctrl-C stops at once and the database is still consistent."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -16,27 +15,13 @@ import pytest
 from runner.simulator import SimulatorThread
 
 from .books import assert_consistent, assert_covers_bill, books, scalar, wait_quiet, watch_bills
-from .helpers import BATCHRUN, write_job
+from .helpers import start_run, wait_received, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 
 
 def _start(job: Path, db: Path, sim: SimulatorThread, *extra: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    env["OPENAI_API_KEY"] = "sk-test-key"
-    return subprocess.Popen(
-        [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
-         "--quiet", "--lease-ttl", "2", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _wait_received(sim: SimulatorThread, n: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while sim.ledger_snapshot()["requests_received"] < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never got going"
-        time.sleep(0.005)
+    return start_run(job, db, sim, "--lease-ttl", "2", *extra)
 
 
 def _resume(job: Path, db: Path, sim: SimulatorThread) -> subprocess.CompletedProcess[str]:
@@ -56,7 +41,7 @@ def test_a_signal_stops_dispatch_lets_in_flight_requests_finish_and_says_how_to_
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 300, seed=5)
     proc = _start(job, db, sim, "--concurrency", "16", "--grace", "10")
-    _wait_received(sim, 16, proc)
+    wait_received(sim, 16, proc)
     signalled = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
@@ -94,7 +79,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_database_consistent(
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, seed=6)
     proc = _start(job, db, sim, "--concurrency", "8", "--grace", "60")
-    _wait_received(sim, 8, proc)
+    wait_received(sim, 8, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     assert proc.poll() is None  # waiting for the in-flight requests, up to --grace
