@@ -184,11 +184,3 @@ class Governor:
                     # (the reset header is the time until the bucket is *full* again).
                     self.pause(min(reset, 60.0 / limit))
         return bucket
-
-    def describe(self) -> str:
-        parts = []
-        for bucket, unit in ((self.requests, "RPM"), (self.tokens, "TPM")):
-            if bucket is not None:
-                learned = " (from headers)" if bucket.learned else ""
-                parts.append(f"{bucket.limit:,} {unit}{learned}")
-        return ", ".join(parts) or "no rate limit"

@@ -126,9 +126,6 @@ class Planner:
         self.plan = Plan(path=path)
         self._seq = 0
 
-    def price_of(self, model: str) -> Price:
-        return self.table.resolve(model)
-
     def limit_of(self, jl: JobLine, price: Price) -> tuple[int, bool]:
         """The output tokens a line is priced at, and whether it set no limit of its own."""
         limit = output_limit(jl.url, jl.body)

@@ -55,13 +55,6 @@ class RunSettings:
     transport: str = "aiohttp"
 
 
-def default_db(jobfile: Path) -> Path:
-    """``jobs/x.jsonl`` -> ``jobs/x.batchrun.db``: the same command line finds it again."""
-    name = jobfile.name
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
-    return jobfile.with_name(f"{stem}.batchrun.db")
-
-
 def _sha256_or_problem(path: Path) -> str:
     try:
         return file_sha256(path)
