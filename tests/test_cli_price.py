@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +17,8 @@ from runner.money import format_exact, format_usd
 from runner.plan import Plan, Totals, price_job
 from runner.pricing import load_price_table
 
+from . import badcorpus
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "jobs" / "example.jsonl"
 BATCHRUN = Path(sys.executable).with_name("batchrun")  # the installed console script
@@ -26,15 +26,6 @@ BATCHRUN = Path(sys.executable).with_name("batchrun")  # the installed console s
 PROBLEM = re.compile(r"^(?:batchrun: )?(?P<file>.+?):(?P<line>\d+): (?P<field>[\w.\[\]]+): \S")
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_cli_price_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-badcorpus = _load(ROOT / "tests" / "badcorpus.py")
 
 
 def batchrun(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

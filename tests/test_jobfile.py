@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,22 +15,13 @@ import pytest
 from runner.errors import JobFileError, Problem
 from runner.jobfile import MAX_LINE_BYTES, SUPPORTED_URLS, JobLine, JobReader, file_sha256
 
+from . import badcorpus
+from .helpers import make_job
+
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = frozenset({"gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "text-embedding-3-small"})
 
 
-def _load(path: Path) -> ModuleType:
-    """Import a helper module by path: tests/ and bench/ are not packages."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-badcorpus = _load(ROOT / "tests" / "badcorpus.py")
-make_job = _load(ROOT / "bench" / "make_job.py")
 
 
 def chat(custom_id: str = "req-1", **body: Any) -> dict[str, Any]:

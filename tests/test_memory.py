@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
+
+from .helpers import make_job
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 200_000
 LIMIT_BYTES = 200 * 1000 * 1000  # 200 MB, the stricter reading (190.7 MiB)
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_memory_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_job = _load(ROOT / "bench" / "make_job.py")
 
 # Peak RSS of the whole child process (interpreter, imports, both tokenizer vocabularies and the
 # pricing pass), measured before and after pricing. On Linux it is VmHWM: ru_maxrss of a child
