@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from runner.store import metadata
+from runner.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only for `alembic` run by hand

@@ -74,11 +74,5 @@ class JobChangedError(StoreError):
     """The job file at a known path now holds different requests."""
 
 
-class LeaseHeldError(StoreError):
-    """Another live batchrun process is running this job."""
-
-
-class FatalAPIError(BatchrunError):
-    """The API refused the whole run (bad key, no quota): retrying cannot help."""
-
-    exit_code = 4
+class RunnerLostError(StoreError):
+    """This runner was declared dead (it missed its heartbeat) and its requests taken over."""

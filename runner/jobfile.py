@@ -22,13 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .endpoints import ENDPOINTS
 from .errors import JobFileError, Problem
-
-SUPPORTED_URLS: dict[str, str] = {
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "responses",
-    "/v1/embeddings": "embeddings",
-}
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is a problem; never read more than this at once
 MAX_EMBEDDING_INPUTS = 2048  # the embeddings endpoint's documented limit on inputs per request
@@ -46,16 +41,10 @@ _NOT_JSONL = {
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _PLAIN_CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})  # no extra fields
 _RESPONSES_ROLES = ("user", "assistant", "system", "developer")
-_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")
-# Output limits that belong to the other endpoint: the API rejects them, and a misplaced limit
-# would make the reservation (prompt + n x limit) silently wrong.
-_FOREIGN_LIMITS = {
-    "chat": {"max_output_tokens": "use max_completion_tokens"},
-    "responses": {
-        "max_tokens": "use max_output_tokens",
-        "max_completion_tokens": "use max_output_tokens",
-    },
-}
+# Every key that sets an output limit or a completion count must be a positive integer.
+_LIMIT_KEYS = (*sorted({k for e in ENDPOINTS.values() for k in e.limit_keys}), "n")
+_FOREIGN_LIMITS = {e.name: e.foreign_limits for e in ENDPOINTS.values()}
+_KIND = {url: e.name for url, e in ENDPOINTS.items()}
 _KNOWN_MODEL_CACHE_SIZE = 4096
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD]").search  # a \uD800-\uDFFF escape may be unpaired
 
@@ -406,7 +395,7 @@ class JobReader:
                 errors.append(("method", 'missing (must be "POST")'))
             else:
                 errors.append(("method", f'must be "POST", got {_show(method)}'))
-        kind = SUPPORTED_URLS.get(url) if type(url) is str else None
+        kind = _KIND.get(url) if type(url) is str else None
         if kind is None:
             errors.append(("url", _bad_url(obj, url)))
         if type(body) is not dict:
@@ -716,7 +705,7 @@ def _bad_url(obj: dict[str, Any], url: Any) -> str:
         return "missing"
     if type(url) is not str:
         return f"must be a string, got {_kind(url)}"
-    return f"unsupported endpoint {_short(url)} (supported: {', '.join(SUPPORTED_URLS)})"
+    return f"unsupported endpoint {_short(url)} (supported: {', '.join(ENDPOINTS)})"
 
 
 def _bad_role(obj: dict[str, Any], role: Any, allowed: tuple[str, ...]) -> str:

@@ -15,12 +15,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .endpoints import Usage
 from .errors import PriceError, UnknownModelError
 from .money import price_per_mtok_to_pico_per_token
 
 # "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"; "gpt-4-0613" -> "gpt-4"; "gpt-3.5-turbo-0125".
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
-_PRICE_FIELDS = ("input", "cached_input", "output", "batch_input", "batch_output")
+_PRICE_FIELDS = (
+    "input",
+    "cached_input",
+    "output",
+    "batch_input",
+    "batch_cached_input",
+    "batch_output",
+)
+
+
+def _half_up(pico_per_token: int) -> int:
+    """Half a price, rounded up: the Batch API's default discount, never under-billed."""
+    return (pico_per_token + 1) // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +49,41 @@ class Price:
     max_output: int | None  # largest possible completion; None if unknown
     source: str
     origin: str = "bundled"  # "bundled" or the user's price file path
+    batch_cached_input: int = -1  # -1: half of cached_input (set in __post_init__)
 
-    def cost(self, input_tokens: int, cached_tokens: int = 0, output_tokens: int = 0) -> int:
+    def __post_init__(self) -> None:
+        if self.batch_cached_input < 0:
+            object.__setattr__(self, "batch_cached_input", _half_up(self.cached_input))
+
+    def rates(self, batch: bool = False) -> tuple[int, int, int]:
+        """(input, cached input, output) per token, at Batch API prices when ``batch``."""
+        if batch:
+            return self.batch_input, self.batch_cached_input, self.batch_output
+        return self.input, self.cached_input, self.output
+
+    def cost(
+        self,
+        input_tokens: int,
+        cached_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        batch: bool = False,
+    ) -> int:
         """Picodollars billed for one response's usage, the way the API bills it.
 
         Cached tokens are a subset of the input tokens; reasoning tokens are already inside
         ``output_tokens`` and must not be added again.
         """
+        rate_in, rate_cached, rate_out = self.rates(batch)
         cached = min(max(cached_tokens, 0), input_tokens)
-        return (
-            (input_tokens - cached) * self.input
-            + cached * self.cached_input
-            + output_tokens * self.output
-        )
+        return (input_tokens - cached) * rate_in + cached * rate_cached + output_tokens * rate_out
+
+    def bounds(self, input_tokens: int, output_limit: int, *, batch: bool = False) -> tuple[int, int]:
+        """(floor, worst case) of a request or of a sum of requests: input only, and input
+        plus the whole output limit. Linear in the tokens, so sums price like their parts."""
+        rate_in, _, rate_out = self.rates(batch)
+        floor = input_tokens * rate_in
+        return floor, floor + output_limit * rate_out
 
 
 @dataclass(slots=True)
@@ -90,50 +125,12 @@ class PriceTable:
                 return own
         return self.resolve(requested)
 
-    def bill(self, requested: str, usage: Usage) -> int:
-        """Picodollars the API bills for one response."""
+    def bill(self, requested: str, usage: Usage, *, batch: bool = False) -> int:
+        """Picodollars the API bills for one response (at Batch API prices when ``batch``)."""
         price = self.for_response(requested, usage.model)
-        return price.cost(usage.input_tokens, usage.cached_tokens, usage.output_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token usage of one response, in the shape every endpoint shares."""
-
-    model: str | None  # the model the response names (often a dated snapshot)
-    input_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    reasoning_tokens: int  # a subset of output_tokens, already billed inside it
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def read_usage(data: dict[str, Any]) -> Usage:
-    """Usage from a chat, Responses or embeddings body (detail objects may be missing/null)."""
-    u = _obj(data.get("usage"))
-    if "input_tokens" in u:  # Responses API
-        in_details = _obj(u.get("input_tokens_details"))
-        out_details = _obj(u.get("output_tokens_details"))
-        inp, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
-    else:  # chat completions and embeddings
-        in_details = _obj(u.get("prompt_tokens_details"))
-        out_details = _obj(u.get("completion_tokens_details"))
-        inp, out = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
-    model = data.get("model")
-    return Usage(
-        model=model if isinstance(model, str) else None,
-        input_tokens=inp,
-        cached_tokens=min(_int(in_details.get("cached_tokens")), inp),
-        output_tokens=out,
-        reasoning_tokens=min(_int(out_details.get("reasoning_tokens")), out),
-    )
+        return price.cost(
+            usage.input_tokens, usage.cached_tokens, usage.output_tokens, batch=batch
+        )
 
 
 def _parse_entry(
@@ -162,6 +159,13 @@ def _parse_entry(
         merged = replace(base, origin=origin, source=source)
         if "input" in values and "cached_input" not in values and base.cached_input == base.input:
             values["cached_input"] = values["input"]
+        # Batch prices not given follow the standard prices they halve.
+        for std, bat in (("input", "batch_input"), ("output", "batch_output")):
+            if std in values and bat not in values:
+                values[bat] = _half_up(values[std])
+        if "batch_cached_input" not in values:
+            cached = values.get("cached_input", base.cached_input)
+            values["batch_cached_input"] = _half_up(cached)
         for key, val in values.items():
             merged = replace(merged, **{key: val})
         if max_output is not None:
@@ -175,8 +179,11 @@ def _parse_entry(
         input=values["input"],
         cached_input=values.get("cached_input", values["input"]),
         output=values["output"],
-        batch_input=values.get("batch_input", values["input"] // 2),
-        batch_output=values.get("batch_output", values["output"] // 2),
+        batch_input=values.get("batch_input", _half_up(values["input"])),
+        batch_output=values.get("batch_output", _half_up(values["output"])),
+        batch_cached_input=values.get(
+            "batch_cached_input", _half_up(values.get("cached_input", values["input"]))
+        ),
         max_output=max_output if max_output is not None else (0 if values["output"] == 0 else None),
         source=source,
         origin=origin,

@@ -30,12 +30,10 @@ from typing import Any, NamedTuple
 
 import tiktoken
 
-from runner.vocab import FALLBACK_ENCODING, encoding_name_for_model, get_encoding
+from .endpoints import endpoint_for
+from .vocab import FALLBACK_ENCODING, encoding_name_for_model, get_encoding
 
 __all__ = [
-    "CHAT_URL",
-    "EMBEDDINGS_URL",
-    "RESPONSES_URL",
     "TextBatch",
     "TokenCount",
     "count_chat",
@@ -45,10 +43,6 @@ __all__ = [
     "count_texts",
     "image_tokens",
 ]
-
-CHAT_URL = "/v1/chat/completions"
-RESPONSES_URL = "/v1/responses"
-EMBEDDINGS_URL = "/v1/embeddings"
 
 # The cookbook rule: every message is wrapped in 3 tokens (<|start|>role...<|message|>...<|end|>),
 # a name costs 1 more, and every reply is primed with 3 (<|start|>assistant<|message|>).
@@ -685,17 +679,23 @@ def count_request(url: str, body: dict[str, Any], batch: TextBatch | None = None
                 raise ValueError("a TextBatch holds the texts of one encoding only")
             batch.encoding = enc
         measure = batch.add
-    if url == CHAT_URL:
-        result = _count_chat(st, measure, body.get("messages"), body)
-    elif url == RESPONSES_URL:
-        result = _count_responses(st, measure, body)
-    elif url == EMBEDDINGS_URL:
-        result = _count_embeddings(st, measure, body.get("input"))
-    else:
+    endpoint = endpoint_for(url)
+    rule = _RULES.get(endpoint.name) if endpoint is not None else None
+    if rule is None:
         result = TokenCount(_json_tokens(st.encode, body), True, ("endpoint",))
+    else:
+        result = rule(st, measure, body)
     if fallback:
         return TokenCount(result.tokens, True, ("encoding", *result.notes))
     return result
+
+
+_RULES: dict[str, Callable[[_EncState, Callable[[str], int], dict[str, Any]], TokenCount]] = {
+    "chat": lambda st, measure, body: _count_chat(st, measure, body.get("messages"), body),
+    "responses": _count_responses,
+    "embeddings": lambda st, measure, body: _count_embeddings(st, measure, body.get("input")),
+}
+"""Input-counting rule per endpoint (``endpoints.Endpoint.name``)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Every run and price option, with its default, in one place.
+
+One dataclass per concern. The CLI builds them from its options (and takes each option's default
+from here); nothing below the CLI declares a default of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DB = "batchrun.db"
+DEMO_CAP_USD = "1.00"  # the cap of a --simulate run that names none (nothing is billed)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How fast requests may leave."""
+
+    rpm: int | None = None  # requests per minute; None: learned from the API's headers
+    tpm: int | None = None  # tokens per minute (prompt + n x output limit per request)
+    # Most requests in flight at once. The pool sizes itself from the rate limit and the
+    # latency it observes (in flight = rate x latency), up to this bound.
+    concurrency: int = 512
+    initial_concurrency: int = 32  # in flight before anything is known about the API
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """What happens when an attempt fails."""
+
+    max_attempts: int = 6  # attempts per request; rate-limit 429s and refused connects are free
+    backoff_base: float = 0.5  # seconds: full jitter up to base x 2^(attempt-1) ...
+    backoff_max: float = 30.0  # ... capped here
+    max_wait: float = 120.0  # longest wait a server's retry headers may impose at once
+    outage_limit: float = 300.0  # seconds the API may stay unreachable before the run stops
+    # Identical refusals of the first requests, in a row, that stop the run as a usage error
+    # (a wrong base URL or key answers every request the same way).
+    same_error_limit: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    """Where requests go and how long one may take."""
+
+    base_url: str | None = None  # None: the client's default (https://api.openai.com/v1)
+    timeout: float = 120.0  # seconds for a whole request, first byte to last
+    kind: str = "aiohttp"  # the openai client's transport: "aiohttp" or "httpx"
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How a job travels through the OpenAI Batch API (``--via batch``)."""
+
+    requests_per_batch: int = 50_000  # the API's limit
+    bytes_per_batch: int = 200 * 1024 * 1024  # the API's limit on an input file
+    poll_interval: float = 60.0  # longest wait between two status polls
+    queue_tokens: int | None = None  # keep the enqueued tokens under this many
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """How a run ends and how runners watch each other."""
+
+    grace: float = 10.0  # seconds in-flight requests get after Ctrl-C / SIGTERM
+    heartbeat_ttl: float = 30.0  # a runner silent this long is dead; its requests are retaken
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Everything ``batchrun run`` needs."""
+
+    cap_pico: int
+    jobfile: Path | None = None  # None: join the job ``job_id`` already in the database
+    db: str = DEFAULT_DB
+    job_id: int | None = None
+    prices: Path | None = None
+    via: str = "sync"  # "sync": the worker pool; "batch": the OpenAI Batch API
+    new_job: bool = False
+    reuse: bool = True  # copy results of unchanged rows from the job the file replaced
+    retry_failed: frozenset[str] | None = None  # error codes to retry; empty set: every failure
+    allow_unbounded: bool = False
+    simulate: bool = False
+    quiet: bool = False
+    limits: Limits = field(default_factory=Limits)
+    retry: Retry = field(default_factory=Retry)
+    transport: Transport = field(default_factory=Transport)
+    batching: Batching = field(default_factory=Batching)
+    stopping: Stopping = field(default_factory=Stopping)
+    seed: int | None = None  # jitter seed, for reproducible tests
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """The group commit of outcomes (not user options: the engine's own rhythm)."""
+
+    interval: float = 0.05  # seconds between commits
+    rows: int = 1000  # commit sooner when this many outcomes wait

@@ -1,0 +1,35 @@
+"""The Store: one open database, and how to open one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Dialect
+from .claims import ClaimsMixin
+from .jobs import JobsMixin
+from .migrate import check_schema
+from .reads import ReadsMixin
+from .sqlite import SQLite
+
+
+class Store(JobsMixin, ClaimsMixin, ReadsMixin):
+    """One open database. Use :func:`open_store`."""
+
+
+def dialect_for(target: str | Path) -> Dialect:
+    """The dialect for a ``--db`` value: a file path (SQLite) or a database URL."""
+    return SQLite(Path(target))
+
+
+def open_store(target: str | Path, *, readonly: bool = False) -> Store:
+    """Open a database. Writers create and migrate it; ``readonly`` opens an existing batchrun
+    database without changing anything (and refuses one that would need migrating)."""
+    dialect = dialect_for(target)
+    engine = dialect.create_engine(readonly=readonly)
+    store = Store(engine, dialect, readonly=readonly)
+    try:
+        check_schema(store, upgrade=not readonly)
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -1,0 +1,511 @@
+"""Runners, claims and the books: how requests are held against the cap and settled.
+
+Money invariants kept here, each in one transaction:
+
+- a request is claimed (``reserved``, its worst case added to the job's ``reserved_pico``)
+  *before* it may be sent, and only while settled + reserved + its worst case <= the job's cap;
+  the check and the claim happen under a lock on the job's row, so two runners can never both
+  fit under the same headroom;
+- a finished request's actual cost is a ``result`` row in the ledger, written with its result,
+  and its reservation is dropped in the same transaction;
+- a request whose fate is unknown (sent, then a timeout, or its runner died) is charged its
+  worst case as an ``unknown`` ledger row, so recorded spend is never below what was billed.
+
+Every runner registers and keeps a heartbeat; its claims and writes are fenced on its own row,
+so a runner declared dead (and whose claims another runner recovered) can write nothing more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..errors import RunnerLostError
+from .base import StoreBase
+from .records import (
+    Beat,
+    Claim,
+    Outcomes,
+    PendingRequest,
+    RequestState,
+    ResultRecord,
+    RunnerInfo,
+    Spend,
+)
+from .schema import attempts, events, jobs, ledger, requests, results, runners
+
+LIVE, STOPPED, DEAD = "live", "stopped", "dead"
+
+_PENDING_COLUMNS = (
+    requests.c.id,
+    requests.c.seq,
+    requests.c.custom_id,
+    requests.c.url,
+    requests.c.model,
+    requests.c.body,
+    requests.c.input_tokens,
+    requests.c.output_limit,
+    requests.c.worst_pico,
+    requests.c.batch_worst_pico,
+    requests.c.attempts,
+    requests.c.line,
+    requests.c.unbounded,
+)
+
+
+def _books(conn: Connection, job_id: int) -> tuple[Spend, int]:
+    row = conn.execute(
+        sa.select(jobs.c.settled_pico, jobs.c.reserved_pico, jobs.c.cap_pico)
+        .where(jobs.c.id == job_id)
+        .with_for_update()
+    ).one()
+    return Spend(int(row.settled_pico), int(row.reserved_pico)), int(row.cap_pico)
+
+
+def _move_books(conn: Connection, job_id: int, settled: int, reserved: int) -> Spend:
+    row = conn.execute(
+        jobs.update()
+        .where(jobs.c.id == job_id)
+        .values(
+            settled_pico=jobs.c.settled_pico + settled,
+            reserved_pico=jobs.c.reserved_pico + reserved,
+        )
+        .returning(jobs.c.settled_pico, jobs.c.reserved_pico)
+    ).one()
+    return Spend(int(row.settled_pico), int(row.reserved_pico))
+
+
+def _flags(r: ResultRecord) -> str | None:
+    return ",".join(r.flags) if r.flags else None
+
+
+class ClaimsMixin(StoreBase):
+    # -- runners ------------------------------------------------------------------------------
+
+    def register_runner(self, job_id: int, host: str, pid: int, via: str, ttl: float) -> int:
+        now = time.time()
+        with self.writing() as conn:
+            return int(
+                conn.execute(
+                    runners.insert().values(
+                        job_id=job_id,
+                        host=host,
+                        pid=pid,
+                        via=via,
+                        started_at=now,
+                        heartbeat_at=now,
+                        expires_at=now + ttl,
+                        state=LIVE,
+                    )
+                ).inserted_primary_key[0]
+            )
+
+    def _fence(self, conn: Connection, runner_id: int) -> int:
+        """Lock this runner's row; refuse if it was declared dead. Returns its job id."""
+        row = conn.execute(
+            sa.select(runners.c.state, runners.c.job_id)
+            .where(runners.c.id == runner_id)
+            .with_for_update()
+        ).first()
+        if row is None or row.state != LIVE:
+            raise RunnerLostError(
+                f"{self.name}: this runner (#{runner_id}) stopped renewing its heartbeat in time "
+                "(was it suspended?) and another batchrun process took over its requests; it "
+                "stops here, and what it had in flight was charged at worst case"
+            )
+        return int(row.job_id)
+
+    def heartbeat(self, runner_id: int, ttl: float, in_flight: int) -> Beat:
+        """Renew this runner's claim on life; learn the live runners and any shared pause."""
+        now = time.time()
+        with self.writing() as conn:
+            n = conn.execute(
+                runners.update()
+                .where(runners.c.id == runner_id, runners.c.state == LIVE)
+                .values(heartbeat_at=now, expires_at=now + ttl, in_flight=in_flight)
+            ).rowcount
+            job_id = conn.execute(
+                sa.select(runners.c.job_id).where(runners.c.id == runner_id)
+            ).scalar()
+            live = conn.execute(
+                sa.select(sa.func.count()).where(
+                    runners.c.job_id == job_id, runners.c.state == LIVE
+                )
+            ).scalar_one()
+            paused = conn.execute(
+                sa.select(jobs.c.paused_until).where(jobs.c.id == job_id)
+            ).scalar()
+        return Beat(alive=n == 1, live_runners=int(live), paused_until=float(paused or 0))
+
+    def retire_runner(self, runner_id: int) -> None:
+        """This runner stops: it holds no claims any more (the engine handed them back)."""
+        with self.writing() as conn:
+            conn.execute(
+                runners.update()
+                .where(runners.c.id == runner_id, runners.c.state == LIVE)
+                .values(state=STOPPED, in_flight=0, heartbeat_at=time.time())
+            )
+
+    def share_pause(self, job_id: int, until: float) -> None:
+        """Tell every runner of the job to hold its requests until ``until`` (epoch seconds)."""
+        with self.writing() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.paused_until < until)
+                .values(paused_until=until)
+            )
+
+    def live_runners(self, job_id: int) -> list[RunnerInfo]:
+        with self.reading() as conn:
+            rows = conn.execute(
+                sa.select(runners)
+                .where(runners.c.job_id == job_id, runners.c.state == LIVE)
+                .order_by(runners.c.id)
+            ).all()
+        return [
+            RunnerInfo(
+                id=r.id,
+                host=r.host,
+                pid=r.pid,
+                started_at=r.started_at,
+                heartbeat_at=r.heartbeat_at,
+                expires_at=r.expires_at,
+                in_flight=r.in_flight,
+                state=r.state,
+                via=r.via,
+            )
+            for r in rows
+        ]
+
+    def recover(
+        self, job_id: int, host: str, process_alive: Callable[[int], bool]
+    ) -> tuple[int, int]:
+        """Declare dead the job's runners whose heartbeat expired (or, on this host, whose
+        process is gone), charge their claims at worst case (their fate is unknown) and queue
+        them again. Also recovers claims no live runner holds. Returns (requests, pico)."""
+        now = time.time()
+        with self.writing() as conn:
+            live = conn.execute(
+                sa.select(runners.c.id, runners.c.host, runners.c.pid, runners.c.expires_at).where(
+                    runners.c.job_id == job_id, runners.c.state == LIVE
+                )
+            ).all()
+            dead = [
+                r.id
+                for r in live
+                if r.expires_at < now or (r.host == host and not process_alive(r.pid))
+            ]
+            if dead:
+                conn.execute(
+                    runners.update()
+                    .where(runners.c.id.in_(dead), runners.c.state == LIVE)
+                    .values(state=DEAD, in_flight=0)
+                )
+            alive = [r.id for r in live if r.id not in dead]
+            orphaned = sa.and_(
+                requests.c.job_id == job_id,
+                requests.c.state == RequestState.RESERVED,
+                sa.or_(requests.c.runner_id.is_(None), requests.c.runner_id.not_in(alive))
+                if alive
+                else sa.true(),
+            )
+            rows = conn.execute(
+                sa.select(requests.c.id, requests.c.reserved_pico).where(orphaned)
+            ).all()
+            if not rows:
+                return 0, 0
+            conn.execute(
+                ledger.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "request_id": r.id,
+                        "kind": "unknown",
+                        "amount_pico": r.reserved_pico,
+                        "at": now,
+                    }
+                    for r in rows
+                ],
+            )
+            conn.execute(
+                requests.update()
+                .where(requests.c.id == sa.bindparam("rid"))
+                .values(state=RequestState.PENDING, reserved_pico=0, runner_id=None),
+                [{"rid": r.id} for r in rows],
+            )
+            total = sum(int(r.reserved_pico) for r in rows)
+            _move_books(conn, job_id, total, -total)
+        return len(rows), total
+
+    # -- claims -------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        runner_id: int,
+        limit: int,
+        *,
+        url: str | None = None,
+        model: str | None = None,
+        batch: bool = False,
+    ) -> Claim:
+        """Reserve up to ``limit`` pending requests, in file order, that fit under the cap.
+
+        ``batch`` reserves their worst case at Batch API prices. ``url``/``model`` restrict the
+        claim to one endpoint or model (a Batch API file holds one of each).
+        """
+        with self.writing() as conn:
+            job_id = self._fence(conn, runner_id)
+            spend, cap = _books(conn, job_id)
+            where = [requests.c.job_id == job_id, requests.c.state == RequestState.PENDING]
+            if url is not None:
+                where.append(requests.c.url == url)
+            if model is not None:
+                where.append(requests.c.model == model)
+            rows = conn.execute(
+                sa.select(*_PENDING_COLUMNS)
+                .where(*where)
+                .order_by(requests.c.seq)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            room = cap - spend.total_pico
+            taken: list[PendingRequest] = []
+            for r in rows:
+                worst = int(r.batch_worst_pico if batch else r.worst_pico)
+                if worst > room:
+                    break
+                room -= worst
+                taken.append(
+                    PendingRequest(
+                        id=r.id,
+                        seq=r.seq,
+                        custom_id=r.custom_id,
+                        url=r.url,
+                        model=r.model,
+                        body=r.body,
+                        input_tokens=r.input_tokens,
+                        output_limit=r.output_limit,
+                        worst_pico=worst,
+                        attempts=r.attempts,
+                        line=r.line,
+                        unbounded=bool(r.unbounded),
+                    )
+                )
+            if taken:
+                conn.execute(
+                    requests.update()
+                    .where(requests.c.id == sa.bindparam("rid"))
+                    .values(
+                        state=RequestState.RESERVED,
+                        reserved_pico=sa.bindparam("amount"),
+                        runner_id=runner_id,
+                    ),
+                    [{"rid": r.id, "amount": r.worst_pico} for r in taken],
+                )
+                spend = _move_books(conn, job_id, 0, sum(r.worst_pico for r in taken))
+        return Claim(
+            requests=taken,
+            spend=spend,
+            cap_pico=cap,
+            blocked=len(taken) < len(rows),
+            exhausted=not rows,
+        )
+
+    def books(self, job_id: int) -> tuple[Spend, int]:
+        """The job's settled spend, open reservations and cap, as every runner sees them."""
+        with self.reading() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.settled_pico, jobs.c.reserved_pico, jobs.c.cap_pico).where(
+                    jobs.c.id == job_id
+                )
+            ).one()
+        return Spend(int(row.settled_pico), int(row.reserved_pico)), int(row.cap_pico)
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def record(self, runner_id: int, out: Outcomes) -> Spend:
+        """Write one group commit of outcomes in a single transaction; the job's books after.
+
+        A row the database refuses (a value it cannot bind) must not cost the other rows their
+        records: the commit is then split, and a result that still fails alone is kept without
+        its body (its cost and state are what matter to the books).
+        """
+        try:
+            return self._record_once(runner_id, out)
+        except _BadRow:
+            pass
+        rest = Outcomes(out.attempts, out.charges, [], out.releases, out.events)
+        spend = self._record_once(runner_id, rest) if rest else self.books_of_runner(runner_id)
+        for r in out.results:
+            try:
+                spend = self._record_once(runner_id, Outcomes(results=[r]))
+            except _BadRow as exc:
+                spend = self._record_once(runner_id, Outcomes(results=[_bare(r, exc.reason)]))
+        return spend
+
+    def books_of_runner(self, runner_id: int) -> Spend:
+        with self.reading() as conn:
+            job_id = conn.execute(
+                sa.select(runners.c.job_id).where(runners.c.id == runner_id)
+            ).scalar_one()
+        return self.books(job_id)[0]
+
+    def _record_once(self, runner_id: int, out: Outcomes) -> Spend:
+        with self.writing() as conn:
+            job_id = self._fence(conn, runner_id)
+            try:
+                return self._record(conn, job_id, runner_id, out)
+            except (sa.exc.OperationalError, sa.exc.ResourceClosedError):
+                raise  # the database itself failed: the caller stops
+            except sa.exc.SQLAlchemyError as exc:
+                raise _BadRow(str(getattr(exc, "orig", exc))[:200]) from None
+
+    def _record(self, conn: Connection, job_id: int, runner_id: int, out: Outcomes) -> Spend:
+        settled = reserved = 0
+        if out.attempts:
+            conn.execute(
+                attempts.insert(),
+                [
+                    {
+                        "request_id": a.request_id,
+                        "attempt": a.attempt,
+                        "started_at": a.started_at,
+                        "latency_ms": a.latency_ms,
+                        "status_code": a.status_code,
+                        "error_kind": a.error_kind,
+                    }
+                    for a in out.attempts
+                ],
+            )
+        if out.charges:
+            conn.execute(
+                ledger.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "request_id": c.request_id,
+                        "kind": "unknown",
+                        "amount_pico": c.amount_pico,
+                        "at": c.at,
+                    }
+                    for c in out.charges
+                ],
+            )
+            settled += sum(c.amount_pico for c in out.charges)
+        if out.results:
+            conn.execute(results.insert(), [_result_row(r) for r in out.results])
+            billed = [r for r in out.results if r.cost_pico]
+            if billed:
+                conn.execute(
+                    ledger.insert(),
+                    [
+                        {
+                            "job_id": job_id,
+                            "request_id": r.request_id,
+                            "kind": "result",
+                            "amount_pico": r.cost_pico,
+                            "at": r.finished_at,
+                        }
+                        for r in billed
+                    ],
+                )
+                settled += sum(r.cost_pico for r in billed)
+            conn.execute(
+                requests.update()
+                .where(requests.c.id == sa.bindparam("rid"))
+                .values(
+                    state=sa.bindparam("new_state"),
+                    attempts=sa.bindparam("n"),
+                    reserved_pico=0,
+                    runner_id=None,
+                    last_error=sa.bindparam("err"),
+                ),
+                [
+                    {
+                        "rid": r.request_id,
+                        "new_state": str(r.state),
+                        "n": r.attempts,
+                        "err": r.error_message,
+                    }
+                    for r in out.results
+                ],
+            )
+            reserved -= sum(r.reserved_pico for r in out.results)
+        if out.releases:
+            conn.execute(
+                requests.update()
+                .where(requests.c.id == sa.bindparam("rid"))
+                .values(
+                    state=RequestState.PENDING,
+                    reserved_pico=0,
+                    runner_id=None,
+                    attempts=sa.bindparam("n"),
+                    last_error=sa.bindparam("err"),
+                ),
+                [
+                    {"rid": r.request_id, "n": r.attempts, "err": r.last_error}
+                    for r in out.releases
+                ],
+            )
+            reserved -= sum(r.reserved_pico for r in out.releases)
+        if out.events:
+            conn.execute(
+                events.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "runner_id": runner_id,
+                        "at": e.at,
+                        "kind": e.kind,
+                        "seconds": e.seconds,
+                        "detail": e.detail,
+                    }
+                    for e in out.events
+                ],
+            )
+        return _move_books(conn, job_id, settled, reserved)
+
+
+class _BadRow(Exception):
+    """The database refused a value in one group commit (not the database failing)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _bare(r: ResultRecord, reason: str) -> ResultRecord:
+    """``r`` without the fields a database can refuse: its books and state stay exact."""
+    return replace(
+        r,
+        body=None,
+        response_model=None,
+        api_request_id=None,
+        error_code="unstorable",
+        error_message=f"the response could not be stored ({reason})",
+    )
+
+
+def _result_row(r: ResultRecord) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "status_code": r.status_code,
+        "body": r.body,
+        "response_model": r.response_model,
+        "api_request_id": r.api_request_id,
+        "prompt_tokens": r.prompt_tokens,
+        "cached_tokens": r.cached_tokens,
+        "completion_tokens": r.completion_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "cost_pico": r.cost_pico,
+        "latency_ms": r.latency_ms,
+        "finished_at": r.finished_at,
+        "error_code": r.error_code,
+        "error_message": r.error_message,
+        "flags": _flags(r),
+    }

@@ -1,0 +1,236 @@
+"""What the reports read: counts by state, spend, status, and the export stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+
+from .base import StoreBase
+from .jobs import job_from_row
+from .records import ExportRow, JobStatus, RequestState, ResultFlag, Spend
+from .schema import attempts, jobs, ledger, requests, results
+
+
+class ReadsMixin(StoreBase):
+    def spend(self, job_id: int) -> Spend:
+        with self.reading() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.settled_pico, jobs.c.reserved_pico).where(jobs.c.id == job_id)
+            ).one()
+        return Spend(int(row.settled_pico), int(row.reserved_pico))
+
+    def state_counts(self, job_id: int) -> dict[str, int]:
+        """Requests by state: one pass over the (job_id, state, seq) index."""
+        with self.reading() as conn:
+            return {
+                str(state): int(n)
+                for state, n in conn.execute(
+                    sa.select(requests.c.state, sa.func.count())
+                    .where(requests.c.job_id == job_id)
+                    .group_by(requests.c.state)
+                )
+            }
+
+    def pending_worst(self, job_id: int) -> int:
+        """The worst case of every request not yet sent."""
+        with self.reading() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(
+                        requests.c.job_id == job_id, requests.c.state == RequestState.PENDING
+                    )
+                ).scalar_one()
+            )
+
+    def unbounded_pending(self, job_id: int) -> int:
+        """Pending requests whose cost the plan cannot bound (stored conversations)."""
+        with self.reading() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        requests.c.job_id == job_id,
+                        requests.c.state == RequestState.PENDING,
+                        requests.c.unbounded.is_(True),
+                    )
+                ).scalar_one()
+            )
+
+    def fits_under(self, job_id: int, budget_pico: int, *, batch: bool = False) -> int:
+        """How many pending requests, taken in file order, fit in ``budget_pico`` at worst case."""
+        if budget_pico <= 0:
+            return 0
+        worst = requests.c.batch_worst_pico if batch else requests.c.worst_pico
+        cum = (
+            sa.select(sa.func.sum(worst).over(order_by=requests.c.seq).label("cum"))
+            .where(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
+            .subquery()
+        )
+        with self.reading() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(cum).where(cum.c.cum <= budget_pico)
+                ).scalar_one()
+            )
+
+    def status(self, job_id: int) -> JobStatus:
+        done = requests.c.state == RequestState.DONE
+        with self.reading() as conn:
+            job = job_from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+            states = {
+                str(k): int(n)
+                for k, n in conn.execute(
+                    sa.select(requests.c.state, sa.func.count())
+                    .where(requests.c.job_id == job_id)
+                    .group_by(requests.c.state)
+                )
+            }
+            joined = results.join(requests, results.c.request_id == requests.c.id)
+            reused = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.REUSED}%")
+            missing = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.USAGE_MISSING}%")
+            groups: dict[str, dict[str, dict[str, int]]] = {"model": {}, "url": {}}
+            tot = [0, 0, 0, 0, 0, 0, 0, 0]
+            for key, column in (("model", requests.c.model), ("url", requests.c.url)):
+                for row in conn.execute(
+                    sa.select(
+                        column,
+                        sa.func.count(),
+                        sa.func.coalesce(sa.func.sum(results.c.prompt_tokens), 0),
+                        sa.func.coalesce(sa.func.sum(results.c.completion_tokens), 0),
+                        sa.func.coalesce(sa.func.sum(results.c.cached_tokens), 0),
+                        sa.func.coalesce(sa.func.sum(results.c.reasoning_tokens), 0),
+                        sa.func.coalesce(sa.func.sum(requests.c.output_limit), 0),
+                        sa.func.coalesce(sa.func.sum(sa.case((reused, 0), else_=results.c.cost_pico)), 0),
+                        sa.func.coalesce(sa.func.sum(sa.case((reused, 1), else_=0)), 0),
+                        sa.func.coalesce(sa.func.sum(sa.case((reused, results.c.cost_pico), else_=0)), 0),
+                        sa.func.coalesce(sa.func.sum(sa.case((missing, 1), else_=0)), 0),
+                    )
+                    .select_from(joined)
+                    .where(requests.c.job_id == job_id, done)
+                    .group_by(column)
+                    .order_by(column)
+                ):
+                    values = [int(v) for v in row[1:]]
+                    groups[key][str(row[0])] = {
+                        "requests": values[0],
+                        "input_tokens": values[1],
+                        "output_tokens": values[2],
+                        "cost_pico": values[6],
+                    }
+                    if key == "model":
+                        for i, v in enumerate(
+                            (values[1], values[2], values[3], values[4], values[5], values[7],
+                             values[8], values[9])
+                        ):  # fmt: skip
+                            tot[i] += v
+            unknown = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount_pico), 0)).where(
+                    ledger.c.job_id == job_id, ledger.c.kind == "unknown"
+                )
+            ).scalar_one()
+            failed_kinds = conn.execute(
+                sa.select(sa.func.coalesce(results.c.error_code, "error"), sa.func.count())
+                .select_from(joined)
+                .where(requests.c.job_id == job_id, requests.c.state == RequestState.FAILED)
+                .group_by(sa.func.coalesce(results.c.error_code, "error"))
+            ).all()
+            retried = conn.execute(
+                sa.select(attempts.c.error_kind, sa.func.count())
+                .select_from(attempts.join(requests, attempts.c.request_id == requests.c.id))
+                .where(requests.c.job_id == job_id, attempts.c.error_kind.is_not(None))
+                .group_by(attempts.c.error_kind)
+            ).all()
+            pending = conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0),
+                    sa.func.coalesce(sa.func.sum(requests.c.floor_pico), 0),
+                ).where(
+                    requests.c.job_id == job_id,
+                    requests.c.state.in_((RequestState.PENDING, RequestState.RESERVED)),
+                )
+            ).one()
+            books = conn.execute(
+                sa.select(jobs.c.settled_pico, jobs.c.reserved_pico).where(jobs.c.id == job_id)
+            ).one()
+        errors: dict[str, int] = {f"failed: {k}": int(n) for k, n in failed_kinds}
+        errors.update({f"attempts: {k}": int(n) for k, n in retried})
+        return JobStatus(
+            job=job,
+            states=states,
+            spend=Spend(int(books.settled_pico), int(books.reserved_pico)),
+            unknown_pico=int(unknown),
+            input_tokens=tot[0],
+            output_tokens=tot[1],
+            cached_tokens=tot[2],
+            reasoning_tokens=tot[3],
+            done_output_limit=tot[4],
+            errors=errors,
+            pending_worst_pico=int(pending[0]),
+            pending_floor_pico=int(pending[1]),
+            reused=tot[5],
+            reused_pico=tot[6],
+            usage_missing=tot[7],
+            by_model=groups["model"],
+            by_endpoint=groups["url"],
+        )
+
+    def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:
+        """(custom_id, error code, error message) of every failed request, in file order."""
+        q = (
+            sa.select(requests.c.custom_id, results.c.error_code, results.c.error_message)
+            .select_from(requests.outerjoin(results, results.c.request_id == requests.c.id))
+            .where(requests.c.job_id == job_id, requests.c.state == RequestState.FAILED)
+            .order_by(requests.c.seq)
+        )
+        with self.reading() as conn:
+            for r in conn.execution_options(yield_per=2000).execute(q):
+                yield r.custom_id, r.error_code, r.error_message
+
+    def iter_export(self, job_id: int, only: str | None = None) -> Iterator[ExportRow]:
+        """Every request with its result (if any), in job-file order, streamed.
+
+        ``only`` is ``"ok"`` (requests that succeeded) or ``"failed"`` (failed for good).
+        """
+        q = (
+            sa.select(
+                requests.c.seq,
+                requests.c.custom_id,
+                requests.c.state,
+                requests.c.last_error,
+                requests.c.url,
+                results.c.status_code,
+                results.c.body,
+                results.c.api_request_id,
+                results.c.error_code,
+                results.c.error_message,
+                results.c.request_id,
+                results.c.prompt_tokens,
+                results.c.completion_tokens,
+                results.c.cost_pico,
+            )
+            .select_from(requests.outerjoin(results, results.c.request_id == requests.c.id))
+            .where(requests.c.job_id == job_id)
+            .order_by(requests.c.seq)
+        )
+        if only == "ok":
+            q = q.where(requests.c.state == RequestState.DONE)
+        elif only == "failed":
+            q = q.where(requests.c.state == RequestState.FAILED)
+        with self.reading() as conn:
+            for r in conn.execution_options(yield_per=2000).execute(q):
+                yield ExportRow(
+                    seq=r.seq,
+                    custom_id=r.custom_id,
+                    state=str(r.state),
+                    last_error=r.last_error,
+                    status_code=r.status_code,
+                    body=r.body,
+                    api_request_id=r.api_request_id,
+                    error_code=r.error_code,
+                    error_message=r.error_message,
+                    has_result=r.request_id is not None,
+                    url=r.url,
+                    prompt_tokens=r.prompt_tokens or 0,
+                    completion_tokens=r.completion_tokens or 0,
+                    cost_pico=r.cost_pico or 0,
+                )

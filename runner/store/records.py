@@ -1,0 +1,251 @@
+"""The values that cross the store's boundary: rows in, rows out, and request states.
+
+Plain dataclasses with no database code, so the planner and the reports can use them without
+importing SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestState(enum.StrEnum):
+    """Where one request of a job stands."""
+
+    PENDING = "pending"  # not sent yet, or handed back for a later try
+    RESERVED = "reserved"  # claimed by a runner: its worst case is held against the cap
+    DONE = "done"  # has its result
+    FAILED = "failed"  # failed for good (the API refused it, or attempts ran out)
+
+
+OPEN_STATES = (RequestState.PENDING, RequestState.RESERVED)
+
+
+class ResultFlag(enum.StrEnum):
+    """Remarks on a result that change how it was booked."""
+
+    USAGE_MISSING = "usage_missing"  # no readable usage: charged at worst case
+    OVER_RESERVATION = "over_reservation"  # billed more than its reserved worst case
+    REUSED = "reused"  # copied from an earlier job's identical request; not spent again
+    BATCH = "batch"  # came back through the Batch API, billed at batch prices
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    path: str
+    sha256: str
+    cap_pico: int
+    state: str
+    requests: int
+    input_tokens: int
+    output_limit_tokens: int
+    floor_pico: int
+    worst_pico: int
+    created_at: float
+    prices_fingerprint: str | None = None
+
+
+@dataclass(slots=True)
+class NewRequest:
+    """One planned request, as imported from the job file."""
+
+    seq: int
+    line: int
+    custom_id: str
+    url: str
+    model: str
+    body: str
+    input_tokens: int
+    output_limit: int
+    worst_pico: int
+    floor_pico: int
+    approximate: bool
+    unbounded: bool = False
+    batch_worst_pico: int = 0
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """What a runner needs to send one request it has claimed."""
+
+    id: int
+    seq: int
+    custom_id: str
+    url: str
+    model: str
+    body: str
+    input_tokens: int
+    output_limit: int
+    worst_pico: int  # the worst case reserved for it (at batch prices on the Batch API)
+    attempts: int
+    line: int = 0
+    unbounded: bool = False
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    request_id: int
+    attempt: int
+    started_at: float
+    latency_ms: int
+    status_code: int | None
+    error_kind: str | None
+
+
+@dataclass(slots=True)
+class ResultRecord:
+    """A request's final outcome: its result row, its ledger charge, its new state."""
+
+    request_id: int
+    state: RequestState  # DONE or FAILED
+    attempts: int
+    status_code: int | None
+    body: str | None
+    response_model: str | None
+    api_request_id: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cost_pico: int
+    latency_ms: int
+    finished_at: float
+    reserved_pico: int  # what was held for it, now released
+    error_code: str | None = None
+    error_message: str | None = None
+    flags: tuple[ResultFlag, ...] = ()
+
+
+@dataclass(slots=True)
+class ChargeRecord:
+    """An ``unknown`` charge: the request may have been billed and we cannot know for how much."""
+
+    request_id: int
+    amount_pico: int
+    at: float
+
+
+@dataclass(slots=True)
+class ReleaseRecord:
+    """Give a reservation back: the request was never sent, or will be tried again later."""
+
+    request_id: int
+    attempts: int
+    last_error: str | None
+    reserved_pico: int
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """Something that happened to the run as a whole (a rate-limit pause, an outage...)."""
+
+    at: float
+    kind: str
+    seconds: float = 0.0
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """One group commit's worth of outcomes."""
+
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    charges: list[ChargeRecord] = field(default_factory=list)
+    results: list[ResultRecord] = field(default_factory=list)
+    releases: list[ReleaseRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.attempts or self.charges or self.results or self.releases or self.events)
+
+    def rows(self) -> int:
+        return len(self.results) + len(self.releases)
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    settled_pico: int  # ledger total: actual costs plus unknown-outcome charges
+    reserved_pico: int  # open reservations of requests being sent
+
+    @property
+    def total_pico(self) -> int:
+        return self.settled_pico + self.reserved_pico
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim got: requests reserved under the cap, and why it stopped there."""
+
+    requests: list[PendingRequest]
+    spend: Spend
+    cap_pico: int
+    blocked: bool  # the next pending request does not fit under the cap now
+    exhausted: bool  # no pending request was left to claim
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    """One runner registered on a job."""
+
+    id: int
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+    in_flight: int
+    state: str
+    via: str
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What a heartbeat learned about the job it is running."""
+
+    alive: bool  # False: this runner was declared dead and its claims recovered
+    live_runners: int
+    paused_until: float  # a rate-limit pause another runner shared (epoch seconds)
+
+
+@dataclass(slots=True)
+class JobStatus:
+    """Everything ``batchrun status`` shows about one job."""
+
+    job: Job
+    states: dict[str, int]
+    spend: Spend
+    unknown_pico: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    done_output_limit: int  # sum of output limits of the finished requests
+    errors: dict[str, int]  # error kind or code -> count (final failures and retried attempts)
+    pending_worst_pico: int
+    pending_floor_pico: int
+    reused: int = 0
+    reused_pico: int = 0
+    usage_missing: int = 0
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_endpoint: dict[str, dict[str, int]] = field(default_factory=dict)
+    runners: list[RunnerInfo] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ExportRow:
+    seq: int
+    custom_id: str
+    state: str
+    last_error: str | None
+    status_code: int | None
+    body: str | None
+    api_request_id: str | None
+    error_code: str | None
+    error_message: str | None
+    has_result: bool
+    url: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_pico: int = 0

@@ -1,0 +1,158 @@
+"""SQLite plumbing: the file, its pragmas, its locking, and its errors in plain words.
+
+Everything here is specific to SQLite; the rest of the store is dialect-neutral SQLAlchemy.
+Writers take the write lock up front (``BEGIN IMMEDIATE``) so two writers queue on the busy
+timeout instead of deadlocking; readers begin deferred and, in WAL mode, never wait for a writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import StoreError
+
+_WRITES = "batchrun_writes"  # execution option of connections whose transactions write
+BUSY_TIMEOUT_MS = 5000
+
+
+def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    # Let SQLAlchemy own transactions (pysqlite's implicit BEGIN is off).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode = WAL")
+    # FULL: a committed result survives a power cut, not just a killed process. Commits are
+    # batched, so the fsync is paid a few times a second, not once per result.
+    cur.execute("PRAGMA synchronous = FULL")
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def _on_connect_readonly(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cur.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    writes = conn.get_execution_options().get(_WRITES)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty database file readable by its owner only (SQLite's -wal/-shm inherit it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class SQLite:
+    """One SQLite database file."""
+
+    name = "sqlite"
+    multi_host = False  # runners sharing it must be on this machine
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.display = str(path)
+        self._identity: tuple[int, int] | None = None
+
+    def create_engine(self, *, readonly: bool = False) -> Engine:
+        path = self.path
+        if path.is_dir():
+            raise StoreError(f"{path}: is a directory, not a database file")
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"{path}: no such database (run a job first, or pass --db)")
+            url = f"sqlite+pysqlite:///file:{path}?mode=ro&uri=true"
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+            sa.event.listen(engine, "connect", _on_connect_readonly)
+        else:
+            try:
+                _create_private(path)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot create database: {exc.strerror}") from None
+            engine = sa.create_engine(
+                f"sqlite+pysqlite:///{path}",
+                connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+            )
+            sa.event.listen(engine, "connect", _on_connect)
+        sa.event.listen(engine, "begin", _on_begin)
+        self._identity = _identity(path)
+        return engine
+
+    @contextlib.contextmanager
+    def writing(self, engine: Engine) -> Iterator[Connection]:
+        """A write transaction: BEGIN IMMEDIATE, then COMMIT (ROLLBACK on error)."""
+        self.check_present()
+        with engine.connect() as conn:
+            conn.execution_options(**{_WRITES: True})
+            with conn.begin():
+                yield conn
+
+    def check_present(self) -> None:
+        """Refuse to write when the file we opened was deleted or replaced: SQLite would go on
+        writing into the unlinked file, and every result would be lost with it."""
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise StoreError(
+                f"{self.path}: the database file was deleted or replaced while batchrun was "
+                "using it; stopping so that no result is written where nobody can read it"
+            )
+
+    def is_foreign(self, engine: Engine) -> bool:
+        """Whether the file holds tables but is not a batchrun database."""
+        with engine.connect() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+        return bool(names) and "alembic_version" not in names
+
+    def describe(self, exc: BaseException) -> str:
+        """An SQLite error in words a user can act on."""
+        orig = getattr(exc, "orig", None) or exc
+        text = str(orig).strip() or orig.__class__.__name__
+        path = self.path
+        if "readonly" in text or "read-only" in text:
+            return "the database is read-only (check the file's and its folder's permissions)"
+        if "unable to open" in text:
+            folder = path.parent
+            if not os.access(folder, os.W_OK):
+                return (
+                    f"cannot open the database: its folder {folder} is read-only, and SQLite "
+                    f"must create {path.name}-wal and {path.name}-shm beside it; use a writable "
+                    "folder"
+                )
+            return "cannot open the database file (check the file's and its folder's permissions)"
+        if "disk I/O error" in text:
+            return (
+                "writing the database failed (disk I/O error): the disk may be full or failing, "
+                "or the file may have reached a size limit; fix that and run the same command "
+                "again to resume"
+            )
+        if "locked" in text or "busy" in text:
+            return "the database is locked by another process; try again when it has finished"
+        if "disk is full" in text or "full" in text:
+            return "the disk is full; free space and run the same command again to resume"
+        if "not a database" in text or "malformed" in text:
+            return "the file is not a batchrun database (or it is damaged)"
+        if "no such table" in text or "no such column" in text:
+            return f"the database is damaged ({text}); restore it from a copy or start a new one"
+        return text
