@@ -9,6 +9,7 @@ its counting rule in ``tokens`` and tests.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,8 +74,9 @@ class Endpoint:
     usage_fields: tuple[str, str | None, str | None, str | None]
     # False: billed for input only (no output price applies)
     has_output: bool
-    # What a well-formed 200 body holds, given the request: None if fine, else why not.
-    check_response: Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
+    # What a well-formed 200 body holds, given the request's JSON text: None if fine, else why
+    # not (a response that does not answer its request is not a result).
+    check_response: Callable[[str, Mapping[str, Any]], str | None]
     # The Batch API's limit on inputs summed over one batch (embeddings), if any.
     batch_max_inputs: int | None = None
     inputs_of: Callable[[Mapping[str, Any]], int] = field(default=lambda _body: 1)
@@ -122,17 +124,27 @@ class Endpoint:
         )
 
 
-def _check_chat(request: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
+def _parse(request: str) -> Mapping[str, Any]:
+    try:
+        body = json.loads(request)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _check_chat(request: str, data: Mapping[str, Any]) -> str | None:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
         return "no choices in the response"
-    n = CHAT.choices(request)
+    if len(choices) == 1 and '"n"' not in request:
+        return None
+    n = CHAT.choices(_parse(request))
     if len(choices) != n:
         return f"{len(choices)} choice(s) for n={n}"
     return None
 
 
-def _check_responses(request: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
+def _check_responses(request: str, data: Mapping[str, Any]) -> str | None:
     if not isinstance(data.get("output"), list):
         return "no output list in the response"
     return None
@@ -146,11 +158,11 @@ def _embedding_inputs(body: Mapping[str, Any]) -> int:
     return 1
 
 
-def _check_embeddings(request: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
+def _check_embeddings(request: str, data: Mapping[str, Any]) -> str | None:
     vectors = data.get("data")
     if not isinstance(vectors, list):
         return "no data list in the response"
-    wanted = _embedding_inputs(request)
+    wanted = _embedding_inputs(_parse(request))
     if len(vectors) != wanted:
         return f"{len(vectors)} embedding(s) for {wanted} input(s)"
     return None

@@ -1,16 +1,16 @@
-"""The engine: drive one job's pending requests to completion under the spend cap.
+"""The engine: one runner's run of a job, whatever carries its requests.
 
-Workers take requests in file order from a feeder that reserves each one's worst-case cost in
-the store *before* it may be sent, and only while
+A backend (``backends.sync``: a worker pool on the synchronous API; ``backends.batch``: the
+OpenAI Batch API) decides how requests travel. Everything about money is here, the same for
+every backend:
 
-    settled spend + open reservations + its worst case <= cap.
-
-A finished request settles its reservation to its actual cost; when nothing more fits, the run
-drains what is in flight and stops. Outcomes are written by one writer task in group commits on
-the store's own thread, so the event loop never waits on disk per result.
-
-How a request travels is the ``Executor``'s business; how fast, the ``Governor``'s; what an
-outcome means, ``retry.classify``'s. The engine only keeps the books and the order.
+- ``Books.claim`` reserves requests in file order, each only while settled spend + open
+  reservations + its worst case fit under the cap (checked by the store, under a lock, across
+  every runner of the job);
+- ``Books.succeed`` / ``fail`` / ``charge_unknown`` / ``release`` settle them, and a writer task
+  group-commits those outcomes on the store's own thread, so the event loop never waits on disk
+  per result;
+- ``Control`` says when to stop: a signal, a fatal answer, the cap, an overrun.
 """
 
 from __future__ import annotations
@@ -18,26 +18,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import random
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from .endpoints import Usage, endpoint_for
 from .errors import BatchrunError
-from .executor import Executor
-from .governor import Governor
-from .pricing import PriceTable, read_usage
-from .retry import Action, Backoff, classify
+from .pricing import PriceTable
+from .redact import redact
+from .settings import Stopping, Writer
 from .store import (
     AttemptRecord,
+    Beat,
     ChargeRecord,
+    Claim,
+    EventRecord,
     Job,
+    Outcomes,
     PendingRequest,
     ReleaseRecord,
+    RequestState,
+    ResultFlag,
     ResultRecord,
+    Spend,
     Store,
 )
 
@@ -45,28 +53,40 @@ T = TypeVar("T")
 
 
 class RunOutcome(enum.Enum):
-    COMPLETE = "complete"  # every request has a final result
+    """How a run ended (see ``exit_code``)."""
+
+    COMPLETE = "complete"  # every request has a final result (some may have failed)
     CAPPED = "capped"  # stopped: the next request could pass the spend cap
+    OVERRUN = "overrun"  # stopped: a response cost more than its reserved worst case
     FATAL = "fatal"  # the API refused the run (auth, quota)
-    INTERRUPTED = "interrupted"  # a signal or the caller stopped it
+    UNREACHABLE = "unreachable"  # the API could not be reached for longer than the limit
+    REFUSED = "refused"  # the first requests were all refused the same way (wrong URL or key)
     STORE_ERROR = "store_error"  # the database could not be written
+    INTERRUPTED = "interrupted"  # a signal (or the caller) stopped it
+    DETACHED = "detached"  # Batch API: stopped watching; the batches go on at OpenAI
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit status (a signal's own status is 128 + its number instead)."""
+        return _EXIT_CODES[self]
 
 
-@dataclass(slots=True)
-class RunOptions:
-    cap_pico: int
-    concurrency: int = 32
-    max_attempts: int = 6
-    backoff: Backoff = field(default_factory=Backoff)
-    grace: float = 10.0  # seconds in-flight requests get to finish when stopping
-    flush_interval: float = 0.05  # group-commit period of the writer
-    flush_rows: int = 1000  # commit sooner when this many outcomes wait
-    seed: int | None = None  # jitter seed, for reproducible tests
+_EXIT_CODES = {
+    RunOutcome.COMPLETE: 0,
+    RunOutcome.CAPPED: 3,
+    RunOutcome.OVERRUN: 3,
+    RunOutcome.FATAL: 4,
+    RunOutcome.UNREACHABLE: 5,
+    RunOutcome.REFUSED: 2,
+    RunOutcome.STORE_ERROR: 2,
+    RunOutcome.INTERRUPTED: 130,
+    RunOutcome.DETACHED: 130,
+}
 
 
 @dataclass(slots=True)
 class RunStats:
-    """Live counters of this run (not of earlier runs of the same job)."""
+    """Live counters of this run, for progress and the final report."""
 
     started: float = field(default_factory=time.monotonic)
     done: int = 0
@@ -75,12 +95,22 @@ class RunStats:
     retries: int = 0
     rate_limited: int = 0
     unknown_charges: int = 0
+    usage_missing: int = 0
+    overruns: int = 0
+    overrun_pico: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    settled_pico: int = 0  # job total, including earlier runs
+    settled_pico: int = 0  # the job's books as last seen (all runners, all runs)
     reserved_pico: int = 0
     cap_pico: int = 0
+    in_flight: int = 0
+    concurrency: int = 0  # the pool's current size (sync backend)
+    paused_for: float = 0.0  # seconds every request is held for (a pause is on)
     errors: dict[str, int] = field(default_factory=dict)
+    notices: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 @dataclass(slots=True)
@@ -91,402 +121,406 @@ class RunReport:
     signal: int | None = None  # the signal that stopped the run, if one did
 
 
-class Engine:
-    """Runs one job. Create it, then ``await run()``; ``stop()`` may be called from signals."""
+class Control:
+    """When the run stops, and why.
+
+    ``stop`` asks for an orderly stop (nothing new is sent; requests in flight get the grace
+    period); calling it again changes nothing. Only a second signal (``interrupt``) or the end
+    of the grace period makes it a hard stop.
+    """
+
+    def __init__(self, stopping: Stopping) -> None:
+        self.grace = stopping.grace
+        self.stopping = False
+        self.outcome: RunOutcome | None = None
+        self.message: str | None = None
+        self.signal: int | None = None
+        self.hard = asyncio.Event()
+        self.listeners: list[Callable[[], None]] = []
+
+    def stop(self, outcome: RunOutcome, message: str | None = None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.outcome = outcome
+        self.message = message
+        for listener in self.listeners:
+            listener()
+        # In-flight requests get the grace period (after a fatal answer only a moment: more
+        # requests would meet the same refusal), then the run ends regardless.
+        grace = self.grace if outcome is RunOutcome.INTERRUPTED else min(self.grace, 2.0)
+        asyncio.get_running_loop().call_later(grace, self.hard.set)
+
+    def interrupt(self, signum: int, name: str) -> None:
+        """A signal: the first stops in order, a second stops at once."""
+        if self.stopping and self.signal is not None:
+            self.hard.set()
+            return
+        self.signal = signum
+        if self.stopping:  # already stopping for another reason: a signal now means "now"
+            self.hard.set()
+            return
+        self.stop(RunOutcome.INTERRUPTED, f"stopped by {name}")
+
+
+class Backend(Protocol):
+    """How requests travel. ``run`` sends every request it can claim through ``books`` and
+    returns how that ended (COMPLETE or CAPPED); it stops dispatching once ``control`` says so,
+    and on cancellation (a hard stop) it must leave its books conservative: a request that may
+    have reached the API is charged its worst case."""
+
+    name: str  # "sync" or "batch"
+
+    async def run(self, books: Books, control: Control) -> RunOutcome: ...
+
+    def on_beat(self, beat: Beat) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Books:
+    """One runner's side of the store: claims under the cap and group-committed outcomes."""
 
     def __init__(
         self,
         store: Store,
         job: Job,
-        executor: Executor,
-        governor: Governor,
+        runner_id: int,
         table: PriceTable,
-        options: RunOptions,
+        control: Control,
+        *,
+        batch: bool = False,
+        allow_unbounded: bool = False,
+        writer: Writer | None = None,
     ) -> None:
         self.store = store
         self.job = job
-        self.executor = executor
-        self.governor = governor
+        self.runner_id = runner_id
         self.table = table
-        self.opts = options
-        self.stats = RunStats(cap_pico=options.cap_pico)
-        self._rng = random.Random(options.seed)
+        self.control = control
+        self.batch = batch  # settle at Batch API prices
+        self.allow_unbounded = allow_unbounded
+        self.writer_settings = writer or Writer()
+        self.stats = RunStats(cap_pico=job.cap_pico)
+        self.host = socket.gethostname()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-db")
-        # Feeder state: the next candidates in file order, and reserved ones ready to send
-        # (None tells a worker to exit). The feeder keeps up to ``_prefetch`` reserved ahead of
-        # the workers, so a worker never waits for a database round trip to get its next one.
-        self._cursor = -1
-        self._candidates: deque[PendingRequest] = deque()
-        self._ready: asyncio.Queue[PendingRequest | None] = asyncio.Queue()
-        self._prefetch = max(16, options.concurrency)
-        self._taken = asyncio.Event()
-        self._rescan = False
-        self._settled = asyncio.Event()
-        # Requests on the wire (their outcome is unknown if we are cancelled).
-        self._on_wire: set[int] = set()
-        # Writer state.
-        self._attempt_rows: list[AttemptRecord] = []
-        self._charges: list[ChargeRecord] = []
-        self._results: list[ResultRecord] = []
-        self._releases: list[ReleaseRecord] = []
+        self._out = Outcomes()
         self._flush_now = asyncio.Event()
+        self._settled = asyncio.Event()  # something settled or was released
         self._closing = False
-        # Stopping.
-        self._stop_dispatch = False
-        self._outcome: RunOutcome | None = None
-        self._message: str | None = None
-        self._capped = False
-        self._workers: list[asyncio.Task[None]] = []
-        self._hard_stop = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _in_db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+    async def in_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a store call on the store's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
 
-    @property
-    def settled(self) -> int:
-        return self.stats.settled_pico
-
-    # -- public ---------------------------------------------------------------------------------
-
-    def stop(self, reason: RunOutcome = RunOutcome.INTERRUPTED, message: str | None = None) -> None:
-        """First call: send nothing new, let in-flight requests finish within the grace period.
-        A second call: stop at once (in-flight requests are charged at their worst case)."""
-        if self._stop_dispatch:
-            self._hard_stop.set()
-            return
-        self._stop_dispatch = True
-        if self._outcome is None:
-            self._outcome = reason
-            self._message = message
-        self._settled.set()
-        self._taken.set()
-        # In-flight requests get the grace period (a fatal API error, only a moment: more
-        # requests would meet the same refusal), then the run ends regardless.
-        grace = self.opts.grace if reason is RunOutcome.INTERRUPTED else min(self.opts.grace, 2.0)
-        asyncio.get_running_loop().call_later(grace, self._hard_stop.set)
-
-    async def run(self) -> RunReport:
-        spend = await self._in_db(self.store.spend, self.job.id)
+    def _books_seen(self, spend: Spend) -> None:
         self.stats.settled_pico = spend.settled_pico
-        # Reservations left by a dead run were turned into charges before we got here; any
-        # still open belong to nobody, so start from zero.
-        self.stats.reserved_pico = 0
-        writer = asyncio.create_task(self._writer())
-        self._workers = [
-            asyncio.create_task(self._worker()) for _ in range(max(1, self.opts.concurrency))
-        ]
-        feeder = asyncio.create_task(self._feeder())
-        waiter = asyncio.create_task(self._wait_workers())
-        hard = asyncio.create_task(self._hard_stop.wait())
-        try:
-            await asyncio.wait({waiter, hard}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done() or waiter.exception() is not None:
-                for task in (feeder, *self._workers):
-                    task.cancel()
-                await asyncio.gather(feeder, *self._workers, return_exceptions=True)
-            else:
-                await feeder
-        finally:
-            hard.cancel()
-            waiter.cancel()
-            await self._unwind_ready()
-            # Stop the writer by flag, not cancel(): a cancel racing its wake-up can be lost.
-            self._closing = True
-            self._flush_now.set()
-            await writer
-            await self._flush()
-            self._db.shutdown(wait=True)
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
-            raise waiter.exception()  # a bug in a worker: surface it, the books are flushed
-        outcome = self._outcome
-        if outcome is None:
-            outcome = RunOutcome.CAPPED if self._capped else RunOutcome.COMPLETE
-        return RunReport(outcome, self.stats, self._message)
+        self.stats.reserved_pico = spend.reserved_pico
 
-    async def _wait_workers(self) -> None:
-        done, _ = await asyncio.wait(self._workers)
-        for t in done:
-            if not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-
-    # -- feeder ---------------------------------------------------------------------------------
-
-    async def _feeder(self) -> None:
-        try:
-            await self._feed()
-        except BatchrunError as exc:  # the store failed: nothing more can be reserved
-            self.stop(RunOutcome.STORE_ERROR, str(exc))
-            self._hard_stop.set()
-        finally:
-            for _ in self._workers:
-                self._ready.put_nowait(None)
-
-    async def _feed(self) -> None:
-        """Reserve requests in file order while they fit under the cap, and queue them."""
-        cap = self.opts.cap_pico
-        while not self._stop_dispatch:
-            if self._ready.qsize() >= self._prefetch:
-                self._taken.clear()
-                await self._taken.wait()
-                continue
-            if not self._candidates:
-                batch = await self._in_db(
-                    self.store.next_pending, self.job.id, self._cursor, self._prefetch
-                )
-                if not batch:
-                    if self._rescan:
-                        # Requests handed back for a later try sit behind the cursor, and the
-                        # store must have their release before it can return them.
-                        self._rescan = False
-                        self._cursor = -1
-                        await self._flush()
-                        continue
-                    if self.stats.reserved_pico == 0:
-                        return  # nothing pending, queued or in flight: the job is finished
-                    await self._wait_settlement()
-                    continue
-                self._candidates.extend(batch)
-                self._cursor = batch[-1].seq
-            room = self._prefetch - self._ready.qsize()
-            fitting: list[PendingRequest] = []
-            while self._candidates and len(fitting) < room:
-                r = self._candidates[0]
-                if self.settled + self.stats.reserved_pico + r.worst_pico > cap:
-                    break
-                self._candidates.popleft()
-                self.stats.reserved_pico += r.worst_pico
-                fitting.append(r)
-            if fitting:
-                await self._in_db(self.store.reserve, fitting)
-                for r in fitting:
-                    self._ready.put_nowait(r)
-                continue
-            # The next request does not fit. Settlements of requests in flight may free room
-            # (actual cost < worst case); with nothing queued or in flight, the cap is reached.
-            if self.stats.reserved_pico == 0:
-                self._capped = True
-                return
-            await self._wait_settlement()
-
-    async def _wait_settlement(self) -> None:
+    async def wait_settlement(self, timeout: float | None = None) -> None:
+        """Wait until something settles or is released (room may have freed under the cap)."""
         self._settled.clear()
-        await self._settled.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
 
-    def _notify(self) -> None:
-        self._settled.set()
+    # -- claims ---------------------------------------------------------------------------------
 
-    async def _unwind_ready(self) -> None:
-        """Hand back reservations of requests that were reserved but never sent."""
-        while not self._ready.empty():
-            r = self._ready.get_nowait()
-            if r is not None:
-                self._release(r, None)
+    async def claim(self, limit: int, *, url: str | None = None, model: str | None = None) -> Claim:
+        """Reserve up to ``limit`` pending requests that fit under the cap (see Store.claim)."""
+        claim = await self.in_db(
+            self.store.claim, self.runner_id, limit, url=url, model=model, batch=self.batch
+        )
+        self._books_seen(claim.spend)
+        self.stats.cap_pico = claim.cap_pico
+        return claim
 
-    # -- workers --------------------------------------------------------------------------------
+    async def open_elsewhere(self, mine: int) -> int:
+        """Requests of the job reserved by other runners (they may still come back), given
+        that this runner holds ``mine``."""
+        counts = await self.in_db(self.store.state_counts, self.job.id)
+        return counts.get(RequestState.RESERVED, 0) - mine
 
-    async def _worker(self) -> None:
-        try:
-            while True:
-                req = await self._ready.get()
-                self._taken.set()
-                if req is None:
-                    return
-                if self._stop_dispatch:
-                    self._release(req, None)
-                    continue
-                try:
-                    await self._process(req)
-                except BaseException:
-                    self._abandon(req)
-                    raise
-        except BatchrunError as exc:  # the store failed: nothing more can be recorded
-            self.stop(RunOutcome.STORE_ERROR, str(exc))
-            self._hard_stop.set()
+    # -- settling (in memory; the writer commits) ----------------------------------------------
 
-    def _abandon(self, req: PendingRequest) -> None:
-        """A worker is being cancelled while holding ``req``: keep the books conservative."""
-        if req.id in self._on_wire:
-            self._on_wire.discard(req.id)
-            self._charge_unknown(req)
-        self._release(req, None)
+    def attempt(
+        self, req: PendingRequest, number: int, started: float, latency: float,
+        status: int | None, kind: str | None,
+    ) -> None:  # fmt: skip
+        self.stats.attempts += 1
+        self._out.attempts.append(
+            AttemptRecord(req.id, number, started, int(latency * 1000), status, kind)
+        )
 
-    async def _process(self, req: PendingRequest) -> None:
-        opts = self.opts
-        weight = req.input_tokens + req.output_limit
-        while True:
-            ticket = await self.governor.acquire(weight)
-            if self._stop_dispatch:
-                self.governor.done(ticket, {})
-                self._release(req, "stopped before retry" if req.attempts else None)
-                return
-            req.attempts += 1
-            self.stats.attempts += 1
-            started = time.time()
-            self._on_wire.add(req.id)
-            out = await self.executor.send(req.url, req.body)
-            self._on_wire.discard(req.id)
-            self.governor.done(ticket, out.headers)
-            verdict = classify(out)
-            self._attempt_rows.append(
-                AttemptRecord(
-                    req.id,
-                    req.attempts,
-                    started,
-                    int(out.latency * 1000),
-                    out.status,
-                    None if verdict.action is Action.OK else verdict.kind,
-                )
-            )
-            if verdict.action is Action.OK:
-                self._succeed(req, out, verdict.data or {}, started)
-                return
-            self.stats.errors[verdict.kind] = self.stats.errors.get(verdict.kind, 0) + 1
-            if verdict.action is Action.FAIL:
-                self._fail(req, out.status, out.body, verdict.code, verdict.message, out)
-                return
-            if verdict.action is Action.FATAL:
-                self._release(req, verdict.message)
-                self.stop(RunOutcome.FATAL, _fatal_message(verdict.kind, verdict.message))
-                return
-            # Retry.
-            if verdict.maybe_billed:
-                self._charge_unknown(req)
-                # The charge must be durable before the request can be billed again: a crash
-                # in between would leave one reservation standing for two bills.
-                await self._flush()
-            if verdict.rate_limited:
-                self.stats.rate_limited += 1
-            if req.attempts >= opts.max_attempts:
-                self._fail(
-                    req,
-                    out.status,
-                    out.body if out.status else None,
-                    verdict.code or verdict.kind,
-                    f"gave up after {req.attempts} attempts: {verdict.message}",
-                    out,
-                )
-                return
-            delay = opts.backoff.delay(req.attempts, verdict.retry_after, self._rng)
-            if verdict.rate_limited:
-                self.governor.pause(delay)
-            if self._stop_dispatch:
-                self._release(req, verdict.message)
-                return
-            if verdict.maybe_billed and self.settled + self.stats.reserved_pico > opts.cap_pico:
-                # The unknown charge used up the room this request's retry needed.
-                self._release(req, verdict.message)
-                self._rescan = True
-                return
-            self.stats.retries += 1
-            await asyncio.sleep(delay)
-
-    # -- bookkeeping (all in memory, written by the writer) ----------------------------------
-
-    def _succeed(self, req: PendingRequest, out: Any, data: dict[str, Any], started: float) -> None:
-        usage = read_usage(data)
-        cost = self.table.bill(req.model, usage)
-        self.stats.reserved_pico -= req.worst_pico
-        self.stats.settled_pico += cost
-        self.stats.done += 1
-        self.stats.input_tokens += usage.input_tokens
-        self.stats.output_tokens += usage.output_tokens
-        self._results.append(
+    def succeed(
+        self,
+        req: PendingRequest,
+        data: dict[str, Any],
+        body: str,
+        *,
+        status: int = 200,
+        api_request_id: str | None = None,
+        latency: float = 0.0,
+    ) -> None:
+        """A result: book its actual cost from its usage (or its worst case, flagged, when the
+        response carried no readable usage)."""
+        endpoint = endpoint_for(req.url)
+        usage = endpoint.read_usage(data) if endpoint is not None else None
+        flags: list[ResultFlag] = [ResultFlag.BATCH] if self.batch else []
+        cost = self._cost(req, usage)
+        if usage is None or not usage.complete or cost is None:
+            cost = req.worst_pico
+            flags.append(ResultFlag.USAGE_MISSING)
+            self.stats.usage_missing += 1
+            usage = usage or Usage(None, 0, 0, 0, 0, complete=False)
+        if cost > req.worst_pico:
+            flags.append(ResultFlag.OVER_RESERVATION)
+            self._overrun(req, cost)
+        stats = self.stats
+        stats.done += 1
+        stats.input_tokens += usage.input_tokens
+        stats.output_tokens += usage.output_tokens
+        stats.settled_pico += cost
+        stats.reserved_pico -= req.worst_pico
+        self._out.results.append(
             ResultRecord(
                 request_id=req.id,
-                state="done",
+                state=RequestState.DONE,
                 attempts=req.attempts,
-                status_code=out.status,
-                body=out.body.decode("utf-8", "replace"),
+                status_code=status,
+                body=redact(body),
                 response_model=usage.model,
-                api_request_id=out.headers.get("x-request-id"),
+                api_request_id=api_request_id,
                 prompt_tokens=usage.input_tokens,
                 cached_tokens=usage.cached_tokens,
                 completion_tokens=usage.output_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 cost_pico=cost,
-                latency_ms=int(out.latency * 1000),
+                latency_ms=int(latency * 1000),
                 finished_at=time.time(),
+                reserved_pico=req.worst_pico,
+                flags=tuple(flags),
             )
         )
         self._wrote()
 
-    def _fail(
+    def _cost(self, req: PendingRequest, usage: Usage | None) -> int | None:
+        if usage is None or not usage.complete:
+            return None
+        try:
+            cost = self.table.bill(req.model, usage, batch=self.batch)
+        except BatchrunError:
+            return None
+        return cost if cost < 2**62 else None  # nonsense usage: book the worst case instead
+
+    def _overrun(self, req: PendingRequest, cost: int) -> None:
+        """A response cost more than its reserved worst case: the cap's arithmetic no longer
+        holds for what is in flight, so dispatch stops unless the request was known to be
+        unbounded and allowed."""
+        extra = cost - req.worst_pico
+        self.stats.overruns += 1
+        self.stats.overrun_pico += extra
+        self.event("overrun", detail=f"{req.custom_id}: +{extra} pico over its worst case")
+        if not (req.unbounded and self.allow_unbounded):
+            self.control.stop(
+                RunOutcome.OVERRUN,
+                f"request {req.custom_id!r} cost more than its reserved worst case; sending "
+                "stopped so the cap holds (a server that bills past the output limits, or a "
+                "request carrying earlier turns)",
+            )
+
+    def fail(
         self,
         req: PendingRequest,
+        *,
         status: int | None,
-        body: bytes | None,
+        body: bytes | str | None,
         code: str | None,
         message: str | None,
-        out: Any,
+        api_request_id: str | None = None,
+        latency: float = 0.0,
     ) -> None:
-        self.stats.reserved_pico -= req.worst_pico
+        """The request failed for good: nothing billed, the reservation is freed."""
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         self.stats.failed += 1
-        self._results.append(
+        self.stats.reserved_pico -= req.worst_pico
+        self._out.results.append(
             ResultRecord(
                 request_id=req.id,
-                state="failed",
+                state=RequestState.FAILED,
                 attempts=req.attempts,
                 status_code=status,
-                body=body.decode("utf-8", "replace") if body else None,
+                body=redact(text) if text else None,
                 response_model=None,
-                api_request_id=out.headers.get("x-request-id") if out.headers else None,
+                api_request_id=api_request_id,
                 prompt_tokens=0,
                 cached_tokens=0,
                 completion_tokens=0,
                 reasoning_tokens=0,
                 cost_pico=0,
-                latency_ms=int(out.latency * 1000),
+                latency_ms=int(latency * 1000),
                 finished_at=time.time(),
-                error_code=code,
-                error_message=message,
+                reserved_pico=req.worst_pico,
+                error_code=redact(code) if code else None,
+                error_message=redact(message) if message else None,
+                flags=(ResultFlag.BATCH,) if self.batch else (),
             )
         )
         self._wrote()
 
-    def _charge_unknown(self, req: PendingRequest) -> None:
+    def charge_unknown(self, req: PendingRequest) -> None:
+        """The request may have been billed and we cannot know for how much: its worst case."""
         self.stats.settled_pico += req.worst_pico
         self.stats.unknown_charges += 1
-        self._charges.append(ChargeRecord(req.id, req.worst_pico, time.time()))
+        self._out.charges.append(ChargeRecord(req.id, req.worst_pico, time.time()))
+        self._flush_now.set()
 
-    def _release(self, req: PendingRequest, message: str | None) -> None:
+    def release(self, req: PendingRequest, message: str | None = None) -> None:
+        """Hand the reservation back: the request goes back to pending for a later try."""
         self.stats.reserved_pico -= req.worst_pico
-        self._releases.append(ReleaseRecord(req.id, req.attempts, message))
+        self._out.releases.append(
+            ReleaseRecord(
+                req.id, req.attempts, redact(message) if message else None, req.worst_pico
+            )
+        )
         self._wrote()
 
+    def event(self, kind: str, seconds: float = 0.0, detail: str | None = None) -> None:
+        self._out.events.append(EventRecord(time.time(), kind, seconds, detail))
+
+    def notice(self, text: str) -> None:
+        """Something the user should read while the run goes on."""
+        self.stats.notices.append(text)
+
     def _wrote(self) -> None:
-        self._notify()
-        if len(self._results) + len(self._releases) >= self.opts.flush_rows:
+        self._settled.set()
+        if self._out.rows() >= self.writer_settings.rows:
             self._flush_now.set()
 
-    # -- writer ---------------------------------------------------------------------------------
+    # -- the writer -----------------------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        """Group commit: every ``flush_interval``, or sooner when many outcomes wait."""
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        """Group commit: every ``interval``, or sooner when many outcomes wait."""
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.opts.flush_interval):
+                async with asyncio.timeout(self.writer_settings.interval):
                     await self._flush_now.wait()
             self._flush_now.clear()
             try:
-                await self._flush()
+                await self.flush()
             except BatchrunError as exc:
-                self.stop(RunOutcome.STORE_ERROR, str(exc))
-                self._hard_stop.set()
+                self.control.stop(RunOutcome.STORE_ERROR, str(exc))
+                self.control.hard.set()
                 return
 
-    async def _flush(self) -> None:
-        if not (self._attempt_rows or self._charges or self._results or self._releases):
-            return
-        batch = (self._attempt_rows, self._charges, self._results, self._releases)
-        self._attempt_rows, self._charges, self._results, self._releases = [], [], [], []
-        await self._in_db(self.store.record, self.job.id, *batch)
+    async def flush(self) -> Spend | None:
+        """Commit what is waiting; the job's books as the store has them afterwards."""
+        if not self._out:
+            return None
+        out, self._out = self._out, Outcomes()
+        spend = await self.in_db(self.store.record, self.runner_id, out)
+        self._books_seen(spend)
+        if spend.settled_pico > self.stats.cap_pico and not self.control.stopping:
+            self.control.stop(
+                RunOutcome.CAPPED,
+                "spend reached the cap (unknown outcomes are charged at their worst case)",
+            )
+        return spend
+
+    async def close(self) -> None:
+        """Stop the writer and commit everything left (also after a hard stop)."""
+        self._closing = True
+        self._flush_now.set()
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        try:
+            await self.flush()
+        finally:
+            self._db.shutdown(wait=True)
+
+    # -- runners ------------------------------------------------------------------------------
+
+    async def beat(self, ttl: float) -> Beat:
+        """Renew this runner's heartbeat; take over the claims of runners that died."""
+        beat = await self.in_db(self.store.heartbeat, self.runner_id, ttl, self.stats.in_flight)
+        if beat.alive:
+            await self.in_db(self.store.recover, self.job.id, self.host, process_alive)
+        return beat
 
 
-def _fatal_message(kind: str, message: str | None) -> str:
-    what = {
-        "auth": "the API rejected the API key (HTTP 401/403)",
-        "quota": "the account has no quota left",
-    }.get(kind, "the API refused the run")
-    return f"{what}: {message}" if message else what
+class Engine:
+    """Runs one backend over one job's books until it finishes or is stopped."""
+
+    def __init__(
+        self, books: Books, backend: Backend, control: Control, stopping: Stopping
+    ) -> None:
+        self.books = books
+        self.backend = backend
+        self.control = control
+        self.stopping = stopping
+
+    @property
+    def stats(self) -> RunStats:
+        return self.books.stats
+
+    async def run(self) -> RunReport:
+        books, control = self.books, self.control
+        books.start()
+        beats = asyncio.create_task(self._heartbeat())
+        work = asyncio.create_task(self.backend.run(books, control))
+        hard = asyncio.create_task(control.hard.wait())
+        result: RunOutcome | None = None
+        try:
+            await asyncio.wait({work, hard}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                result = await work
+        finally:
+            for task in (hard, beats):
+                task.cancel()
+            await asyncio.gather(hard, beats, return_exceptions=True)
+            try:
+                await books.close()
+            except BatchrunError as exc:
+                control.stop(RunOutcome.STORE_ERROR, str(exc))
+        outcome = control.outcome or result or RunOutcome.COMPLETE
+        return RunReport(outcome, self.stats, control.message, control.signal)
+
+    async def _heartbeat(self) -> None:
+        ttl = self.stopping.heartbeat_ttl
+        period = min(ttl / 3, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                beat = await self.books.beat(ttl)
+            except BatchrunError:
+                continue  # a missed beat is retried; expiry leaves slack
+            if not beat.alive:
+                self.control.stop(
+                    RunOutcome.STORE_ERROR,
+                    "another batchrun process declared this one dead (it missed its heartbeat)"
+                    " and took over its requests",
+                )
+                self.control.hard.set()
+                return
+            self.backend.on_beat(beat)

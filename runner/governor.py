@@ -5,13 +5,21 @@ weighs what the API's token limiter counts: prompt tokens plus n x the output li
 API's own buckets they start full, so a minute's worth may go at once.
 
 Limits come from the user (``--rpm``/``--tpm``) or are learned from ``x-ratelimit-*`` headers;
-headers that are missing or nonsense (``-1``, ``0``) are ignored. After a rate-limit 429 every
-worker waits for the reset the server named, rather than each one retrying on its own.
+headers that are missing or nonsense (``-1``, ``0``, ``inf``) are ignored. Several runners of
+one job share an organization's limits: each governs at its ``share`` of them.
+
+The gate in front of the buckets holds every request:
+- at the start, until one probe request has been answered (its headers name the limits, so
+  the first burst cannot overshoot a limit nobody told us about);
+- during a pause (after a 429 that exhausted a limit, or while the API is unreachable), then
+  lets one probe through again before the rest, and empties the buckets, so requests resume at
+  the limit's rate instead of all at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -20,6 +28,8 @@ from aiolimiter import AsyncLimiter
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+PROBE_WAIT = 5.0  # longest the other requests wait for the probe's answer
+_ELECTED = -1  # the probe's place in the gate, before it has a ticket
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -39,78 +49,116 @@ def parse_duration(text: str | None) -> float | None:
             value = float(text)
         except ValueError:
             return None
-        return value if value >= 0 else None
+        return value if math.isfinite(value) and value >= 0 else None
     return total
 
 
-def _positive_int(text: str | None) -> int | None:
+def _number(text: str | None, minimum: int) -> int | None:
+    """A header's integer value if it is a finite number >= ``minimum``, else None."""
     if text is None:
         return None
     try:
-        value = int(float(text))
+        value = float(text)
     except ValueError:
         return None
-    return value if value > 0 else None
-
-
-def _nonnegative_int(text: str | None) -> int | None:
-    if text is None:
+    if not math.isfinite(value) or value < minimum or value > 1e12:
         return None
-    try:
-        value = int(float(text))
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+    return int(value)
 
 
 class _Bucket:
     """One limit (requests or tokens per minute) and where it came from."""
 
-    __slots__ = ("learned", "limit", "limiter")
+    __slots__ = ("learned", "limit", "limiter", "org_limit")
 
-    def __init__(self, limit: int, learned: bool) -> None:
-        self.limit = limit
+    def __init__(self, org_limit: int, learned: bool, share: float) -> None:
+        self.org_limit = org_limit
         self.learned = learned
-        self.limiter = AsyncLimiter(limit, 60)
+        self.limit = max(1, int(org_limit * share))
+        self.limiter = AsyncLimiter(self.limit, 60)
 
     async def acquire(self, amount: float) -> None:
         # aiolimiter refuses an amount larger than its capacity; such a request can only be
         # sent on an empty bucket, which is what acquiring the full capacity waits for.
         await self.limiter.acquire(min(amount, self.limit))
 
+    def _level(self) -> float:
+        lim = self.limiter
+        lim.has_capacity(0)  # leaks first, so the level is current
+        return lim._level
+
     def align(self, remaining: int) -> None:
         """Drain our bucket to match a server that says it has ``remaining`` capacity left."""
         # aiolimiter has no public way to lower the free capacity without waiting, so this
-        # reaches into its level; has_capacity() leaks first so the level is current.
-        lim = self.limiter
-        lim.has_capacity(0)
-        if remaining < self.limit - lim._level:
-            lim._level = float(self.limit - remaining)
+        # reaches into its level.
+        if remaining < self.limit - self._level():
+            self.limiter._level = float(self.limit - max(0, remaining))
+
+    def empty(self, until_seconds: float = 0.0) -> None:
+        """Use up all capacity until ``until_seconds`` from now: after a pause, requests leave
+        at the limit's rate (what leaks during the pause is not a burst waiting at its end)."""
+        level = self.limit + until_seconds * self.limit / 60.0
+        if level > self._level():
+            self.limiter._level = level
+
+    def seconds_for(self, amount: float) -> float:
+        """How long the limit takes to free ``amount`` of capacity."""
+        return min(amount, self.limit) / self.limit * 60.0
 
 
 class Governor:
     """Admit requests at the rate the account allows, shared by every worker of a run."""
 
-    def __init__(self, rpm: int | None = None, tpm: int | None = None) -> None:
-        self.requests = _Bucket(rpm, learned=False) if rpm else None
-        self.tokens = _Bucket(tpm, learned=False) if tpm else None
+    def __init__(
+        self, rpm: int | None = None, tpm: int | None = None, *, probe: bool = True
+    ) -> None:
+        self.share = 1.0
+        self.requests = _Bucket(rpm, False, 1.0) if rpm else None
+        self.tokens = _Bucket(tpm, False, 1.0) if tpm else None
         self._paused_until = 0.0
         self.pauses = 0
         self.longest_pause = 0.0
+        # The probe gate: while set, one request is out alone and the rest wait for its answer.
+        self._probe_ticket: int | None = None
+        self._probing = probe
+        self._probe_done = asyncio.Event()
+        self._probe_started = 0.0
         # Admitted and not yet answered, by admission number (ascending) and weight.
         self._next_ticket = 0
         self._inflight: dict[int, int] = {}
+        self._weights = 0  # sum of admitted weights, for the average request weight
+        self._admitted = 0
+
+    # -- admission ------------------------------------------------------------------------------
 
     async def acquire(self, weight: int) -> int:
         """Wait until one request weighing ``weight`` tokens may be sent.
 
         Returns a ticket to hand back to :meth:`done` when the request is answered (or is not
         sent after all)."""
+        probe = False
         while True:
             delay = self._paused_until - time.monotonic()
-            if delay <= 0:
-                break
-            await asyncio.sleep(delay)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            if self._probing:
+                if self._probe_ticket is None:
+                    probe = True  # this request is the probe
+                    self._probe_ticket = _ELECTED
+                    self._probe_started = time.monotonic()
+                    break
+                waited = time.monotonic() - self._probe_started
+                if waited < PROBE_WAIT:
+                    self._probe_done.clear()
+                    try:
+                        async with asyncio.timeout(PROBE_WAIT - waited):
+                            await self._probe_done.wait()
+                    except TimeoutError:
+                        self._probing = False  # a slow probe: go on at the known rate
+                    continue
+                self._probing = False
+            break
         if self.requests is not None:
             await self.requests.acquire(1)
         if self.tokens is not None and weight > 0:
@@ -118,10 +166,22 @@ class Governor:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._inflight[ticket] = weight
+        self._weights += weight
+        self._admitted += 1
+        if probe and self._probe_ticket == _ELECTED:
+            self._probe_ticket = ticket
         return ticket
 
-    def pause(self, seconds: float) -> None:
-        """Hold every worker for ``seconds`` (after a rate-limit 429)."""
+    def _end_probe(self, ticket: int, passed: bool) -> None:
+        if ticket == self._probe_ticket:
+            self._probe_ticket = None
+            if passed:
+                self._probing = False
+            self._probe_done.set()
+
+    def pause(self, seconds: float, *, probe: bool = True) -> None:
+        """Hold every request for ``seconds``; then one probe goes first, and the rest follow
+        at the limits' rate (the buckets are emptied)."""
         if seconds <= 0:
             return
         until = time.monotonic() + seconds
@@ -129,10 +189,50 @@ class Governor:
             self._paused_until = until
             self.pauses += 1
             self.longest_pause = max(self.longest_pause, seconds)
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.empty(self._paused_until - time.monotonic())
+        if probe:
+            self._probing = True
+            self._probe_ticket = None
 
-    def done(self, ticket: int, headers: Mapping[str, str]) -> None:
+    def pause_until_epoch(self, until: float) -> None:
+        """A pause another runner shared, as an epoch time."""
+        self.pause(until - time.time(), probe=False)
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - time.monotonic())
+
+    def rate(self) -> float | None:
+        """Requests per second the limits allow at the average weight seen, if any is known."""
+        rates = []
+        if self.requests is not None:
+            rates.append(self.requests.limit / 60.0)
+        if self.tokens is not None:
+            weight = self._weights / self._admitted if self._admitted else 0
+            if weight > 0:
+                rates.append(self.tokens.limit / 60.0 / weight)
+        return min(rates) if rates else None
+
+    def set_share(self, share: float) -> None:
+        """Govern at ``share`` of the organization's limits (several runners share them)."""
+        share = min(1.0, max(share, 0.001))
+        if share == self.share:
+            return
+        self.share = share
+        for name in ("requests", "tokens"):
+            bucket = getattr(self, name)
+            if bucket is not None:
+                setattr(self, name, _Bucket(bucket.org_limit, bucket.learned, share))
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def done(self, ticket: int, headers: Mapping[str, str], *, passed: bool = True) -> None:
         """The request admitted as ``ticket`` was answered (or abandoned); learn from its
-        ``x-ratelimit-*`` headers, any of which may be absent."""
+        ``x-ratelimit-*`` headers, any of which may be absent. ``passed``: it was not refused
+        for a rate limit (a refused probe keeps the gate closed)."""
+        self._end_probe(ticket, passed)
         self._inflight.pop(ticket, None)
         if not headers:
             return
@@ -151,6 +251,7 @@ class Governor:
             headers.get("x-ratelimit-remaining-requests"),
             headers.get("x-ratelimit-reset-requests"),
             later_requests,
+            1,
         )
         self.tokens = self._learn(
             self.tokens,
@@ -158,6 +259,7 @@ class Governor:
             headers.get("x-ratelimit-remaining-tokens"),
             headers.get("x-ratelimit-reset-tokens"),
             later_tokens,
+            max(1, self._weights // max(self._admitted, 1)),
         )
 
     def _learn(
@@ -167,20 +269,58 @@ class Governor:
         remaining_h: str | None,
         reset_h: str | None,
         inflight: int,
+        need: int,
     ) -> _Bucket | None:
-        limit = _positive_int(limit_h)
+        limit = _number(limit_h, 1)
         if limit is None:
             return bucket
-        if bucket is None or (bucket.learned and bucket.limit != limit) or limit < bucket.limit:
+        if (
+            bucket is None
+            or (bucket.learned and bucket.org_limit != limit)
+            or limit < bucket.org_limit
+        ):
             # A server limit below the user's setting wins: the server enforces it anyway.
-            bucket = _Bucket(limit, learned=True)
-        remaining = _nonnegative_int(remaining_h)
+            bucket = _Bucket(limit, True, self.share)
+        remaining = _number(remaining_h, 0)
         if remaining is not None and remaining <= limit:
             bucket.align(max(0, remaining - inflight))
-            if remaining == 0:
+            if remaining < need:
+                # Nothing left: wait until the bucket has room for one more request, not for
+                # the reset (the time until the bucket is *full* again).
+                wait = bucket.seconds_for(need - remaining)
                 reset = parse_duration(reset_h)
-                if reset:
-                    # Empty: one bucket slot frees in limit/60 s; wait for that, not the reset
-                    # (the reset header is the time until the bucket is *full* again).
-                    self.pause(min(reset, 60.0 / limit))
+                if reset is not None:
+                    wait = min(wait, reset)
+                self.pause(wait, probe=False)
         return bucket
+
+    def rate_limited(
+        self, headers: Mapping[str, str], server_wait: float | None, kind: str
+    ) -> float:
+        """A 429 for a rate limit: decide how long this request (and everyone) waits.
+
+        If the headers show the limit that was hit is exhausted (or say nothing), every request
+        pauses for as long as that limit needs: the server's ``server_wait`` (retry-after), else
+        the limit's reset header capped by the time the limit takes to free one request's worth
+        (the reset header is the time until the bucket is *full*). Then requests resume at the
+        limit's rate. If the headers show headroom (a sporadic 429), only this request waits.
+        Returns this request's wait.
+        """
+        limited = "tokens" if kind == "tokens" else "requests"
+        bucket = self.tokens if limited == "tokens" else self.requests
+        need = max(1, self._weights // max(self._admitted, 1)) if limited == "tokens" else 1
+        wait = server_wait
+        if wait is None:
+            implied = bucket.seconds_for(need) if bucket is not None else None
+            reset = parse_duration(headers.get(f"x-ratelimit-reset-{limited}"))
+            if reset is not None and implied is not None:
+                wait = min(reset, implied)
+            else:
+                wait = reset if reset is not None else implied
+        remaining = _number(headers.get(f"x-ratelimit-remaining-{limited}"), 0)
+        if remaining is not None and remaining >= need:
+            return wait if wait is not None else 0.0  # headroom: back this one request off
+        if wait is None:
+            wait = 1.0  # no limit known and no retry header: a short pause, then a probe
+        self.pause(wait)
+        return wait

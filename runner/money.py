@@ -10,6 +10,8 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 PICO_PER_USD = 10**12
+# The most any amount may be: a signed 64-bit column holds 9.22e18 picodollars ($9.2M).
+MAX_PICO = 9_000_000 * PICO_PER_USD
 # A price per 1M tokens in USD, times this, is the price of one token in picodollars.
 PICO_PER_TOKEN_PER_USD_PER_MTOK = 10**6
 

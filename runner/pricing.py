@@ -78,7 +78,9 @@ class Price:
         cached = min(max(cached_tokens, 0), input_tokens)
         return (input_tokens - cached) * rate_in + cached * rate_cached + output_tokens * rate_out
 
-    def bounds(self, input_tokens: int, output_limit: int, *, batch: bool = False) -> tuple[int, int]:
+    def bounds(
+        self, input_tokens: int, output_limit: int, *, batch: bool = False
+    ) -> tuple[int, int]:
         """(floor, worst case) of a request or of a sum of requests: input only, and input
         plus the whole output limit. Linear in the tokens, so sums price like their parts."""
         rate_in, _, rate_out = self.rates(batch)
@@ -128,9 +130,7 @@ class PriceTable:
     def bill(self, requested: str, usage: Usage, *, batch: bool = False) -> int:
         """Picodollars the API bills for one response (at Batch API prices when ``batch``)."""
         price = self.for_response(requested, usage.model)
-        return price.cost(
-            usage.input_tokens, usage.cached_tokens, usage.output_tokens, batch=batch
-        )
+        return price.cost(usage.input_tokens, usage.cached_tokens, usage.output_tokens, batch=batch)
 
 
 def _parse_entry(

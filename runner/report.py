@@ -1,23 +1,21 @@
 """Everything batchrun prints about a job: estimates, status, prices and the export.
 
-Text for people, JSON (exact decimal strings for money) for programs. Reads plans and the store;
-never writes.
+Text for people, JSON (exact decimal strings for money) for programs. It formats values that
+the plan, the run and the store computed; it never queries or writes anything itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .money import format_exact, format_usd
-from .plan import Plan, Totals
+from .plan import Estimate, Plan, Totals
 from .pricing import PriceTable
-from .store import ExportRow, Job, JobStatus, Store
-
-if TYPE_CHECKING:
-    from .run import RunSettings
+from .settings import Limits
+from .store import ExportRow, Job, JobStatus
 
 
 def _duration(seconds: float) -> str:
@@ -75,9 +73,7 @@ def format_plan(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None)
         )
     minimum = plan.min_seconds(rpm, tpm)
     if minimum is not None:
-        limits = " and ".join(
-            x for x in (rpm and f"{rpm:,} RPM", tpm and f"{tpm:,} TPM") if x
-        )
+        limits = " and ".join(x for x in (rpm and f"{rpm:,} RPM", tpm and f"{tpm:,} TPM") if x)
         lines.append(f"minimum wall time at {limits}: {_duration(minimum)}")
     return "\n".join(lines)
 
@@ -105,39 +101,27 @@ def plan_json(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None) -
 # -- run ---------------------------------------------------------------------------------------
 
 
-def format_estimate(
-    store: Store,
-    job: Job,
-    plan: Plan | None,
-    table: PriceTable,
-    settings: RunSettings,
-    orphans: int,
-    orphan_pico: int,
-    states: dict[str, int],
-) -> str:
+def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits: Limits) -> str:
     """What ``run`` prints before sending: the estimate against the cap."""
     lines = []
     if plan is not None:
-        lines.append(format_plan(plan, table, settings.rpm, settings.tpm))
-        lines.append(f"imported as job {job.id} into {settings.db}")
+        lines.append(format_plan(plan, table, limits.rpm, limits.tpm))
+        lines.append(f"imported as job {est.job_id} into {est.db}")
     else:
         lines.append(
-            f"resuming job {job.id} ({job.requests:,} requests, floor {format_usd(job.floor_pico)},"
-            f" worst case {format_usd(job.worst_pico)}) from {settings.db}"
+            f"resuming job {est.job_id} ({est.requests:,} requests, floor "
+            f"{format_usd(est.floor_pico)}, worst case {format_usd(est.worst_pico)}) from {est.db}"
         )
-    if orphans:
+    if est.orphans:
         lines.append(
-            f"{orphans:,} request(s) were in flight when the last run died: charged "
-            f"{format_usd(orphan_pico)} at worst case (their outcome is unknown) and queued again"
+            f"{est.orphans:,} request(s) were in flight when a run died: charged "
+            f"{format_usd(est.orphan_pico)} at worst case (their outcome is unknown) and queued "
+            "again"
         )
-    # Only cheap, indexed queries here: this runs before the first request of a resume.
-    spend = store.spend(job.id)
-    pending_fit = store.fits_under(job.id, settings.cap_pico - spend.total_pico)
-    pending = states.get("pending", 0)
     lines.append(
-        f"cap {format_usd(settings.cap_pico, 2)}: spent so far {format_usd(spend.settled_pico)};"
-        f" {pending_fit:,} of {pending:,} pending request(s) fit under the cap at worst case"
-        f" ({format_usd(store.pending_worst(job.id))} for all of them)"
+        f"cap {format_usd(est.cap_pico, 2)}: spent so far {format_usd(est.spent_pico)};"
+        f" {est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
+        f" ({format_usd(est.pending_worst_pico)} for all of them)"
     )
     return "\n".join(lines)
 
@@ -263,10 +247,10 @@ def prices_json(table: PriceTable) -> dict[str, Any]:
 # -- export ------------------------------------------------------------------------------------
 
 
-def export_lines(store: Store, job: Job) -> Iterator[str]:
+def export_lines(job: Job, rows: Iterable[ExportRow]) -> Iterator[str]:
     """The Batch API output format, one line per request, in job-file order."""
     prefix = job.sha256[:12]
-    for row in store.iter_export(job.id):
+    for row in rows:
         yield _export_line(prefix, row)
 
 

@@ -1,15 +1,17 @@
 """What to do with each outcome: accept, retry (and after how long), fail the row, or stop.
 
-The policy follows the API's documented error codes (see the facts file): rate limits and
-server-side failures are retried with full-jitter exponential backoff that never undercuts the
-server's own ``retry-after-ms`` / ``retry-after`` / reset headers; a request the API rejects on
-its merits fails alone; a bad key or an exhausted quota stops the whole run.
+The policy follows the API's documented error codes: rate limits and server-side failures are
+retried with full-jitter exponential backoff that never undercuts the server's own
+``retry-after-ms`` / ``retry-after`` headers (but never waits longer than ``max_wait`` at once);
+a request the API rejects on its merits fails alone; a bad key or an exhausted quota stops the
+whole run. Error fields are kept as text whatever type the server sent them in.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .executor import Outcome
-from .governor import parse_duration
+from .endpoints import Endpoint
+from .transport import Outcome
 
 QUOTA_CODES = frozenset(
     {
@@ -30,6 +32,7 @@ QUOTA_CODES = frozenset(
     }
 )
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+_TEXT_LIMIT = 2000  # longest error message kept
 
 
 class Action(Enum):
@@ -46,50 +49,71 @@ class Verdict:
     code: str | None = None
     message: str | None = None
     maybe_billed: bool = False  # the server may have charged for this attempt
-    rate_limited: bool = False  # a real rate-limit 429: pause every worker
+    rate_limited: bool = False  # a real rate-limit 429: governed, not a failed attempt
+    limit_kind: str = "requests"  # which limit a rate-limit 429 hit: "requests" or "tokens"
     retry_after: float | None = None  # what the server asked for, in seconds
     data: dict[str, Any] | None = None  # the parsed 2xx body
 
 
-def _error_object(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
+def _text(value: Any) -> str | None:
+    """An error field as text: servers send codes as strings, numbers or objects."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value[:_TEXT_LIMIT]
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)[:_TEXT_LIMIT]
+    except (TypeError, ValueError):
+        return repr(value)[:_TEXT_LIMIT]
+
+
+def _error_object(body: bytes) -> dict[str, Any] | None:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
     err = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(err, dict):
-        msg = err.get("message")
-        return err, msg if isinstance(msg, str) else None
-    return None, None
+    return err if isinstance(err, dict) else None
+
+
+def _seconds(text: str | None, scale: float = 1.0) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text) * scale
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """The server's requested wait: retry-after-ms, retry-after (seconds or HTTP date)."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            value = float(ms) / 1000
-            if value >= 0:
-                return value
-        except ValueError:
-            pass
+    """The server's requested wait: retry-after-ms, retry-after (seconds or HTTP date).
+
+    Infinite or nonsense values count as absent.
+    """
+    value = _seconds(headers.get("retry-after-ms"), 0.001)
+    if value is not None:
+        return value
     ra = headers.get("retry-after")
-    if ra:
-        try:
-            value = float(ra)
-            if value >= 0:
-                return value
-        except ValueError:
-            try:
-                parsed = email.utils.parsedate_to_datetime(ra)
-            except (TypeError, ValueError):
-                return None
-            return max(0.0, parsed.timestamp() - time.time())
-    return None
+    value = _seconds(ra)
+    if value is not None or not ra:
+        return value
+    try:
+        parsed = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, parsed.timestamp() - time.time())
 
 
-def classify(out: Outcome) -> Verdict:
-    """Decide what one attempt's outcome means."""
+def _limit_kind(etype: str | None, message: str) -> str:
+    if etype == "tokens" or "tokens per min" in message or "(TPM)" in message:
+        return "tokens"
+    return "requests"
+
+
+def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") -> Verdict:
+    """Decide what one attempt's outcome means. ``endpoint`` and ``request`` (the body sent)
+    let a 2xx be checked against what was asked (n choices, one vector per input)."""
     status = out.status
     if status is None:
         kind = out.error or "connection"
@@ -98,9 +122,9 @@ def classify(out: Outcome) -> Verdict:
     if 200 <= status < 300:
         try:
             data = json.loads(out.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
-        if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
+        if not isinstance(data, dict):
             # A 2xx we cannot read was probably billed: charge it, then ask again.
             return Verdict(
                 Action.RETRY,
@@ -108,11 +132,20 @@ def classify(out: Outcome) -> Verdict:
                 message=f"HTTP {status} with an unreadable body",
                 maybe_billed=True,
             )
+        if endpoint is not None:
+            problem = endpoint.check_response(request, data)
+            if problem is not None:
+                return Verdict(
+                    Action.RETRY,
+                    "invalid_response",
+                    message=f"HTTP {status} with a malformed response: {problem}",
+                    maybe_billed=True,
+                )
         return Verdict(Action.OK, "ok", data=data)
-    err, message = _error_object(out.body)
-    code = err.get("code") if err else None
-    etype = err.get("type") if err else None
-    message = message or f"HTTP {status}"
+    err = _error_object(out.body)
+    code = _text(err.get("code")) if err else None
+    etype = _text(err.get("type")) if err else None
+    message = (_text(err.get("message")) if err else None) or f"HTTP {status}"
     if status in (401, 403):
         return Verdict(Action.FATAL, "auth", code=code or str(status), message=message)
     if status == 429:
@@ -126,7 +159,8 @@ def classify(out: Outcome) -> Verdict:
             code=code or "rate_limit_exceeded",
             message=message,
             rate_limited=True,
-            retry_after=retry_after(out.headers) or _reset_hint(out.headers, etype),
+            limit_kind=_limit_kind(etype, message),
+            retry_after=retry_after(out.headers),
         )
     if status in RETRY_STATUSES or status >= 500:
         return Verdict(
@@ -146,21 +180,18 @@ _NETWORK_MESSAGES = {
 }
 
 
-def _reset_hint(headers: Mapping[str, str], etype: str | None) -> float | None:
-    name = "x-ratelimit-reset-tokens" if etype == "tokens" else "x-ratelimit-reset-requests"
-    return parse_duration(headers.get(name))
-
-
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Full-jitter exponential backoff: uniform(0, min(ceiling, base * 2**(attempt-1)))."""
+    """Full-jitter exponential backoff: uniform(0, min(ceiling, base * 2**(attempt-1))),
+    or the server's wait plus a little jitter; never more than ``max_wait`` at once."""
 
     base: float = 0.5
     ceiling: float = 30.0
+    max_wait: float = 120.0
 
     def delay(self, attempt: int, server_hint: float | None, rng: random.Random) -> float:
-        jitter = rng.uniform(0, min(self.ceiling, self.base * 2 ** max(attempt - 1, 0)))
         if server_hint is not None:
             # Never earlier than the server asked; a little jitter spreads the herd.
-            return server_hint + rng.uniform(0, min(self.base, server_hint * 0.1 + 0.01))
-        return jitter
+            hint = min(server_hint, self.max_wait)
+            return hint + rng.uniform(0, min(self.base, hint * 0.1 + 0.01))
+        return rng.uniform(0, min(self.ceiling, self.base * 2 ** max(attempt - 1, 0)))

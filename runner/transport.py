@@ -18,9 +18,8 @@ import httpx2
 import openai
 
 from .errors import UsageError
+from .redact import API_KEY_ENV
 from .settings import Transport
-
-API_KEY_ENV = "OPENAI_API_KEY"
 
 
 @dataclass(slots=True)

@@ -109,34 +109,68 @@ def assert_consistent(db: Path) -> None:
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     assert rows(db, "PRAGMA foreign_key_check") == []
     # A request has a result exactly when it is finished.
-    assert scalar(
-        db,
-        "SELECT COUNT(*) FROM requests r LEFT JOIN results s ON s.request_id = r.id "
-        "WHERE (s.request_id IS NULL) = (r.state IN ('done', 'failed'))",
-    ) == 0
-    assert scalar(db, "SELECT COUNT(*) FROM requests WHERE state NOT IN "
-                      "('pending', 'reserved', 'done', 'failed')") == 0
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM requests r LEFT JOIN results s ON s.request_id = r.id "
+            "WHERE (s.request_id IS NULL) = (r.state IN ('done', 'failed'))",
+        )
+        == 0
+    )
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM requests WHERE state NOT IN "
+            "('pending', 'reserved', 'done', 'failed')",
+        )
+        == 0
+    )
     # A result's cost is in the ledger once, in the same commit as the result.
-    assert scalar(
-        db,
-        "SELECT COUNT(*) FROM results s WHERE s.cost_pico > 0 AND 1 != (SELECT COUNT(*) "
-        "FROM ledger l WHERE l.request_id = s.request_id AND l.kind = 'result' "
-        "AND l.amount_pico = s.cost_pico)",
-    ) == 0
-    assert scalar(
-        db,
-        "SELECT COUNT(*) FROM ledger l LEFT JOIN results s ON s.request_id = l.request_id "
-        "WHERE l.kind = 'result' AND s.request_id IS NULL",
-    ) == 0
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM results s WHERE s.cost_pico > 0 AND 1 != (SELECT COUNT(*) "
+            "FROM ledger l WHERE l.request_id = s.request_id AND l.kind = 'result' "
+            "AND l.amount_pico = s.cost_pico)",
+        )
+        == 0
+    )
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM ledger l LEFT JOIN results s ON s.request_id = l.request_id "
+            "WHERE l.kind = 'result' AND s.request_id IS NULL",
+        )
+        == 0
+    )
     # A reservation holds exactly the request's worst case; nothing else holds money.
-    assert scalar(
-        db,
-        "SELECT COUNT(*) FROM requests WHERE (state = 'reserved' AND reserved_pico != "
-        "worst_pico) OR (state != 'reserved' AND reserved_pico != 0)",
-    ) == 0
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM requests WHERE (state = 'reserved' AND reserved_pico NOT IN "
+            "(worst_pico, batch_worst_pico)) OR (state != 'reserved' AND reserved_pico != 0)",
+        )
+        == 0
+    )
+    # The books on each job's row are the sums they stand for.
+    assert (
+        rows(
+            db,
+            "SELECT j.id FROM jobs j WHERE j.settled_pico != (SELECT COALESCE(SUM(amount_pico), 0) "
+            "FROM ledger l WHERE l.job_id = j.id) OR j.reserved_pico != (SELECT "
+            "COALESCE(SUM(reserved_pico), 0) FROM requests r WHERE r.job_id = j.id)",
+        )
+        == []
+    )
     # Money only in the ledger's known kinds, never negative.
-    assert scalar(db, "SELECT COUNT(*) FROM ledger WHERE kind NOT IN ('result', 'unknown') "
-                      "OR amount_pico < 0") == 0
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM ledger WHERE kind NOT IN ('result', 'unknown') "
+            "OR amount_pico < 0",
+        )
+        == 0
+    )
 
 
 def assert_covers_bill(db: Path, sim: SimulatorThread, bills: BillsByBody | None = None) -> None:
@@ -161,5 +195,6 @@ def assert_covers_bill(db: Path, sim: SimulatorThread, bills: BillsByBody | None
         got = bills.pico.get(body_digest(str(body)), 0)
         if int(pico) < got:
             short.append((got, pico))
-    assert not short, f"{len(short)} request(s) recorded below their bill (billed, recorded): " \
-        f"{short[:5]}"
+    assert not short, (
+        f"{len(short)} request(s) recorded below their bill (billed, recorded): {short[:5]}"
+    )

@@ -26,8 +26,6 @@ BATCHRUN = Path(sys.executable).with_name("batchrun")  # the installed console s
 PROBLEM = re.compile(r"^(?:batchrun: )?(?P<file>.+?):(?P<line>\d+): (?P<field>[\w.\[\]]+): \S")
 
 
-
-
 def batchrun(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Run the real command; no API key in the environment (pricing must not need one)."""
     env = {"PATH": str(BATCHRUN.parent), "LC_ALL": "C.UTF-8"}

@@ -35,13 +35,13 @@ def test_without_a_terminal_progress_is_plain_log_lines_and_quiet_silences_it(
     sim = make_simulator(latency_ms=5)
     job = tmp_path / "job.jsonl"
     write_job(job, 40)
-    out = batchrun("run", job, "--db", tmp_path / "a.db", "--cap", "5", "--base-url",
-                   sim.base_url)
+    out = batchrun("run", job, "--db", tmp_path / "a.db", "--cap", "5", "--base-url", sim.base_url)
     assert out.returncode == 0
     assert "batchrun: 40/40 done, spend $" in out.stderr
     assert "\r" not in out.stderr  # no bar redraws in a log file
-    quiet = batchrun("run", job, "--db", tmp_path / "b.db", "--cap", "5", "--base-url",
-                     sim.base_url, "--quiet")
+    quiet = batchrun(
+        "run", job, "--db", tmp_path / "b.db", "--cap", "5", "--base-url", sim.base_url, "--quiet"
+    )
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
@@ -51,8 +51,7 @@ def test_status_json_reports_spend_tokens_errors_and_a_projection(
     sim = make_simulator()
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, max_tokens=64)
-    out = batchrun("run", job, "--db", db, "--cap", "0.003", "--base-url", sim.base_url,
-                   "--quiet")
+    out = batchrun("run", job, "--db", db, "--cap", "0.003", "--base-url", sim.base_url, "--quiet")
     assert out.returncode == 3
     status = json.loads(batchrun("status", "--db", db, "--json").stdout)["jobs"][0]
     assert status["state"] == "capped"

@@ -67,8 +67,13 @@ def _lease_refused(proc: subprocess.Popen[bytes], err: bytes) -> bool:
     return proc.returncode == 2 and b"being run by another batchrun process" in err
 
 
-def _kill_sometime(proc: subprocess.Popen[bytes], sim: SimulatorThread, received: int,
-                   rng: random.Random, anywhere: bool) -> bytes | None:
+def _kill_sometime(
+    proc: subprocess.Popen[bytes],
+    sim: SimulatorThread,
+    received: int,
+    rng: random.Random,
+    anywhere: bool,
+) -> bytes | None:
     """SIGKILL ``proc`` at a random moment: ``anywhere`` 0.2-1.5 s after it started (start-up,
     import, recovery and sending alike), else 0.02-0.25 s after its first request reached the
     server (mid-run, with requests in flight and results waiting to be committed).
@@ -76,12 +81,16 @@ def _kill_sometime(proc: subprocess.Popen[bytes], sim: SimulatorThread, received
     Returns its stderr if it exited on its own first, None if it was killed."""
     if not anywhere:
         deadline = time.monotonic() + 15
-        while (sim.ledger_snapshot()["requests_received"] == received and proc.poll() is None
-               and time.monotonic() < deadline):
+        while (
+            sim.ledger_snapshot()["requests_received"] == received
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
     try:
-        _, err = proc.communicate(timeout=rng.uniform(0.2, 1.5) if anywhere
-                                  else rng.uniform(0.02, 0.25))
+        _, err = proc.communicate(
+            timeout=rng.uniform(0.2, 1.5) if anywhere else rng.uniform(0.02, 0.25)
+        )
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -107,8 +116,14 @@ def _committed_bills(db: Path, bills: BillsByBody) -> dict[bytes, int]:
     }
 
 
-def _check(db: Path, sim: SimulatorThread, bills: BillsByBody, cap_pico: int,
-           committed: dict[bytes, int], where: str) -> None:
+def _check(
+    db: Path,
+    sim: SimulatorThread,
+    bills: BillsByBody,
+    cap_pico: int,
+    committed: dict[bytes, int],
+    where: str,
+) -> None:
     """Every invariant that must hold between runs, whatever the last one died doing."""
     if not db.exists() or not rows(db, "SELECT 1 FROM sqlite_master WHERE name = 'requests'"):
         assert sim.ledger_snapshot()["requests_received"] == 0, where
@@ -144,8 +159,12 @@ def test_kill_9_at_random_moments_then_resume_keeps_every_invariant(
         if kills >= KILLS:
             break
         received = sim.ledger_snapshot()["requests_received"]
-        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=batchrun_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _run_args(job, db, sim, cap),
+            env=batchrun_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         err = _kill_sometime(proc, sim, received, rng, anywhere=run_no % 4 == 0)
         if err is None:
             kills += 1
@@ -153,8 +172,10 @@ def test_kill_9_at_random_moments_then_resume_keeps_every_invariant(
         elif _lease_refused(proc, err):
             refused += 1  # started before the dead run's lease expired: the next one will do
         else:
-            raise AssertionError(f"run {run_no} ended on its own with exit {proc.returncode} "
-                                 f"after {kills} kills (seed {seed}): {err.decode()}")
+            raise AssertionError(
+                f"run {run_no} ended on its own with exit {proc.returncode} "
+                f"after {kills} kills (seed {seed}): {err.decode()}"
+            )
         wait_quiet(sim)
         where = f"after run {run_no} (kill {kills}, seed {seed})"
         _check(db, sim, bills, cap_pico, committed, where)
@@ -162,8 +183,10 @@ def test_kill_9_at_random_moments_then_resume_keeps_every_invariant(
             committed.update(
                 {d: n for d, n in _committed_bills(db, bills).items() if d not in committed}
             )
-    print(f"seed {seed}: {run_no} runs, {kills} kills, {mid_run} while sending, {refused} "
-          f"refused by the lease; {books(db).done} of {REQUESTS} done before the final run")
+    print(
+        f"seed {seed}: {run_no} runs, {kills} kills, {mid_run} while sending, {refused} "
+        f"refused by the lease; {books(db).done} of {REQUESTS} done before the final run"
+    )
     assert kills >= KILLS
     assert mid_run >= KILLS // 2, f"only {mid_run} kills landed while requests were sent"
     assert books(db).done < REQUESTS, f"the job was finished before the last kill (seed {seed})"
@@ -179,8 +202,9 @@ def test_kill_9_at_random_moments_then_resume_keeps_every_invariant(
     assert sim.ledger_snapshot()["billed_pico"] <= min(b.ledger_pico, cap_pico)
     # Every request was billed at least once, and its result costs exactly what the server
     # billed for one attempt of it (the simulator bills a body the same every time).
-    for body, cost in rows(db, "SELECT r.body, s.cost_pico FROM requests r "
-                               "JOIN results s ON s.request_id = r.id"):
+    for body, cost in rows(
+        db, "SELECT r.body, s.cost_pico FROM requests r JOIN results s ON s.request_id = r.id"
+    ):
         d = body_digest(body)
         assert bills.times.get(d, 0) >= 1
         assert cost * bills.times[d] == bills.pico[d], (body, cost, bills.pico[d])
@@ -194,8 +218,14 @@ def test_kills_and_resumes_never_let_billing_pass_the_cap(
 ) -> None:
     seed = int(os.environ.get("BATCHRUN_CRASH_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
-    sim = make_simulator(seed=seed, latency_ms=30, latency_jitter=0.5, p_reset_after_bill=0.02,
-                         p_invalid_json=0.02, p_500=0.02)
+    sim = make_simulator(
+        seed=seed,
+        latency_ms=30,
+        latency_jitter=0.5,
+        p_reset_after_bill=0.02,
+        p_invalid_json=0.02,
+        p_500=0.02,
+    )
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 600, seed=seed, max_tokens=64)
@@ -206,8 +236,12 @@ def test_kills_and_resumes_never_let_billing_pass_the_cap(
     kills = 0
     while kills < 4:
         received = sim.ledger_snapshot()["requests_received"]
-        proc = subprocess.Popen(_run_args(job, db, sim, cap), env=batchrun_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _run_args(job, db, sim, cap),
+            env=batchrun_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         err = _kill_sometime(proc, sim, received, rng, anywhere=False)
         if err is not None and _lease_refused(proc, err):
             time.sleep(0.2)
@@ -242,9 +276,23 @@ def test_a_kill_right_after_a_lost_reply_leaves_every_billed_attempt_recorded(
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 1, max_tokens=1)  # actual cost == worst case: no slack to hide a shortfall
     proc = subprocess.Popen(
-        _run_args(job, db, sim, "1", "--concurrency", "1", "--max-attempts", "100000",
-                  "--backoff-base", "0", "--backoff-max", "0"),
-        env=batchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _run_args(
+            job,
+            db,
+            sim,
+            "1",
+            "--concurrency",
+            "1",
+            "--max-attempts",
+            "100000",
+            "--backoff-base",
+            "0",
+            "--backoff-max",
+            "0",
+        ),
+        env=batchrun_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30

@@ -10,7 +10,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import sqlite3
 import subprocess
 import time
@@ -38,16 +37,17 @@ from .helpers import BATCHRUN, batchrun, batchrun_env, start_run, wait_received,
 SimFactory = Callable[..., SimulatorThread]
 
 
-def _run(job: Path, db: Path, sim: SimulatorThread, *extra: str,
-         cap: str = "5") -> subprocess.CompletedProcess[str]:
-    return batchrun("run", job, "--db", db, "--cap", cap, "--base-url", sim.base_url, "--quiet",
-                    *extra)
+def _run(
+    job: Path, db: Path, sim: SimulatorThread, *extra: str, cap: str = "5"
+) -> subprocess.CompletedProcess[str]:
+    return batchrun(
+        "run", job, "--db", db, "--cap", cap, "--base-url", sim.base_url, "--quiet", *extra
+    )
 
 
 def _in_process(*args: str | Path, status: int | None = None) -> None:
     """Set-up steps run the command in this process: the same code, without a start-up."""
-    result = CliRunner().invoke(main, [str(a) for a in args],
-                                env={"OPENAI_API_KEY": "sk-test-key"})
+    result = CliRunner().invoke(main, [str(a) for a in args], env={"OPENAI_API_KEY": "sk-test-key"})
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     if status is not None:
         assert result.exit_code == status, result.output
@@ -55,8 +55,9 @@ def _in_process(*args: str | Path, status: int | None = None) -> None:
 
 def _import(job: Path, db: Path, sim: SimulatorThread) -> None:
     """Import the job and run the few requests a tiny cap allows."""
-    _in_process("run", job, "--db", db, "--cap", "0.00001", "--base-url", sim.base_url, "-q",
-                status=3)
+    _in_process(
+        "run", job, "--db", db, "--cap", "0.00001", "--base-url", sim.base_url, "-q", status=3
+    )
 
 
 def _finish(job: Path, db: Path, sim: SimulatorThread) -> None:
@@ -117,92 +118,6 @@ def test_a_changed_job_file_is_refused_naming_what_changed_unless_asked_for_a_ne
     assert rows(db, "SELECT id, requests FROM jobs ORDER BY id") == [(1, 20), (2, 22)]
 
 
-# -- two runners ----------------------------------------------------------------------------------
-
-
-def test_a_second_runner_on_a_running_job_is_refused_and_changes_nothing(
-    tmp_path: Path, make_simulator: SimFactory
-) -> None:
-    sim = make_simulator(latency_ms=200)
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 200, seed=2)
-    first = start_run(job, db, sim, "--concurrency", "4")
-    try:
-        wait_received(sim, 4, first)
-        same_content = tmp_path / "same.jsonl"
-        shutil.copyfile(job, same_content)
-        for path in (job, same_content):
-            out = _run(path, db, sim)
-            _clean_failure(out, 2, "job 1 is being run by another batchrun process",
-                           "Wait for it to finish")
-        # The refused runner did not treat the live runner's reservations as orphans.
-        assert scalar(db, "SELECT COUNT(*) FROM ledger WHERE kind = 'unknown'") == 0
-    finally:
-        first.send_signal(signal.SIGINT)
-        first.communicate(timeout=30)
-    assert first.returncode == 130
-    assert_consistent(db)
-
-
-def test_the_lease_of_a_killed_runner_is_taken_over_once_it_expires(
-    tmp_path: Path, make_simulator: SimFactory
-) -> None:
-    sim = make_simulator(latency_ms=100)
-    bills = watch_bills(sim)
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 200, seed=3)
-    first = start_run(job, db, sim, "--concurrency", "8", "--lease-ttl", "4")
-    wait_received(sim, 8, first)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    (expires,) = rows(db, "SELECT lease_expires FROM jobs")[0]
-    refused = CliRunner().invoke(main, ["run", str(job), "--db", str(db), "--cap", "5",
-                                        "--base-url", sim.base_url, "-q"])
-    assert time.time() < expires  # the dead runner's lease is still there...
-    assert refused.exit_code == 2, refused.output  # ...and still honoured
-    assert "being run by another batchrun process" in refused.stderr
-    time.sleep(max(0.0, expires - time.time()) + 0.05)
-    sim.configure(latency_ms=0)
-    out = _run(job, db, sim)
-    assert out.returncode == 0, out.stderr
-    assert "were in flight when the last run died" in out.stdout
-    wait_quiet(sim)
-    assert books(db).done == 200
-    assert_consistent(db)
-    assert_covers_bill(db, sim, bills)
-
-
-def test_a_runner_whose_lease_was_taken_over_stops_at_once_and_writes_nothing_more(
-    tmp_path: Path, make_simulator: SimFactory
-) -> None:
-    """A runner suspended past its lease's expiry (Ctrl-Z, a sleeping laptop) may find another
-    runner has taken the job over: it must not go on sending and booking the same requests."""
-    sim = make_simulator(latency_ms=100)
-    bills = watch_bills(sim)
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 300, seed=14)
-    proc = start_run(job, db, sim, "--concurrency", "8")
-    wait_received(sim, 16, proc)
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("UPDATE jobs SET lease_owner = 'elsewhere:1:feedface', lease_expires = ?",
-                 (time.time() + 60,))
-    finished_at_takeover = scalar(db, "SELECT COUNT(*) FROM results")
-    out, err = proc.communicate(timeout=30)
-    _clean_failure(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 2,
-                   "job 1 was taken over by another batchrun process (elsewhere:1:feedface)")
-    assert scalar(db, "SELECT COUNT(*) FROM results") == finished_at_takeover
-    assert rows(db, "SELECT lease_owner FROM jobs") == [("elsewhere:1:feedface",)]
-    assert_consistent(db)
-    # The other runner dies too; once its lease expires the job resumes and finishes.
-    conn.execute("UPDATE jobs SET lease_expires = ?", (time.time() - 1,))
-    conn.close()
-    sim.configure(latency_ms=0)
-    _finish(job, db, sim)
-    wait_quiet(sim)
-    assert books(db).done == 300
-    assert_covers_bill(db, sim, bills)
-
-
 # -- storage faults -------------------------------------------------------------------------------
 
 
@@ -225,8 +140,9 @@ def _read_only_file(path: Path) -> Iterator[None]:
             path.chmod(mode)
         return
     if not _root_tool("chattr", "+i", path):
-        pytest.skip("root without chattr +i (CAP_LINUX_IMMUTABLE): no way to make a file "
-                    "read-only here")
+        pytest.skip(
+            "root without chattr +i (CAP_LINUX_IMMUTABLE): no way to make a file read-only here"
+        )
     try:
         yield
     finally:
@@ -331,8 +247,11 @@ def test_a_lock_taken_mid_run_stops_the_run_cleanly_and_the_job_resumes(
     with _locked(db):
         time.sleep(6)  # the run's next commit waits its 5 s busy timeout, then gives up
     out, err = proc.communicate(timeout=30)
-    _clean_failure(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 2,
-                   "the database is locked by another process")
+    _clean_failure(
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+        2,
+        "the database is locked by another process",
+    )
     wait_quiet(sim)
     assert_consistent(db)
     assert_covers_bill(db, sim, bills)
@@ -352,6 +271,7 @@ def _small_disk(folder: Path) -> Iterator[Callable[[int], Callable[[], None] | N
     folder.mkdir()
     if _root_tool("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", folder):
         try:
+
             def fill(free: int) -> None:
                 st = os.statvfs(folder)
                 with open(folder / "filler", "wb") as fh:
@@ -424,8 +344,21 @@ def test_network_faults_are_retried_or_failed_cleanly_and_the_run_goes_on(
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 40, seed=9)
-    out = _run(job, db, sim, "--concurrency", "40", "--timeout", "0.3", "--max-attempts", "3",
-               "--backoff-base", "0.01", "--backoff-max", "0.05")
+    out = _run(
+        job,
+        db,
+        sim,
+        "--concurrency",
+        "40",
+        "--timeout",
+        "0.3",
+        "--max-attempts",
+        "3",
+        "--backoff-base",
+        "0.01",
+        "--backoff-max",
+        "0.05",
+    )
     _clean_failure(out, 1)
     b = books(db)
     assert b.done > 0 and b.failed > 0 and b.done + b.failed == 40  # every row finished
@@ -433,8 +366,9 @@ def test_network_faults_are_retried_or_failed_cleanly_and_the_run_goes_on(
     failures = rows(db, "SELECT error_message FROM results WHERE error_message IS NOT NULL")
     assert len(failures) == b.failed
     assert all(m.startswith("gave up after 3 attempts: ") and message in m for (m,) in failures)
-    exported = [json.loads(line) for line in
-                batchrun("export", "--db", db).stdout.splitlines()]  # every line valid JSON
+    exported = [
+        json.loads(line) for line in batchrun("export", "--db", db).stdout.splitlines()
+    ]  # every line valid JSON
     assert len(exported) == 40
     wait_quiet(sim)
     assert_consistent(db)
@@ -456,8 +390,11 @@ def test_every_malformed_job_file_exits_2_with_file_line_and_leaves_the_database
     runner = CliRunner()
     for path in files:
         line, field, reason = EXPECTED[path.name]
-        result = runner.invoke(main, ["run", str(path), "--db", str(db), "--cap", "1",
-                                      "--simulate", "-q"], env={"OPENAI_API_KEY": "sk-test-key"})
+        result = runner.invoke(
+            main,
+            ["run", str(path), "--db", str(db), "--cap", "1", "--simulate", "-q"],
+            env={"OPENAI_API_KEY": "sk-test-key"},
+        )
         where = f"{path.name}: {result.stderr}"
         assert result.exit_code == 2, (where, result.exception)
         assert isinstance(result.exception, SystemExit), (where, result.exception)
@@ -497,8 +434,14 @@ def test_the_api_key_is_never_written_or_printed(
         full = [str(a) for a in args]
         if args[0] == "run":
             full += ["--base-url", base.base_url]
-        out = subprocess.run([BATCHRUN, *full], env=batchrun_env(SENTINEL, **env), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [BATCHRUN, *full],
+            env=batchrun_env(SENTINEL, **env),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         outputs.append(out)
         return out
 

@@ -12,16 +12,14 @@ from typing import Any
 
 import pytest
 
+from runner.endpoints import ENDPOINTS
 from runner.errors import JobFileError, Problem
-from runner.jobfile import MAX_LINE_BYTES, SUPPORTED_URLS, JobLine, JobReader, file_sha256
+from runner.jobfile import MAX_LINE_BYTES, JobLine, JobReader, file_sha256
 
-from . import badcorpus
-from .helpers import make_job
+from . import badcorpus, jobgen
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = frozenset({"gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "text-embedding-3-small"})
-
-
 
 
 def chat(custom_id: str = "req-1", **body: Any) -> dict[str, Any]:
@@ -86,7 +84,7 @@ def test_valid_lines_of_all_three_endpoints_parse_with_canonical_body_json(tmp_p
     assert [(j.line, j.custom_id, j.url) for j in jobs] == [
         (i + 1, line["custom_id"], line["url"]) for i, line in enumerate(lines)
     ]
-    assert all(j.url in SUPPORTED_URLS for j in jobs)
+    assert all(j.url in ENDPOINTS for j in jobs)
     for job, line in zip(jobs, lines, strict=True):
         assert job.body == line["body"]
         assert job.body_json == json.dumps(line["body"], separators=(",", ":"), ensure_ascii=False)
@@ -648,23 +646,26 @@ def test_every_bad_corpus_file_is_reported_with_its_line(tmp_path: Path) -> None
         ), (path.name, reader.problems)
 
 
-def test_make_job_writes_a_valid_deterministic_job_with_unique_bodies(tmp_path: Path) -> None:
+def test_the_job_generator_writes_a_valid_deterministic_job_with_unique_bodies(
+    tmp_path: Path,
+) -> None:
     first, again, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     mix = ("chat", "responses", "embeddings")
-    make_job.write_job(first, 300, seed=7, mix=mix, prompt_words=12, max_tokens=32)
-    make_job.write_job(again, 300, seed=7, mix=mix, prompt_words=12, max_tokens=32)
-    make_job.write_job(other, 300, seed=8, mix=mix, prompt_words=12, max_tokens=32)
+    jobgen.write_job(first, 300, seed=7, mix=mix, prompt_words=12, max_tokens=32)
+    jobgen.write_job(again, 300, seed=7, mix=mix, prompt_words=12, max_tokens=32)
+    jobgen.write_job(other, 300, seed=8, mix=mix, prompt_words=12, max_tokens=32)
     assert first.read_bytes() == again.read_bytes() != other.read_bytes()
     jobs, reader = read(first)
     reader.check()
     assert len(jobs) == 300 and len({j.body_json for j in jobs}) == 300
-    assert {j.url for j in jobs} == set(SUPPORTED_URLS)
+    assert {j.url for j in jobs} == set(ENDPOINTS)
     assert all(j.body.get("max_completion_tokens") == 32 for j in jobs if "messages" in j.body)
 
 
 def test_make_job_cli_writes_the_requested_count(tmp_path: Path) -> None:
     out = tmp_path / "cli.jsonl"
-    assert make_job.main([str(out), "--requests", "25", "--max-tokens", "0"]) == 0
+    cli = [sys.executable, str(ROOT / "bench" / "make_job.py"), str(out), "--requests", "25"]
+    subprocess.run([*cli, "--max-tokens", "0"], check=True)
     jobs, reader = read(out)
     reader.check()
     assert len(jobs) == 25 and not any("max_completion_tokens" in j.body for j in jobs)

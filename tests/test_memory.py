@@ -15,7 +15,6 @@ REQUESTS = 200_000
 LIMIT_BYTES = 200 * 1000 * 1000  # 200 MB, the stricter reading (190.7 MiB)
 
 
-
 # Peak RSS of the whole child process (interpreter, imports, both tokenizer vocabularies and the
 # pricing pass), measured before and after pricing. On Linux it is VmHWM: ru_maxrss of a child
 # started by subprocess (vfork + exec) starts at the *parent's* RSS, which under pytest already

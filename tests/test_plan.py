@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runner.endpoints import endpoint_for
 from runner.errors import JobFileError, PriceError
-from runner.plan import Plan, Totals, open_job, output_limit, plan_rows, price_job
+from runner.plan import Plan, Totals, open_job, plan_rows, price_job
 from runner.pricing import PriceTable, load_price_table
 
 CHAT = "/v1/chat/completions"
@@ -103,8 +105,15 @@ def mixed_job(tmp_path: Path) -> Path:
     )
 
 
+def sync_only(t: Totals) -> Totals:
+    """``t`` without its Batch API figures (tested on their own)."""
+    return replace(t, batch_floor_pico=0, batch_worst_pico=0)
+
+
 def test_per_model_totals_follow_the_rules_by_hand(tmp_path: Path, table: PriceTable) -> None:
     plan = price_job(mixed_job(tmp_path), table)
+    plan.by_model = {m: sync_only(t) for m, t in plan.by_model.items()}
+    plan.total = sync_only(plan.total)
     mini_input = 19 + 8 + 8 + 8
     mini_limit = 200 + 50 + MINI_MAX_OUTPUT + 3 * MINI_MAX_OUTPUT
     assert plan.by_model == {
@@ -137,8 +146,8 @@ def test_per_model_totals_follow_the_rules_by_hand(tmp_path: Path, table: PriceT
 def test_each_priced_request_carries_its_own_floor_and_worst_case(
     tmp_path: Path, table: PriceTable
 ) -> None:
-    reader, planner = open_job(mixed_job(tmp_path), table)
-    rows = {r.custom_id: r for r in plan_rows(reader, planner)}
+    _, planner = open_job(mixed_job(tmp_path), table)
+    rows = {r.custom_id: r for r in plan_rows(planner)}
     a = rows["a"]
     assert (a.seq, a.line, a.model, a.input_tokens, a.output_limit) == (
         0,
@@ -176,7 +185,8 @@ def test_plan_records_the_files_sha256(tmp_path: Path, table: PriceTable) -> Non
 def test_output_limit_is_the_endpoints_limit_times_n(
     url: str, body: dict[str, Any], limit: int | None
 ) -> None:
-    assert output_limit(url, body) == limit
+    endpoint = endpoint_for(url)
+    assert endpoint is not None and endpoint.output_limit(body) == limit
 
 
 def test_unlimited_requests_are_priced_at_max_output_and_counted(
@@ -193,7 +203,7 @@ def test_embeddings_have_no_output_and_floor_equals_worst(
 ) -> None:
     emb = {"model": "text-embedding-3-small", "input": "Where is my order?"}
     plan = price_job(write(tmp_path, line("e1", EMBEDDINGS, emb)), table)
-    assert plan.total == Totals(1, 5, 0, 0, 0, 5 * EMB_IN, 5 * EMB_IN)
+    assert sync_only(plan.total) == Totals(1, 5, 0, 0, 0, 5 * EMB_IN, 5 * EMB_IN)
 
 
 def test_parts_that_are_estimated_are_counted_by_kind(tmp_path: Path, table: PriceTable) -> None:
@@ -319,8 +329,8 @@ def test_min_seconds_of_a_priced_job(tmp_path: Path, table: PriceTable) -> None:
 
 
 def plan_by_rows(path: Path, table: PriceTable) -> Plan:
-    reader, planner = open_job(path, table)
-    for _ in plan_rows(reader, planner):
+    _, planner = open_job(path, table)
+    for _ in plan_rows(planner):
         pass
     return planner.plan
 
@@ -350,19 +360,17 @@ def varied_job(tmp_path: Path) -> Path:
     return write(tmp_path, *requests)
 
 
-@pytest.mark.parametrize("threads", [0, 1])
 @pytest.mark.parametrize("chunk_lines", [1, 7, 4096])
 def test_price_job_equals_pricing_every_row(
     tmp_path: Path,
     table: PriceTable,
     monkeypatch: pytest.MonkeyPatch,
-    threads: int,
     chunk_lines: int,
 ) -> None:
     path = varied_job(tmp_path)
     expected = plan_by_rows(path, table)
     monkeypatch.setattr("runner.plan.CHUNK_LINES", chunk_lines)
-    plan = price_job(path, table, threads=threads)
+    plan = price_job(path, table)
     assert plan == expected
     assert list(plan.by_model) == list(expected.by_model)  # first-seen order too
     assert plan.total.approximate_requests == 60 and plan.approximate_parts == {"image": 60}
@@ -387,15 +395,39 @@ def test_price_job_bounds_the_text_it_holds_by_characters(
     assert len(held) > 10 and max(held) < 1000 + 500
 
 
-@pytest.mark.parametrize("threads", [0, 1])
-def test_price_job_errors_stop_the_worker(tmp_path: Path, threads: int) -> None:
-    import threading
-
+def test_a_model_without_max_output_names_the_line_that_needs_a_limit(tmp_path: Path) -> None:
     prices = tmp_path / "p.toml"
     prices.write_text('[models.my-model]\ninput = "1"\noutput = "2"\n', "utf-8")
     limited = {"model": "my-model", "messages": [{"role": "user", "content": "Hi"}], "n": 1}
     rows = [line(f"ok{i}", CHAT, dict(limited, max_completion_tokens=4)) for i in range(5000)]
     path = write(tmp_path, *rows, line("open", CHAT, limited))
     with pytest.raises(PriceError, match=rf"^{path}:5001: body.model: 'my-model'"):
-        price_job(path, load_price_table(prices), threads=threads)
-    assert not [t for t in threading.enumerate() if t.name.startswith("batchrun-count")]
+        price_job(path, load_price_table(prices))
+
+
+def test_batch_api_prices_are_half_of_input_and_output(tmp_path: Path, table: PriceTable) -> None:
+    plan = price_job(write(tmp_path, chat("x", max_completion_tokens=100)), table)
+    t = plan.total
+    assert (t.batch_floor_pico, t.batch_worst_pico) == (
+        8 * MINI_IN // 2,
+        8 * MINI_IN // 2 + 100 * MINI_OUT // 2,
+    )
+    _, planner = open_job(
+        write(tmp_path, chat("x", max_completion_tokens=100), name="b.jsonl"), table
+    )
+    (row,) = plan_rows(planner)
+    assert row.batch_worst_pico == t.batch_worst_pico
+
+
+def test_requests_that_continue_a_stored_conversation_are_unbounded(
+    tmp_path: Path, table: PriceTable
+) -> None:
+    body = {"model": "gpt-4.1-mini", "input": "and then?", "max_output_tokens": 5}
+    path = write(
+        tmp_path,
+        line("a", RESPONSES, dict(body, previous_response_id="resp_1")),
+        line("b", RESPONSES, body),
+    )
+    assert price_job(path, table).total.unbounded_requests == 1
+    _, planner = open_job(path, table)
+    assert [r.unbounded for r in plan_rows(planner)] == [True, False]

@@ -1,22 +1,16 @@
-"""The price table and exact money: resolution rules, user overrides, billing from usage."""
+"""The price table: resolution rules, user overrides, billing from usage, batch prices."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from runner.endpoints import CHAT, Usage
 from runner.errors import PriceError, UnknownModelError
-from runner.money import (
-    format_exact,
-    format_usd,
-    pico_to_decimal,
-    price_per_mtok_to_pico_per_token,
-    usd_to_pico,
-)
-from runner.pricing import PriceTable, Usage, load_price_table, read_usage
+from runner.money import price_per_mtok_to_pico_per_token
+from runner.pricing import PriceTable, load_price_table
 
 # USD per 1M tokens -> picodollars per token is a factor of 10**6.
 MTOK = 10**6
@@ -205,7 +199,7 @@ def test_cost_bills_cached_tokens_at_the_cached_price(table: PriceTable) -> None
 
 
 def test_reasoning_tokens_are_not_billed_twice(table: PriceTable) -> None:
-    usage = read_usage(
+    usage = CHAT.read_usage(
         {
             "model": "o3-2025-04-16",
             "usage": {
@@ -218,86 +212,6 @@ def test_reasoning_tokens_are_not_billed_twice(table: PriceTable) -> None:
     assert usage.reasoning_tokens == 400 and usage.output_tokens == 500
     o3 = table.resolve("o3")
     assert table.bill("o3", usage) == 100 * o3.input + 500 * o3.output
-
-
-def test_read_usage_of_a_chat_completion() -> None:
-    body = {
-        "model": "gpt-4o-mini-2024-07-18",
-        "usage": {
-            "prompt_tokens": 2048,
-            "completion_tokens": 300,
-            "total_tokens": 2348,
-            "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 64},
-        },
-    }
-    assert read_usage(body) == Usage("gpt-4o-mini-2024-07-18", 2048, 1024, 300, 64)
-
-
-def test_read_usage_of_a_responses_body() -> None:
-    body = {
-        "model": "gpt-4.1-mini-2025-04-14",
-        "usage": {
-            "input_tokens": 1500,
-            "input_tokens_details": {"cached_tokens": 1152},
-            "output_tokens": 80,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 1580,
-        },
-    }
-    assert read_usage(body) == Usage("gpt-4.1-mini-2025-04-14", 1500, 1152, 80, 0)
-
-
-def test_read_usage_of_an_embeddings_body() -> None:
-    body = {"model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}}
-    assert read_usage(body) == Usage("text-embedding-3-small", 8, 0, 0, 0)
-
-
-@pytest.mark.parametrize(
-    "usage",
-    [
-        {
-            "prompt_tokens": 7,
-            "completion_tokens": 3,
-            "prompt_tokens_details": None,
-            "completion_tokens_details": None,
-        },
-        {"prompt_tokens": 7, "completion_tokens": 3},
-        {
-            "input_tokens": 7,
-            "output_tokens": 3,
-            "input_tokens_details": None,
-            "output_tokens_details": None,
-        },
-        {
-            "prompt_tokens": 7,
-            "completion_tokens": 3,
-            "prompt_tokens_details": "n/a",
-            "completion_tokens_details": [1],
-        },
-    ],
-)
-def test_read_usage_tolerates_missing_null_or_odd_detail_objects(usage: dict[str, Any]) -> None:
-    assert read_usage({"model": "gpt-4o", "usage": usage}) == Usage("gpt-4o", 7, 0, 3, 0)
-
-
-@pytest.mark.parametrize("body", [{}, {"usage": None}, {"usage": "n/a"}, {"model": 5}])
-def test_read_usage_without_usage_reads_zeros(body: dict[str, Any]) -> None:
-    assert read_usage(body) == Usage(None, 0, 0, 0, 0)
-
-
-def test_read_usage_ignores_nonsense_counts() -> None:
-    usage = read_usage(
-        {
-            "usage": {
-                "prompt_tokens": 10,
-                "completion_tokens": -3,
-                "prompt_tokens_details": {"cached_tokens": 50},  # more than the prompt
-                "completion_tokens_details": {"reasoning_tokens": True},
-            }
-        }
-    )
-    assert usage == Usage(None, 10, 10, 0, 0)
 
 
 def test_response_snapshot_with_its_own_entry_is_billed_at_its_own_price(
@@ -318,75 +232,22 @@ def test_response_snapshot_without_its_own_entry_is_billed_as_requested(
         table.for_response("gpt-9-ultra", "gpt-9-ultra-2026-01-01")
 
 
-# -- exact money -------------------------------------------------------------------------------
-
-
-def test_a_million_cached_token_costs_sum_exactly(table: PriceTable) -> None:
-    """0.075 USD per 1M cached tokens, a million times: the integer sum is the exact Decimal."""
+def test_batch_prices_are_half_rounded_up_unless_given(tmp_path: Path, table: PriceTable) -> None:
     mini = table.resolve("gpt-4o-mini")
-    total_pico = 0
-    as_float = 0.0
-    for i in range(1_000_000):
-        k = i % 997 + 1
-        total_pico += mini.cost(k, cached_tokens=k)
-        as_float += 0.075e-6 * k
-    tokens = 1003 * (997 * 998 // 2) + 45  # 1003 full cycles of 1..997, then 1..9
-    exact = Decimal(tokens) * Decimal("0.075") / 10**6
-    assert pico_to_decimal(total_pico) == exact == Decimal("37.42466655")
-    assert format_exact(total_pico) == "37.42466655"
-    assert Decimal(as_float) != exact  # what a float accumulator would have reported
+    assert mini.batch_cached_input == 37_500  # half of 0.075 per 1M
+    assert mini.cost(1000, 400, 50, batch=True) == 600 * 75_000 + 400 * 37_500 + 50 * 300_000
+    odd = user_prices(tmp_path, '[models.odd]\ninput = "0.000001"\noutput = "0.000003"\n')
+    price = load_price_table(odd).resolve("odd")
+    # 1 and 3 picodollars per token: halves round up, so batch books never fall below the bill
+    assert (price.batch_input, price.batch_output, price.batch_cached_input) == (1, 2, 1)
 
 
-@pytest.mark.parametrize(
-    ("pico", "places", "shown"),
-    [
-        (0, 6, "$0.000000"),
-        (1, 6, "$0.000001"),  # one picodollar is shown as a whole micro-dollar, never as 0
-        (10**6, 6, "$0.000001"),
-        (10**6 + 1, 6, "$0.000002"),
-        (5 * 10**9, 2, "$0.01"),
-        (10**10 + 1, 2, "$0.02"),
-        (1_234_567_000_000_000, 6, "$1,234.567000"),
-    ],
-)
-def test_format_usd_rounds_up(pico: int, places: int, shown: str) -> None:
-    assert format_usd(pico, places) == shown
+def test_overriding_a_standard_price_moves_its_batch_price(tmp_path: Path) -> None:
+    path = user_prices(tmp_path, '[models.gpt-4o-mini]\ninput = "0.20"\n')
+    mini = load_price_table(path).resolve("gpt-4o-mini")
+    assert (mini.input, mini.batch_input, mini.batch_output) == (200_000, 100_000, 300_000)
 
 
-@pytest.mark.parametrize(
-    ("pico", "text"),
-    [(0, "0.00"), (5 * 10**11, "0.50"), (1, "0.000000000001"), (123 * 10**12, "123.00")],
-)
-def test_format_exact_never_rounds(pico: int, text: str) -> None:
-    assert format_exact(pico) == text
-
-
-@pytest.mark.parametrize(
-    ("value", "pico"),
-    [
-        ("25", 25 * 10**12),
-        ("$0.50", 5 * 10**11),
-        (" 1.000000000001 ", 10**12 + 1),
-        (Decimal("0.075"), 75 * 10**9),
-        (3, 3 * 10**12),
-    ],
-)
-def test_usd_to_pico_parses_exactly(value: str | int | Decimal, pico: int) -> None:
-    assert usd_to_pico(value) == pico
-
-
-def test_usd_to_pico_refuses_floats() -> None:
-    with pytest.raises(TypeError, match="float"):
-        usd_to_pico(0.5)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("value", ["0.0000000000001", "1e-13", "0.0000000000015"])
-def test_usd_to_pico_refuses_fractions_of_a_picodollar(value: str) -> None:
-    with pytest.raises(ValueError, match="finer than"):
-        usd_to_pico(value)
-
-
-@pytest.mark.parametrize("value", ["abc", "nan", "inf", "", "1,000"])
-def test_usd_to_pico_refuses_non_amounts(value: str) -> None:
-    with pytest.raises(ValueError, match="not a dollar amount"):
-        usd_to_pico(value)
+def test_a_batch_bill_uses_batch_prices(table: PriceTable) -> None:
+    usage = Usage("gpt-4o-mini", 1000, 0, 100, 0)
+    assert table.bill("gpt-4o-mini", usage, batch=True) * 2 == table.bill("gpt-4o-mini", usage)

@@ -7,13 +7,18 @@ import random
 
 import pytest
 
-from runner.executor import Outcome
-from runner.governor import Governor, parse_duration
+from runner.endpoints import CHAT, EMBEDDINGS
 from runner.retry import Action, Backoff, classify, retry_after
+from runner.transport import Outcome
 
 
-def err(status: int, message: str = "x", type_: str | None = None, code: str | None = None,
-        headers: dict[str, str] | None = None) -> Outcome:
+def err(
+    status: int,
+    message: str = "x",
+    type_: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Outcome:
     body = json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
     return Outcome(status=status, body=body, headers=headers or {})
 
@@ -21,15 +26,32 @@ def err(status: int, message: str = "x", type_: str | None = None, code: str | N
 @pytest.mark.parametrize(
     ("outcome", "action", "kind"),
     [
-        (err(429, "Rate limit reached for gpt-4o", "requests", "rate_limit_exceeded"),
-         Action.RETRY, "rate_limit"),
-        (err(429, "Request too large for gpt-4o on tokens per min", "tokens",
-             "rate_limit_exceeded"), Action.FAIL, "too_large"),
-        (err(429, "You exceeded your current quota", "insufficient_quota", "insufficient_quota"),
-         Action.FATAL, "quota"),
+        (
+            err(429, "Rate limit reached for gpt-4o", "requests", "rate_limit_exceeded"),
+            Action.RETRY,
+            "rate_limit",
+        ),
+        (
+            err(
+                429,
+                "Request too large for gpt-4o on tokens per min",
+                "tokens",
+                "rate_limit_exceeded",
+            ),
+            Action.FAIL,
+            "too_large",
+        ),
+        (
+            err(429, "You exceeded your current quota", "insufficient_quota", "insufficient_quota"),
+            Action.FATAL,
+            "quota",
+        ),
         (err(429, "spend limit", None, "project_spend_limit_exceeded"), Action.FATAL, "quota"),
-        (err(401, "Incorrect API key", "invalid_request_error", "invalid_api_key"),
-         Action.FATAL, "auth"),
+        (
+            err(401, "Incorrect API key", "invalid_request_error", "invalid_api_key"),
+            Action.FATAL,
+            "auth",
+        ),
         (err(403, "region"), Action.FATAL, "auth"),
         (err(400, "context_length_exceeded", "invalid_request_error"), Action.FAIL, "http_400"),
         (err(404, "model_not_found"), Action.FAIL, "http_404"),
@@ -67,10 +89,39 @@ def test_retry_headers_are_read_in_order_of_precision() -> None:
     assert retry_after({}) is None
 
 
-def test_a_rate_limit_429_without_retry_after_waits_for_the_named_reset() -> None:
-    v = classify(err(429, "Rate limit reached", "tokens", "rate_limit_exceeded",
-                     {"x-ratelimit-reset-tokens": "1.5s"}))
-    assert v.rate_limited and v.retry_after == 1.5
+def test_a_rate_limit_429_says_which_limit_it_hit() -> None:
+    tokens = classify(err(429, "Rate limit reached ... on tokens per min (TPM)", "tokens"))
+    requests = classify(err(429, "Rate limit reached ... on requests per min (RPM)", "requests"))
+    assert tokens.limit_kind == "tokens" and requests.limit_kind == "requests"
+    assert tokens.rate_limited and tokens.retry_after is None
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-3", "1e400"])
+def test_nonsense_retry_headers_count_as_absent(value: str) -> None:
+    assert retry_after({"retry-after-ms": value}) is None
+    assert retry_after({"retry-after": value}) is None
+
+
+def test_error_codes_and_messages_are_text_whatever_the_server_sent() -> None:
+    body = json.dumps({"error": {"message": ["a", 1], "code": {"detail": "bad"}, "type": 7}})
+    v = classify(Outcome(400, body.encode()))
+    assert v.action is Action.FAIL
+    assert v.code == '{"detail": "bad"}' and v.message == '["a", 1]'
+    assert classify(Outcome(429, b'{"error": {"code": 429}}')).code == "429"
+
+
+def test_a_success_that_does_not_answer_its_request_is_malformed_and_maybe_billed() -> None:
+    body = json.dumps({"data": [{"embedding": [0.1]}], "usage": {"prompt_tokens": 3}})
+    v = classify(Outcome(200, body.encode()), EMBEDDINGS, json.dumps({"input": ["a", "b", "c"]}))
+    assert (v.action, v.kind, v.maybe_billed) == (Action.RETRY, "invalid_response", True)
+    assert "1 embedding(s) for 3 input(s)" in (v.message or "")
+    ok = json.dumps({"choices": [{"message": {}}], "usage": {}})
+    assert classify(Outcome(200, ok.encode()), CHAT, "{}").action is Action.OK
+
+
+def test_a_success_without_usage_is_still_a_result() -> None:
+    # the books charge its worst case; throwing it away would buy it again
+    assert classify(Outcome(200, b'{"choices": [{}]}'), CHAT, "{}").action is Action.OK
 
 
 def test_backoff_is_full_jitter_and_never_earlier_than_the_server_asked() -> None:
@@ -81,51 +132,6 @@ def test_backoff_is_full_jitter_and_never_earlier_than_the_server_asked() -> Non
     assert all(b.delay(3, 2.0, rng) >= 2.0 for _ in range(200))
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("12ms", 0.012), ("1s", 1.0), ("1.5s", 1.5), ("6m0s", 360.0), ("1h2m3s", 3723.0),
-     ("2m30.5s", 150.5), ("-1", None), ("", None), ("soon", None), ("0", 0.0)],
-)
-def test_go_durations_parse_with_ms_before_m(text: str, seconds: float | None) -> None:
-    assert parse_duration(text) == seconds
-
-
-async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() -> None:
-    g = Governor()
-    t = await g.acquire(10)
-    g.done(t, {"x-ratelimit-limit-requests": "-1", "x-ratelimit-limit-tokens": "0"})
-    assert g.requests is None and g.tokens is None
-    t = await g.acquire(10)
-    g.done(t, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
-                "x-ratelimit-limit-tokens": "90000", "x-ratelimit-remaining-tokens": "1000"})
-    assert g.requests is not None and g.requests.limit == 600
-    assert g.tokens is not None and g.tokens.limit == 90000
-    # the token bucket was drained to what the server said was left
-    assert not g.tokens.limiter.has_capacity(2000)
-    assert g.tokens.limiter.has_capacity(900)
-
-
-async def test_a_user_limit_above_the_servers_gives_way_to_the_server() -> None:
-    g = Governor(rpm=10_000)
-    t = await g.acquire(1)
-    g.done(t, {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"})
-    assert g.requests is not None and g.requests.limit == 500
-
-
-async def test_only_requests_admitted_after_the_answered_one_are_subtracted() -> None:
-    g = Governor(rpm=100)
-    tickets = [await g.acquire(1) for _ in range(11)]
-    assert g.requests is not None
-    headers = {"x-ratelimit-limit-requests": "100"}
-    # The last request is answered first: the server had received all 11 (89 left), so the
-    # 10 still in flight were already counted there and must not be subtracted again.
-    g.done(tickets[-1], {**headers, "x-ratelimit-remaining-requests": "89"})
-    assert g.requests.limiter.has_capacity(89)
-    # The first request, answered now, was seen when only it had arrived (99 left); the 9
-    # admitted after it and still unanswered may not have arrived yet.
-    g.done(tickets[0], {**headers, "x-ratelimit-remaining-requests": "99"})
-    assert g.requests.limiter.has_capacity(89)
-    # A server with less room than we think (another client shares the account) drains us.
-    g.done(tickets[1], {**headers, "x-ratelimit-remaining-requests": "50"})
-    assert not g.requests.limiter.has_capacity(50)
-    assert g.requests.limiter.has_capacity(42)
+def test_a_server_wait_is_cut_to_max_wait() -> None:
+    b = Backoff(base=0.5, ceiling=4.0, max_wait=10.0)
+    assert 10.0 <= b.delay(1, 99_999_999.0, random.Random(0)) <= 10.5

@@ -31,8 +31,9 @@ def _resume(job: Path, db: Path, sim: SimulatorThread) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_a_signal_stops_dispatch_lets_in_flight_requests_finish_and_says_how_to_resume(
     tmp_path: Path, make_simulator: SimFactory, sig: signal.Signals, status: int
 ) -> None:
@@ -60,8 +61,9 @@ def test_a_signal_stops_dispatch_lets_in_flight_requests_finish_and_says_how_to_
     assert 16 <= b.done < 300 and b.reserved == 0
     assert b.ledger_pico == ledger["billed_pico"]  # no unknown outcome: the books are exact
     assert scalar(db, "SELECT COUNT(*) FROM attempts") == b.done
-    assert scalar(db, "SELECT COUNT(*) FROM jobs WHERE state = 'stopped' "
-                      "AND lease_owner IS NULL") == 1
+    assert (
+        scalar(db, "SELECT COUNT(*) FROM jobs WHERE state = 'stopped' AND lease_owner IS NULL") == 1
+    )
     assert_consistent(db)
     again = _resume(job, db, sim)
     assert again.returncode == 0, again.stderr

@@ -1,4 +1,4 @@
-"""The store: schema by Alembic, private WAL files, a newer schema refused, exact ledger."""
+"""The store: schema by Alembic, claims under the cap, group-committed outcomes, runners."""
 
 from __future__ import annotations
 
@@ -11,101 +11,307 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from runner.errors import StoreError
-from runner.store import NewRequest, PendingRequest, ResultRecord, Store, metadata
+from runner.errors import RunnerLostError, StoreError
+from runner.store import (
+    AttemptRecord,
+    ChargeRecord,
+    NewRequest,
+    Outcomes,
+    ReleaseRecord,
+    RequestState,
+    ResultFlag,
+    ResultRecord,
+    Store,
+    open_store,
+)
+from runner.store.schema import metadata
+
+WORST = 200
 
 
-def _totals(n: int) -> object:
-    class T:
-        requests = n
-        input_tokens = 10 * n
-        output_limit_tokens = 5 * n
-        floor_pico = 100 * n
-        worst_pico = 200 * n
-
-    return T()
+class _Totals:
+    def __init__(self, n: int) -> None:
+        self.requests = n
+        self.input_tokens = 10 * n
+        self.output_limit_tokens = 5 * n
+        self.floor_pico = 100 * n
+        self.worst_pico = WORST * n
 
 
-def _rows(n: int) -> list[NewRequest]:
+def _rows(n: int, url: str = "/v1/chat/completions") -> list[NewRequest]:
     return [
-        NewRequest(i, i + 1, f"id-{i}", "/v1/chat/completions", "gpt-4o-mini", "{}", 10, 5, 200,
-                   100, False)
+        NewRequest(i, i + 1, f"id-{i}", url, "gpt-4o-mini", "{}", 10, 5, WORST, 100, False,
+                   batch_worst_pico=WORST // 2)
         for i in range(n)
-    ]
+    ]  # fmt: skip
+
+
+def _job(store: Store, n: int = 10, cap: int = 10**12, sha: str = "a") -> int:
+    return store.create_job(f"/{sha}.jsonl", sha * 64, cap, _rows(n), _Totals(n)).id
+
+
+def _result(rid: int, cost: int, reserved: int = WORST, **kw: object) -> ResultRecord:
+    values: dict[str, object] = dict(
+        request_id=rid, state=RequestState.DONE, attempts=1, status_code=200, body="{}",
+        response_model="m", api_request_id="req_1", prompt_tokens=10, cached_tokens=0,
+        completion_tokens=3, reasoning_tokens=0, cost_pico=cost, latency_ms=5, finished_at=0.0,
+        reserved_pico=reserved,
+    )  # fmt: skip
+    values.update(kw)
+    return ResultRecord(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = open_store(tmp_path / "b.db")
+    yield s  # type: ignore[misc]
+    s.close()
 
 
 def test_a_new_database_is_private_in_wal_mode_and_at_the_migration_head(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "b.db"
-    Store.open(db).close()
+    open_store(db).close()
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
 
 
-def test_the_migrations_build_exactly_the_schema_the_code_queries(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "b.db")
+def test_the_migrations_build_exactly_the_schema_the_code_queries(store: Store) -> None:
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
-    store.close()
     assert diff == []
 
 
 def test_a_database_from_a_newer_batchrun_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
-    Store.open(db).close()
+    open_store(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(StoreError, match="newer batchrun"):
-        Store.open(db)
+        open_store(db)
 
 
 def test_a_file_that_is_not_a_database_gives_a_clear_error(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     db.write_text("hello, I am a text file" * 100)
     with pytest.raises(StoreError, match="not a batchrun database"):
-        Store.open(db)
+        open_store(db)
 
 
-def test_importing_is_all_or_nothing(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "b.db")
+def test_another_programs_database_is_never_written_into(tmp_path: Path) -> None:
+    db = tmp_path / "theirs.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="not batchrun's"):
+        open_store(db)
+    with pytest.raises(StoreError, match="not batchrun's"):
+        open_store(db, readonly=True)
+    assert db.read_bytes() == before
 
+
+def test_reading_never_migrates(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    with pytest.raises(StoreError, match="no such database"):
+        open_store(db, readonly=True)
+    sqlite3.connect(db).close()  # an empty file
+    with pytest.raises(StoreError, match="not a batchrun database"):
+        open_store(db, readonly=True)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+def test_importing_is_all_or_nothing(store: Store) -> None:
     def failing() -> object:
         yield from _rows(3000)
         raise RuntimeError("the job file turned out to be invalid")
 
     with pytest.raises(RuntimeError):
-        store.create_job("/x.jsonl", "a" * 64, 10**12, failing(), _totals(3000))
+        store.create_job("/x.jsonl", "a" * 64, 10**12, failing(), _Totals(3000))
     assert store.all_jobs() == []
-    job = store.create_job("/x.jsonl", "a" * 64, 10**12, _rows(3000), _totals(3000))
+
+    def changed() -> None:
+        raise StoreError("the file changed while it was read")
+
+    with pytest.raises(StoreError):
+        store.create_job("/x.jsonl", "a" * 64, 1, _rows(5), _Totals(5), before_commit=changed)
+    assert store.all_jobs() == []
+    job = store.create_job("/x.jsonl", "a" * 64, 10**12, _rows(3000), _Totals(3000))
     assert job.requests == 3000 and job.worst_pico == 600_000
+
+
+def test_a_claim_takes_pending_requests_in_file_order_only_while_they_fit(store: Store) -> None:
+    job = _job(store, cap=5 * WORST + 50)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    claim = store.claim(runner, 3)
+    assert [r.seq for r in claim.requests] == [0, 1, 2] and not claim.blocked
+    claim = store.claim(runner, 3)
+    assert [r.seq for r in claim.requests] == [3, 4] and claim.blocked
+    assert store.spend(job).reserved_pico == 5 * WORST
+    assert store.claim(runner, 3).requests == []
+
+
+def test_a_batch_claim_reserves_batch_prices(store: Store) -> None:
+    job = _job(store, cap=WORST)
+    runner = store.register_runner(job, "h", 1, "batch", 30)
+    claim = store.claim(runner, 5, batch=True)
+    assert len(claim.requests) == 2 and claim.requests[0].worst_pico == WORST // 2
+
+
+def test_two_runners_never_share_the_same_headroom(store: Store) -> None:
+    job = _job(store, cap=3 * WORST)
+    a = store.register_runner(job, "h", 1, "sync", 30)
+    b = store.register_runner(job, "h", 2, "sync", 30)
+    got = store.claim(a, 2).requests + store.claim(b, 2).requests + store.claim(a, 2).requests
+    assert len(got) == 3 and len({r.id for r in got}) == 3
+
+
+def test_outcomes_settle_reservations_into_the_ledger_in_one_commit(store: Store) -> None:
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    a, b, _ = store.claim(runner, 3).requests
+    spend = store.record(
+        runner,
+        Outcomes(
+            attempts=[AttemptRecord(a.id, 1, 0.0, 5, 200, None)],
+            charges=[ChargeRecord(b.id, WORST, 0.0)],
+            results=[_result(a.id, 77)],
+            releases=[ReleaseRecord(b.id, 1, "timed out", WORST)],
+        ),
+    )
+    assert (spend.settled_pico, spend.reserved_pico) == (77 + WORST, WORST)  # c still held
+    counts = store.state_counts(job)
+    assert counts == {"done": 1, "pending": 8, "reserved": 1}
+
+
+def test_a_row_the_database_refuses_does_not_lose_the_others(store: Store) -> None:
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    reqs = store.claim(runner, 3).requests
+    bad = _result(reqs[1].id, 50, body={"not": "text"})  # a value no driver can bind
+    store.record(runner, Outcomes(results=[_result(reqs[0].id, 40), bad, _result(reqs[2].id, 30)]))
+    assert store.spend(job).settled_pico == 120
+    status = store.status(job)
+    assert status.states["done"] == 3
+    rows = list(store.iter_export(job))
+    assert rows[1].body is None and rows[1].error_code == "unstorable"
+
+
+def test_claims_of_a_dead_runner_are_charged_at_worst_case_and_queued_again(
+    store: Store,
+) -> None:
+    job = _job(store)
+    dead = store.register_runner(job, "h", 1, "sync", ttl=-1)  # expired at once
+    pending = store.claim(dead, 4).requests
+    store.record(dead, Outcomes(results=[_result(pending[0].id, 77)]))
+    live = store.register_runner(job, "h", 2, "sync", 30)
+    assert store.recover(job, "h", lambda pid: True) == (3, 3 * WORST)
+    spend = store.spend(job)
+    assert spend.settled_pico == 77 + 3 * WORST and spend.reserved_pico == 0
+    assert len(store.claim(live, 100).requests) == 9
+    # the dead runner can write nothing more, and learns it
+    with pytest.raises(RunnerLostError):
+        store.record(dead, Outcomes(results=[_result(pending[1].id, 1)]))
+    assert not store.heartbeat(dead, 30, 0).alive
+
+
+def test_a_runner_whose_process_is_gone_on_this_host_is_dead_at_once(store: Store) -> None:
+    job = _job(store)
+    gone = store.register_runner(job, "here", 4242, "sync", ttl=3600)
+    store.claim(gone, 2)
+    elsewhere = store.register_runner(job, "there", 4242, "sync", ttl=3600)
+    assert store.recover(job, "here", lambda pid: pid != 4242) == (2, 2 * WORST)
+    assert [r.id for r in store.live_runners(job)] == [elsewhere]  # not judged by our pids
+
+
+def test_fits_under_counts_pending_requests_in_file_order(store: Store) -> None:
+    job = _job(store)
+    assert store.fits_under(job, 0) == 0
+    assert store.fits_under(job, 199) == 0
+    assert store.fits_under(job, 200) == 1
+    assert store.fits_under(job, 1000) == 5
+    assert store.fits_under(job, 1000, batch=True) == 10
+    assert store.fits_under(job, 10**9) == 10
+
+
+def test_status_counts_reused_results_apart_from_spend(store: Store) -> None:
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    a, b = store.claim(runner, 2).requests
+    store.record(
+        runner,
+        Outcomes(
+            results=[
+                _result(a.id, 40),
+                _result(b.id, 0, flags=(ResultFlag.USAGE_MISSING,), cost_pico=WORST),
+            ]
+        ),
+    )
+    s = store.status(job)
+    assert s.by_model["gpt-4o-mini"]["cost_pico"] == 40 + WORST
+    assert s.usage_missing == 1 and s.reused == 0
+
+
+def test_writing_into_a_deleted_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    store = open_store(db)
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    with pytest.raises(StoreError, match="deleted or replaced"):
+        store.claim(runner, 1)
     store.close()
 
 
-def test_reservations_left_by_a_dead_run_become_worst_case_charges(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "b.db")
-    job = store.create_job("/x.jsonl", "b" * 64, 10**12, _rows(10), _totals(10))
-    pending = store.next_pending(job.id, -1, 4)
-    store.reserve(pending)
-    assert store.spend(job.id).reserved_pico == 4 * 200
-    # one of them finished and was recorded before the "crash"
-    done: PendingRequest = pending[0]
-    store.record(job.id, [], [], [ResultRecord(done.id, "done", 1, 200, "{}", "m", "req_1",
-                                                10, 0, 3, 0, 77, 5, 0.0)], [])
-    count, pico = store.recover_orphans(job.id)
-    assert (count, pico) == (3, 600)
-    spend = store.spend(job.id)
-    assert spend.settled_pico == 77 + 600 and spend.reserved_pico == 0
-    assert len(store.next_pending(job.id, -1, 100)) == 9
+def test_a_database_of_schema_0001_is_upgraded_with_its_books(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_SCHEMA_0001)
+    store = open_store(db)
+    spend, cap = store.books(1)
+    assert (spend.settled_pico, spend.reserved_pico, cap) == (500, 200, 10**12)
+    assert store.recover(1, "h", lambda pid: True) == (1, 200)  # the old run's reservation
     store.close()
 
 
-def test_fits_under_counts_pending_requests_in_file_order(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "b.db")
-    job = store.create_job("/x.jsonl", "c" * 64, 10**12, _rows(10), _totals(10))
-    assert store.fits_under(job.id, 0) == 0
-    assert store.fits_under(job.id, 199) == 0
-    assert store.fits_under(job.id, 200) == 1
-    assert store.fits_under(job.id, 1000) == 5
-    assert store.fits_under(job.id, 10**9) == 10
-    store.close()
+_SCHEMA_0001 = """
+CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY);
+INSERT INTO alembic_version VALUES ('0001');
+CREATE TABLE jobs (id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 VARCHAR(64) NOT NULL UNIQUE,
+  created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL, cap_pico BIGINT DEFAULT '0' NOT NULL,
+  state VARCHAR(16) DEFAULT 'new' NOT NULL, requests INTEGER NOT NULL,
+  input_tokens BIGINT NOT NULL, output_limit_tokens BIGINT NOT NULL, floor_pico BIGINT NOT NULL,
+  worst_pico BIGINT NOT NULL, lease_owner VARCHAR(64), lease_expires FLOAT);
+CREATE TABLE requests (id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs (id),
+  seq INTEGER NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, url VARCHAR(64) NOT NULL,
+  model TEXT NOT NULL, body TEXT NOT NULL, input_tokens INTEGER NOT NULL,
+  output_limit INTEGER NOT NULL, worst_pico BIGINT NOT NULL, floor_pico BIGINT NOT NULL,
+  approximate BOOLEAN DEFAULT 0 NOT NULL, state VARCHAR(12) DEFAULT 'pending' NOT NULL,
+  attempts INTEGER DEFAULT '0' NOT NULL, reserved_pico BIGINT DEFAULT '0' NOT NULL,
+  last_error TEXT, CONSTRAINT uq_requests_job_seq UNIQUE (job_id, seq),
+  CONSTRAINT uq_requests_job_custom_id UNIQUE (job_id, custom_id));
+CREATE INDEX ix_requests_job_state_seq ON requests (job_id, state, seq);
+CREATE TABLE attempts (id INTEGER PRIMARY KEY, request_id INTEGER NOT NULL REFERENCES requests(id),
+  attempt INTEGER NOT NULL, started_at FLOAT NOT NULL, latency_ms INTEGER NOT NULL,
+  status_code INTEGER, error_kind VARCHAR(32));
+CREATE INDEX ix_attempts_request ON attempts (request_id);
+CREATE TABLE results (request_id INTEGER NOT NULL PRIMARY KEY REFERENCES requests (id),
+  status_code INTEGER, body TEXT, response_model TEXT, api_request_id TEXT,
+  prompt_tokens INTEGER DEFAULT '0' NOT NULL, cached_tokens INTEGER DEFAULT '0' NOT NULL,
+  completion_tokens INTEGER DEFAULT '0' NOT NULL, reasoning_tokens INTEGER DEFAULT '0' NOT NULL,
+  cost_pico BIGINT DEFAULT '0' NOT NULL, latency_ms INTEGER DEFAULT '0' NOT NULL,
+  finished_at FLOAT NOT NULL, error_code TEXT, error_message TEXT);
+CREATE TABLE ledger (id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs (id),
+  request_id INTEGER REFERENCES requests (id), kind VARCHAR(16) NOT NULL,
+  amount_pico BIGINT NOT NULL, at FLOAT NOT NULL);
+CREATE INDEX ix_ledger_job ON ledger (job_id);
+INSERT INTO jobs VALUES (1, '/x.jsonl', 'x', 0, 0, 1000000000000, 'stopped', 2, 20, 10, 200,
+  400, 'host:1:ab', 0);
+INSERT INTO requests VALUES (1, 1, 0, 1, 'a', '/v1/chat/completions', 'gpt-4o-mini', '{}', 10, 5,
+  200, 100, 0, 'done', 1, 0, NULL);
+INSERT INTO requests VALUES (2, 1, 1, 2, 'b', '/v1/chat/completions', 'gpt-4o-mini', '{}', 10, 5,
+  200, 100, 0, 'reserved', 0, 200, NULL);
+INSERT INTO ledger VALUES (1, 1, 1, 'result', 500, 0);
+"""

@@ -17,29 +17,26 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(
-            sa.Column("settled_pico", sa.BigInteger, nullable=False, server_default="0")
-        )
-        batch.add_column(
-            sa.Column("reserved_pico", sa.BigInteger, nullable=False, server_default="0")
-        )
-        batch.add_column(sa.Column("prices_fingerprint", sa.String(64)))
-        batch.add_column(sa.Column("paused_until", sa.Float, nullable=False, server_default="0"))
-    # Plain DROP COLUMN (SQLite >= 3.35, PostgreSQL): a batch rebuild of jobs would trip the
-    # foreign keys that point at it.
-    op.execute("ALTER TABLE jobs DROP COLUMN lease_owner")
-    op.execute("ALTER TABLE jobs DROP COLUMN lease_expires")
-    with op.batch_alter_table("requests") as batch:
-        batch.add_column(sa.Column("runner_id", sa.Integer))
-        batch.add_column(
-            sa.Column("unbounded", sa.Boolean, nullable=False, server_default=sa.false())
-        )
-        batch.add_column(
-            sa.Column("batch_worst_pico", sa.BigInteger, nullable=False, server_default="0")
-        )
-    with op.batch_alter_table("results") as batch:
-        batch.add_column(sa.Column("flags", sa.Text))
+    # Plain ADD/DROP COLUMN (SQLite >= 3.35, PostgreSQL): a batch rebuild of a table would trip
+    # the foreign keys that point at it.
+    op.add_column(
+        "jobs", sa.Column("settled_pico", sa.BigInteger, nullable=False, server_default="0")
+    )
+    op.add_column(
+        "jobs", sa.Column("reserved_pico", sa.BigInteger, nullable=False, server_default="0")
+    )
+    op.add_column("jobs", sa.Column("prices_fingerprint", sa.String(64)))
+    op.add_column("jobs", sa.Column("paused_until", sa.Float, nullable=False, server_default="0"))
+    op.drop_column("jobs", "lease_owner")
+    op.drop_column("jobs", "lease_expires")
+    op.add_column("requests", sa.Column("runner_id", sa.Integer))
+    op.add_column(
+        "requests", sa.Column("unbounded", sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    op.add_column(
+        "requests", sa.Column("batch_worst_pico", sa.BigInteger, nullable=False, server_default="0")
+    )
+    op.add_column("results", sa.Column("flags", sa.Text))
     op.create_table(
         "runners",
         sa.Column("id", sa.Integer, primary_key=True),
@@ -78,13 +75,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("events")
     op.drop_table("runners")
-    with op.batch_alter_table("results") as batch:
-        batch.drop_column("flags")
-    with op.batch_alter_table("requests") as batch:
-        batch.drop_column("batch_worst_pico")
-        batch.drop_column("unbounded")
-        batch.drop_column("runner_id")
+    op.drop_column("results", "flags")
+    for column in ("batch_worst_pico", "unbounded", "runner_id"):
+        op.drop_column("requests", column)
     op.add_column("jobs", sa.Column("lease_owner", sa.String(64)))
     op.add_column("jobs", sa.Column("lease_expires", sa.Float))
     for column in ("paused_until", "prices_fingerprint", "reserved_pico", "settled_pico"):
-        op.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        op.drop_column("jobs", column)

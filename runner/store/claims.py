@@ -447,10 +447,7 @@ class ClaimsMixin(StoreBase):
                     attempts=sa.bindparam("n"),
                     last_error=sa.bindparam("err"),
                 ),
-                [
-                    {"rid": r.request_id, "n": r.attempts, "err": r.last_error}
-                    for r in out.releases
-                ],
+                [{"rid": r.request_id, "n": r.attempts, "err": r.last_error} for r in out.releases],
             )
             reserved -= sum(r.reserved_pico for r in out.releases)
         if out.events:

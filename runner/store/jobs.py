@@ -117,7 +117,9 @@ class JobsMixin(StoreBase):
         assert job is not None
         return job
 
-    def _insert_requests(self, conn: sa.Connection, job_id: int, rows: Iterable[NewRequest]) -> None:
+    def _insert_requests(
+        self, conn: sa.Connection, job_id: int, rows: Iterable[NewRequest]
+    ) -> None:
         chunk: list[dict[str, Any]] = []
         insert = requests.insert()
         for r in rows:

@@ -11,6 +11,58 @@ from .jobs import job_from_row
 from .records import ExportRow, JobStatus, RequestState, ResultFlag, Spend
 from .schema import attempts, jobs, ledger, requests, results
 
+_SUM_KEYS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "output_limit",
+    "cost_pico",
+    "reused",
+    "reused_pico",
+    "usage_missing",
+)
+
+
+def _flagged(flag: ResultFlag) -> sa.ColumnElement[bool]:
+    return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
+
+
+def _done_sums(
+    conn: sa.Connection, job_id: int, column: sa.ColumnElement[str]
+) -> dict[str, dict[str, int]]:
+    """Tokens and cost of the finished requests, grouped by ``column`` (model or url).
+
+    ``cost_pico`` counts what this job spent; reused results (copied from an earlier job) are
+    counted apart.
+    """
+    reused = _flagged(ResultFlag.REUSED)
+
+    def total(value: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
+        return sa.func.coalesce(sa.func.sum(value), 0)
+
+    rows = conn.execute(
+        sa.select(
+            column,
+            sa.func.count(),
+            total(results.c.prompt_tokens),
+            total(results.c.completion_tokens),
+            total(results.c.cached_tokens),
+            total(results.c.reasoning_tokens),
+            total(requests.c.output_limit),
+            total(sa.case((reused, 0), else_=results.c.cost_pico)),
+            total(sa.case((reused, 1), else_=0)),
+            total(sa.case((reused, results.c.cost_pico), else_=0)),
+            total(sa.case((_flagged(ResultFlag.USAGE_MISSING), 1), else_=0)),
+        )
+        .select_from(results.join(requests, results.c.request_id == requests.c.id))
+        .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE)
+        .group_by(column)
+        .order_by(column)
+    )
+    return {str(r[0]): dict(zip(_SUM_KEYS, map(int, r[1:]), strict=True)) for r in rows}
+
 
 class ReadsMixin(StoreBase):
     def spend(self, job_id: int) -> Spend:
@@ -74,7 +126,6 @@ class ReadsMixin(StoreBase):
             )
 
     def status(self, job_id: int) -> JobStatus:
-        done = requests.c.state == RequestState.DONE
         with self.reading() as conn:
             job = job_from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
             states = {
@@ -86,43 +137,9 @@ class ReadsMixin(StoreBase):
                 )
             }
             joined = results.join(requests, results.c.request_id == requests.c.id)
-            reused = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.REUSED}%")
-            missing = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.USAGE_MISSING}%")
-            groups: dict[str, dict[str, dict[str, int]]] = {"model": {}, "url": {}}
-            tot = [0, 0, 0, 0, 0, 0, 0, 0]
-            for key, column in (("model", requests.c.model), ("url", requests.c.url)):
-                for row in conn.execute(
-                    sa.select(
-                        column,
-                        sa.func.count(),
-                        sa.func.coalesce(sa.func.sum(results.c.prompt_tokens), 0),
-                        sa.func.coalesce(sa.func.sum(results.c.completion_tokens), 0),
-                        sa.func.coalesce(sa.func.sum(results.c.cached_tokens), 0),
-                        sa.func.coalesce(sa.func.sum(results.c.reasoning_tokens), 0),
-                        sa.func.coalesce(sa.func.sum(requests.c.output_limit), 0),
-                        sa.func.coalesce(sa.func.sum(sa.case((reused, 0), else_=results.c.cost_pico)), 0),
-                        sa.func.coalesce(sa.func.sum(sa.case((reused, 1), else_=0)), 0),
-                        sa.func.coalesce(sa.func.sum(sa.case((reused, results.c.cost_pico), else_=0)), 0),
-                        sa.func.coalesce(sa.func.sum(sa.case((missing, 1), else_=0)), 0),
-                    )
-                    .select_from(joined)
-                    .where(requests.c.job_id == job_id, done)
-                    .group_by(column)
-                    .order_by(column)
-                ):
-                    values = [int(v) for v in row[1:]]
-                    groups[key][str(row[0])] = {
-                        "requests": values[0],
-                        "input_tokens": values[1],
-                        "output_tokens": values[2],
-                        "cost_pico": values[6],
-                    }
-                    if key == "model":
-                        for i, v in enumerate(
-                            (values[1], values[2], values[3], values[4], values[5], values[7],
-                             values[8], values[9])
-                        ):  # fmt: skip
-                            tot[i] += v
+            by_model = _done_sums(conn, job_id, requests.c.model)
+            by_endpoint = _done_sums(conn, job_id, requests.c.url)
+            tot = {k: sum(g[k] for g in by_model.values()) for k in _SUM_KEYS}
             unknown = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount_pico), 0)).where(
                     ledger.c.job_id == job_id, ledger.c.kind == "unknown"
@@ -159,19 +176,19 @@ class ReadsMixin(StoreBase):
             states=states,
             spend=Spend(int(books.settled_pico), int(books.reserved_pico)),
             unknown_pico=int(unknown),
-            input_tokens=tot[0],
-            output_tokens=tot[1],
-            cached_tokens=tot[2],
-            reasoning_tokens=tot[3],
-            done_output_limit=tot[4],
+            input_tokens=tot["input_tokens"],
+            output_tokens=tot["output_tokens"],
+            cached_tokens=tot["cached_tokens"],
+            reasoning_tokens=tot["reasoning_tokens"],
+            done_output_limit=tot["output_limit"],
             errors=errors,
             pending_worst_pico=int(pending[0]),
             pending_floor_pico=int(pending[1]),
-            reused=tot[5],
-            reused_pico=tot[6],
-            usage_missing=tot[7],
-            by_model=groups["model"],
-            by_endpoint=groups["url"],
+            reused=tot["reused"],
+            reused_pico=tot["reused_pico"],
+            usage_missing=tot["usage_missing"],
+            by_model=by_model,
+            by_endpoint=by_endpoint,
         )
 
     def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:

@@ -88,6 +88,7 @@ class SQLite:
             engine = sa.create_engine(url, connect_args={"check_same_thread": False})
             sa.event.listen(engine, "connect", _on_connect_readonly)
         else:
+            self._refuse_foreign()
             try:
                 _create_private(path)
             except OSError as exc:
@@ -117,6 +118,24 @@ class SQLite:
             raise StoreError(
                 f"{self.path}: the database file was deleted or replaced while batchrun was "
                 "using it; stopping so that no result is written where nobody can read it"
+            )
+
+    def _refuse_foreign(self) -> None:
+        """Look before opening for writing (which switches the file to WAL mode): a file that
+        holds another program's tables is never touched."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+            ) as conn:
+                names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.Error:
+            return  # not a database at all: the migration check says so in plain words
+        if names and "alembic_version" not in names:
+            raise StoreError(
+                f"{self.path}: this database holds tables that are not batchrun's; pass --db "
+                "with a new file (or an empty database)"
             )
 
     def is_foreign(self, engine: Engine) -> bool:

@@ -1,0 +1,474 @@
+"""The synchronous API through a worker pool: each request its own HTTP call, as fast as the
+rate limits allow.
+
+A feeder claims requests ahead of the workers (so no worker waits on the database for its next
+one); workers send them through the transport under the governor and settle them in the books.
+The pool sizes itself: in flight = rate x latency (Little's law), from the limit the governor
+knows and the latency it observes, or (no limit known) from the throughput it achieves, within
+``--concurrency``.
+
+Failures are sorted by what they cost:
+- a rate-limit 429 is governed, not failed: it never counts against ``--max-attempts``;
+- a connection that was never made sent nothing: no charge, no attempt used; the whole pool
+  backs off while the API is unreachable, and the run stops with UNREACHABLE past the limit;
+- the same refusal on every one of the first requests (a wrong base URL or key) stops the run
+  as a usage error, leaving those requests pending instead of failing them;
+- anything that may have been billed (a timeout, a dropped or malformed response) is charged
+  its worst case, durably, before the request is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ..endpoints import endpoint_for
+from ..engine import Books, Control, RunOutcome
+from ..governor import Governor
+from ..retry import Action, Backoff, Verdict, classify
+from ..settings import Limits, Retry
+from ..store import Beat, PendingRequest
+from ..transport import OpenAITransport, Outcome
+
+_RESIZE_EVERY = 0.5  # seconds between pool resizes
+_LATENCY_SMOOTHING = 0.2  # weight of the newest latency in the running average
+_MIN_POOL = 8
+_MAX_PREFETCH = 1024
+_OUTAGE_FIRST_WAIT = 0.25
+_OUTAGE_MAX_WAIT = 5.0
+
+
+class _Pool:
+    """A resizable limit on requests in flight."""
+
+    def __init__(self, initial: int, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.size = min(initial, ceiling)
+        self.in_use = 0
+        self._free = asyncio.Condition()
+        self.latency: float | None = None
+        self._finished: deque[float] = deque()  # completion times over the last few seconds
+
+    async def acquire(self) -> None:
+        async with self._free:
+            await self._free.wait_for(lambda: self.in_use < self.size)
+            self.in_use += 1
+
+    async def release(self) -> None:
+        async with self._free:
+            self.in_use -= 1
+            self._free.notify()
+
+    def observe(self, latency: float) -> None:
+        now = time.monotonic()
+        self._finished.append(now)
+        if self.latency is None:
+            self.latency = latency
+        else:
+            self.latency += _LATENCY_SMOOTHING * (latency - self.latency)
+
+    def throughput(self, window: float = 5.0) -> float:
+        now = time.monotonic()
+        finished = self._finished
+        while finished and finished[0] < now - window:
+            finished.popleft()
+        return len(finished) / window
+
+    async def resize(self, rate: float | None) -> None:
+        """In flight = rate x latency, with headroom; without a known rate, twice what the
+        observed throughput needs, so the pool keeps growing while throughput does."""
+        if self.latency is None:
+            return
+        if rate is not None:
+            want = math.ceil(rate * self.latency * 1.25) + 2
+        else:
+            want = max(self.size, math.ceil(2 * self.throughput() * self.latency) + 2)
+        size = max(_MIN_POOL, min(self.ceiling, want))
+        if size != self.size:
+            async with self._free:
+                self.size = size
+                self._free.notify_all()
+
+
+class _Outage:
+    """How long the API has been unreachable, and how long to wait before the next probe.
+
+    The wait doubles per failed probe, not per failed request: the requests that were in flight
+    when the API went away all fail at once.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.wait = 0.0
+        self._until = 0.0
+
+    def failed(self) -> float:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            self.wait = _OUTAGE_FIRST_WAIT
+        elif now >= self._until:
+            self.wait = min(self.wait * 2, _OUTAGE_MAX_WAIT)
+        else:
+            return self._until - now
+        self._until = now + self.wait
+        return self.wait
+
+    def reached(self) -> None:
+        self.since = None
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+
+@dataclass(slots=True)
+class _Held:
+    req: PendingRequest
+    out: Outcome
+    verdict: Verdict
+
+
+class _FirstRefusals:
+    """Until the first success, identical refusals are held instead of failed: if the first
+    ``limit`` answers are all the same refusal (a wrong URL, a wrong key behind a proxy), the
+    run is misconfigured and its rows must not be failed for it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = limit > 0
+        self.held: list[_Held] = []
+
+    def hold(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> bool:
+        """Whether to hold this refusal (else fail it now)."""
+        if not self.open:
+            return False
+        key = (out.status, verdict.code)
+        if self.held and (self.held[0].out.status, self.held[0].verdict.code) != key:
+            self.open = False
+            return False
+        self.held.append(_Held(req, out, verdict))
+        return True
+
+    @property
+    def conclusive(self) -> bool:
+        return self.open and len(self.held) >= self.limit
+
+    def close(self) -> list[_Held]:
+        """Stop holding (a success or a different answer came): what was held, to fail now."""
+        self.open = False
+        held, self.held = self.held, []
+        return held
+
+
+class SyncBackend:
+    """Sends each request through ``transport`` under ``governor``."""
+
+    name = "sync"
+
+    def __init__(
+        self,
+        transport: OpenAITransport,
+        governor: Governor,
+        limits: Limits,
+        retry: Retry,
+        seed: int | None = None,
+    ) -> None:
+        self.transport = transport
+        self.governor = governor
+        self.limits = limits
+        self.retry = retry
+        self.backoff = Backoff(retry.backoff_base, retry.backoff_max, retry.max_wait)
+        self._rng = random.Random(seed)
+        self._pool = _Pool(min(limits.initial_concurrency, limits.concurrency), limits.concurrency)
+        self._ready: asyncio.Queue[PendingRequest] = asyncio.Queue()
+        self._taken = asyncio.Event()
+        self._on_wire: set[int] = set()
+        self._holding: dict[int, PendingRequest] = {}  # claimed by a worker, sent or not
+        self._outage = _Outage()
+        self._refusals = _FirstRefusals(retry.same_error_limit)
+        self._books: Books | None = None
+        self._control: Control | None = None
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def run(self, books: Books, control: Control) -> RunOutcome:
+        self._books, self._control = books, control
+        control.listeners.append(self._taken.set)
+        workers = [asyncio.create_task(self._worker()) for _ in range(self._pool.ceiling)]
+        sizer = asyncio.create_task(self._sizer())
+        try:
+            result = await self._feed()
+            # Let the workers finish what they hold (they exit when the queue is drained).
+            while self._holding or not self._ready.empty():
+                await books.wait_settlement(0.1)
+            return result
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            for task in (*workers, sizer):
+                task.cancel()
+            await asyncio.gather(*workers, sizer, return_exceptions=True)
+            self._abandon()
+            for held in self._refusals.close():
+                self._fail(held)
+
+    def _abandon(self) -> None:
+        """Leave the books conservative for everything this backend still holds: a request on
+        the wire is charged its worst case; every reservation goes back to pending."""
+        books = self._books
+        assert books is not None
+        while not self._ready.empty():
+            books.release(self._ready.get_nowait())
+        for rid, req in list(self._holding.items()):
+            if rid in self._on_wire:
+                books.charge_unknown(req)
+            books.release(req, "stopped before it finished")
+        self._holding.clear()
+        self._on_wire.clear()
+        books.stats.in_flight = 0
+
+    async def _feed(self) -> RunOutcome:
+        """Claim requests in file order while they fit under the cap, and queue them."""
+        books, control = self._books, self._control
+        assert books is not None and control is not None
+        while not control.stopping:
+            # Claims are database round trips: take them in chunks of at least half the
+            # queue, refilled when it runs half empty. What is claimed ahead is what a kill -9
+            # leaves charged at worst case, so the queue stays near the pool's size.
+            prefetch = min(max(64, 2 * self._pool.size), _MAX_PREFETCH)
+            if self._ready.qsize() >= prefetch // 2:
+                self._taken.clear()
+                await self._taken.wait()
+                continue
+            claim = await books.claim(prefetch - self._ready.qsize())
+            for req in claim.requests:
+                self._ready.put_nowait(req)
+            if claim.requests:
+                continue
+            mine = len(self._holding) + self._ready.qsize() + len(self._refusals.held)
+            if mine:
+                # Requests of ours are in flight or waiting to retry: what they settle may
+                # free room under the cap, or hand a request back.
+                await books.wait_settlement(1.0)
+                continue
+            if await books.open_elsewhere(mine) > 0:
+                await books.wait_settlement(1.0)  # other runners hold requests: wait for them
+                continue
+            return RunOutcome.CAPPED if claim.blocked else RunOutcome.COMPLETE
+        return RunOutcome.COMPLETE
+
+    async def _sizer(self) -> None:
+        books = self._books
+        assert books is not None
+        while True:
+            await asyncio.sleep(_RESIZE_EVERY)
+            await self._pool.resize(self.governor.rate())
+            books.stats.concurrency = self._pool.size
+            books.stats.paused_for = self.governor.paused_for
+
+    def on_beat(self, beat: Beat) -> None:
+        self.governor.set_share(1.0 / max(beat.live_runners, 1))
+        if beat.paused_until > time.time():
+            self.governor.pause_until_epoch(beat.paused_until)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    # -- workers --------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        control = self._control
+        assert control is not None
+        pool = self._pool
+        while True:
+            await pool.acquire()
+            try:
+                req = await self._ready.get()
+                self._taken.set()
+                self._holding[req.id] = req
+                try:
+                    if control.stopping:
+                        self._books_().release(req)
+                    else:
+                        await self._process(req)
+                finally:
+                    self._holding.pop(req.id, None)
+            finally:
+                await pool.release()
+
+    def _books_(self) -> Books:
+        assert self._books is not None
+        return self._books
+
+    async def _process(self, req: PendingRequest) -> None:
+        books, control = self._books_(), self._control
+        assert control is not None
+        endpoint = endpoint_for(req.url)
+        assert endpoint is not None
+        weight = req.input_tokens + req.output_limit
+        number = req.attempts
+        while True:
+            ticket = await self.governor.acquire(weight)
+            if control.stopping:
+                self.governor.done(ticket, {})
+                books.release(req, "stopped before it was sent" if req.attempts else None)
+                return
+            number += 1
+            started = time.time()
+            self._on_wire.add(req.id)
+            books.stats.in_flight += 1
+            try:
+                out = await self.transport.send(endpoint.path, req.body)
+            finally:
+                self._on_wire.discard(req.id)
+                books.stats.in_flight -= 1
+            try:
+                verdict = classify(out, endpoint, req.body)
+            except Exception:  # never lose a billed answer to a parsing surprise
+                verdict = Verdict(Action.RETRY, "invalid_response", maybe_billed=True)
+            with contextlib.suppress(Exception):  # nonsense headers must not cost the result
+                self.governor.done(ticket, out.headers, passed=not verdict.rate_limited)
+            self._pool.observe(out.latency)
+            counted = not (verdict.rate_limited or verdict.kind == "connect")
+            if counted:
+                req.attempts += 1
+            books.attempt(
+                req, number, started, out.latency, out.status,
+                None if verdict.action is Action.OK else verdict.kind,
+            )  # fmt: skip
+            if verdict.kind != "connect":
+                self._outage.reached()
+            if verdict.action is Action.OK:
+                for held in self._refusals.close():
+                    self._fail(held)
+                books.succeed(
+                    req,
+                    verdict.data or {},
+                    out.body.decode("utf-8", "replace"),
+                    status=out.status or 200,
+                    api_request_id=out.headers.get("x-request-id"),
+                    latency=out.latency,
+                )
+                return
+            books.stats.error(verdict.kind)
+            if verdict.action is Action.FAIL:
+                self._refuse(req, out, verdict)
+                return
+            if verdict.action is Action.FATAL:
+                books.release(req, verdict.message)
+                control.stop(RunOutcome.FATAL, _fatal_message(verdict.kind, verdict.message))
+                return
+            if not await self._before_retry(req, out, verdict):
+                return
+            books.stats.retries += 1
+
+    async def _before_retry(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> bool:
+        """Book what the failed attempt may have cost and wait; False if the request is done
+        with (failed, or handed back)."""
+        books, control = self._books_(), self._control
+        assert control is not None
+        if verdict.maybe_billed:
+            books.charge_unknown(req)
+            # The charge must be durable before the request can be billed again: a crash in
+            # between would leave one reservation standing for two bills.
+            spend = await books.flush()
+            if spend is not None and spend.total_pico > books.stats.cap_pico:
+                books.release(req, verdict.message)  # its retry no longer fits under the cap
+                return False
+        if verdict.rate_limited:
+            books.stats.rate_limited += 1
+            hint = self._server_wait(verdict.retry_after)
+            wait = self.governor.rate_limited(out.headers, hint, verdict.limit_kind)
+            if self.governor.paused_for > 0:
+                books.event("rate_limit_pause", self.governor.paused_for)
+        elif verdict.kind == "connect":
+            pause = self._outage.failed()
+            if self._outage.seconds > self.retry.outage_limit:
+                books.release(req, verdict.message)
+                control.stop(
+                    RunOutcome.UNREACHABLE,
+                    f"API unreachable for {self._outage.seconds:.0f}s (limit "
+                    f"{self.retry.outage_limit:.0f}s): {verdict.message}",
+                )
+                return False
+            self.governor.pause(pause)
+            books.event("unreachable", pause)
+            wait = 0.0
+        else:
+            if req.attempts >= self.retry.max_attempts:
+                books.fail(
+                    req,
+                    status=out.status,
+                    body=out.body if out.status else None,
+                    code=verdict.code or verdict.kind,
+                    message=f"gave up after {req.attempts} attempts: {verdict.message}",
+                    api_request_id=out.headers.get("x-request-id"),
+                    latency=out.latency,
+                )
+                return False
+            wait = self.backoff.delay(
+                req.attempts, self._server_wait(verdict.retry_after), self._rng
+            )
+        if control.stopping:
+            books.release(req, verdict.message)
+            return False
+        await asyncio.sleep(wait)
+        return True
+
+    def _server_wait(self, seconds: float | None) -> float | None:
+        """The server's retry wait, capped at --max-wait (and said so)."""
+        if seconds is None or seconds <= self.retry.max_wait:
+            return seconds
+        self._books_().notice(
+            f"the server asked to wait {seconds:,.0f}s before retrying; waiting "
+            f"{self.retry.max_wait:,.0f}s (--max-wait)"
+        )
+        return self.retry.max_wait
+
+    def _refuse(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> None:
+        """A refusal: hold it while the first answers are all the same refusal."""
+        refusals, control = self._refusals, self._control
+        assert control is not None
+        if not refusals.hold(req, out, verdict):
+            for held in refusals.close():
+                self._fail(held)
+            self._fail(_Held(req, out, verdict))
+            return
+        if refusals.conclusive:
+            held = refusals.close()
+            for h in held:
+                self._books_().release(h.req, h.verdict.message)
+            status = f"HTTP {out.status}" + (f" {verdict.code}" if verdict.code else "")
+            control.stop(
+                RunOutcome.REFUSED,
+                f"the first {len(held)} requests were all refused with {status}: "
+                f"{verdict.message}. Check --base-url and the API key; the requests stay "
+                "pending",
+            )
+
+    def _fail(self, held: _Held) -> None:
+        out, verdict = held.out, held.verdict
+        self._books_().fail(
+            held.req,
+            status=out.status,
+            body=out.body,
+            code=verdict.code,
+            message=verdict.message,
+            api_request_id=out.headers.get("x-request-id"),
+            latency=out.latency,
+        )
+
+
+def _fatal_message(kind: str, message: str | None) -> str:
+    what = {
+        "auth": "the API rejected the API key (HTTP 401/403)",
+        "quota": "the account has no quota left",
+    }.get(kind, "the API refused the run")
+    return f"{what}: {message}" if message else what

@@ -1,0 +1,144 @@
+"""The governor: limits from flags and headers, pauses after 429s, the probe gate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from runner.governor import PROBE_WAIT, Governor, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("12ms", 0.012),
+        ("1s", 1.0),
+        ("1.5s", 1.5),
+        ("6m0s", 360.0),
+        ("1h2m3s", 3723.0),
+        ("2m30.5s", 150.5),
+        ("-1", None),
+        ("", None),
+        ("soon", None),
+        ("0", 0.0),
+    ],
+)
+def test_go_durations_parse_with_ms_before_m(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() -> None:
+    g = Governor(probe=False)
+    t = await g.acquire(10)
+    g.done(t, {"x-ratelimit-limit-requests": "-1", "x-ratelimit-limit-tokens": "0"})
+    assert g.requests is None and g.tokens is None
+    t = await g.acquire(10)
+    g.done(
+        t,
+        {
+            "x-ratelimit-limit-requests": "600",
+            "x-ratelimit-remaining-requests": "590",
+            "x-ratelimit-limit-tokens": "90000",
+            "x-ratelimit-remaining-tokens": "1000",
+        },
+    )
+    assert g.requests is not None and g.requests.limit == 600
+    assert g.tokens is not None and g.tokens.limit == 90000
+    # the token bucket was drained to what the server said was left
+    assert not g.tokens.limiter.has_capacity(2000)
+    assert g.tokens.limiter.has_capacity(900)
+
+
+async def test_a_user_limit_above_the_servers_gives_way_to_the_server() -> None:
+    g = Governor(rpm=10_000, probe=False)
+    t = await g.acquire(1)
+    g.done(t, {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"})
+    assert g.requests is not None and g.requests.limit == 500
+
+
+async def test_only_requests_admitted_after_the_answered_one_are_subtracted() -> None:
+    g = Governor(rpm=100, probe=False)
+    tickets = [await g.acquire(1) for _ in range(11)]
+    assert g.requests is not None
+    headers = {"x-ratelimit-limit-requests": "100"}
+    # The last request is answered first: the server had received all 11 (89 left), so the
+    # 10 still in flight were already counted there and must not be subtracted again.
+    g.done(tickets[-1], {**headers, "x-ratelimit-remaining-requests": "89"})
+    assert g.requests.limiter.has_capacity(89)
+    # The first request, answered now, was seen when only it had arrived (99 left); the 9
+    # admitted after it and still unanswered may not have arrived yet.
+    g.done(tickets[0], {**headers, "x-ratelimit-remaining-requests": "99"})
+    assert g.requests.limiter.has_capacity(89)
+    # A server with less room than we think (another client shares the account) drains us.
+    g.done(tickets[1], {**headers, "x-ratelimit-remaining-requests": "50"})
+    assert not g.requests.limiter.has_capacity(50)
+    assert g.requests.limiter.has_capacity(42)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e30", "many"])
+def test_nonsense_limit_headers_are_ignored_without_raising(value: str) -> None:
+    g = Governor(probe=False)
+    g.done(0, {"x-ratelimit-limit-requests": value, "x-ratelimit-remaining-requests": value})
+    assert g.requests is None
+
+
+async def test_the_first_request_goes_alone_and_the_rest_wait_for_its_answer() -> None:
+    g = Governor()
+    probe = await g.acquire(1)
+    follower = asyncio.create_task(g.acquire(1))
+    await asyncio.sleep(0.05)
+    assert not follower.done()  # held until the probe has told us the limits
+    g.done(probe, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599"})
+    await asyncio.wait_for(follower, 1)
+    assert g.requests is not None and g.requests.limit == 600
+
+
+async def test_a_slow_probe_does_not_hold_the_rest_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runner.governor.PROBE_WAIT", 0.1)
+    g = Governor()
+    await g.acquire(1)
+    started = time.monotonic()
+    await g.acquire(1)
+    assert 0.08 < time.monotonic() - started < 1.0
+    assert PROBE_WAIT == 5.0
+
+
+async def test_an_exhausted_limit_pauses_everyone_then_releases_at_the_limits_rate() -> None:
+    g = Governor(rpm=600, probe=False)  # one request per 0.1 s once the bucket is empty
+    t = await g.acquire(1)
+    wait = g.rate_limited({"x-ratelimit-remaining-requests": "0"}, 0.2, "requests")
+    g.done(t, {}, passed=False)
+    assert wait == 0.2 and g.paused_for > 0.15
+    started = time.monotonic()
+    probe = await g.acquire(1)  # after the pause, one probe first ...
+    g.done(probe, {})
+    for _ in range(3):  # ... then the rest at the rate, not all at once
+        g.done(await g.acquire(1), {})
+    elapsed = time.monotonic() - started
+    assert 0.45 < elapsed < 0.9  # 0.2 s pause + 3 x 0.1 s
+
+
+async def test_a_429_with_headroom_backs_off_only_that_request() -> None:
+    g = Governor(rpm=600, probe=False)
+    headers = {"x-ratelimit-remaining-requests": "300", "retry-after-ms": "100"}
+    assert g.rate_limited(headers, 0.1, "requests") == 0.1
+    assert g.paused_for == 0
+
+
+async def test_without_retry_after_the_wait_is_the_reset_capped_by_what_the_limit_needs() -> None:
+    g = Governor(rpm=60, probe=False)
+    # the reset header says when the bucket is *full* again (60 s); one request needs 1 s
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "60s"}
+    assert g.rate_limited(headers, None, "requests") == pytest.approx(1.0)
+    headers["x-ratelimit-reset-requests"] = "300ms"
+    assert g.rate_limited(headers, None, "requests") == pytest.approx(0.3)
+
+
+def test_a_runner_governs_at_its_share_of_the_organizations_limits() -> None:
+    g = Governor(rpm=600, tpm=90_000, probe=False)
+    g.set_share(1 / 3)
+    assert g.requests is not None and g.requests.limit == 200
+    assert g.tokens is not None and g.tokens.limit == 30_000
+    assert g.rate() == pytest.approx(200 / 60)
