@@ -18,6 +18,7 @@ from openai.types import Batch
 
 from runner.pricing import load_price_table
 from runner.simulator import SimulatorThread
+from runner.simulator.answers import _Answers
 from runner.tokens import count_request
 from tests.books import body_digest, watch_bills
 
@@ -436,3 +437,15 @@ async def test_file_content_is_streamed_not_held(
     assert received.hexdigest() == digest
     assert simulator.ledger_snapshot()["files"]["bytes"] == size
     assert peak < size // 4, f"peak {peak} bytes for a {size}-byte file"
+
+
+async def test_a_broken_batch_fails_instead_of_hanging(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*_: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(_Answers, "reply", boom)
+    batch = await run_batch(client, [line("a", chat("x"))])
+    assert batch.status == "failed" and batch.errors is not None and batch.errors.data
+    assert batch.errors.data[0].code == "server_error"

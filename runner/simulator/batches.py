@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .files import _FileStore
 from .ledger import Ledger
 from .responses import _page
 
+_log = logging.getLogger(__name__)
 # answer_line(url, body bytes, api key) -> (status, response body, usage when billed)
 _AnswerLine = Callable[[str, bytes, str], tuple[int, dict[str, Any], _Tokens | None]]
 
@@ -295,6 +297,13 @@ class _Batches:
             batch.error_file_id = errors.publish()
             final = {"finalizing": "completed", "cancelling": "cancelled"}
             batch.enter(final.get(batch.status, "expired"))
+        except Exception as exc:  # a simulator bug must not leave a client polling forever
+            _log.exception("batch %s broke", batch.id)
+            message = f"The simulator failed: {exc!r}"
+            batch.errors = [
+                {"code": "server_error", "message": message, "param": None, "line": None}
+            ]
+            batch.enter("failed")
         finally:
             output.discard()
             errors.discard()

@@ -198,7 +198,6 @@ class _Setting:
 
     name: str
     kind: type  # int, float, str or bool
-    optional: bool  # None is a valid value (and then the default)
     default: Any
     help: str
 
@@ -214,8 +213,7 @@ def _settings() -> tuple[_Setting, ...]:
     """Every SimConfig field, in declaration order."""
     out = []
     for f in dataclasses.fields(SimConfig):
-        kind, optional = _kind(f)
-        out.append(_Setting(f.name, kind, optional, f.default, f.metadata["help"]))
+        out.append(_Setting(f.name, _kind(f)[0], f.default, f.metadata["help"]))
     return tuple(out)
 
 

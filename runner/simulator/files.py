@@ -120,13 +120,24 @@ class _FileStore:
 
     async def _upload(self, request: web.BaseRequest) -> dict[str, Any]:
         """``POST /v1/files``: multipart with ``purpose`` and ``file``, streamed to disk."""
-        try:
-            reader = await request.multipart()
-        except (AssertionError, ValueError, KeyError):
-            raise _ApiError(400, "Expected a multipart/form-data body.") from None
+        purpose, upload = await self._read_form(request)
+        problem = _form_problem(purpose, upload)
+        if problem is not None:
+            _discard(upload)
+            raise problem
+        assert purpose is not None and upload is not None
+        stored = self.add(upload[0], upload[1], purpose)
+        self._ledger().files_uploaded += 1
+        return stored.to_dict()
+
+    async def _read_form(
+        self, request: web.BaseRequest
+    ) -> tuple[str | None, tuple[Path, str] | None]:
+        """The ``purpose`` field and the ``file`` part (on disk, with its name) of the body."""
         purpose: str | None = None
         upload: tuple[Path, str] | None = None
         try:
+            reader = await request.multipart()
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise _ApiError(400, "Nested multipart bodies are not supported.")
@@ -136,23 +147,13 @@ class _FileStore:
                     upload = (await self._receive(part), part.filename or "upload")
                 else:
                     await part.release()
-            if purpose is None:
-                raise _ApiError(400, "Missing required parameter: 'purpose'.", param="purpose")
-            if purpose != "batch":
-                message = f"Invalid value for 'purpose': {purpose!r}. The simulator stores 'batch'."
-                raise _ApiError(400, message, param="purpose")
-            if upload is None:
-                raise _ApiError(400, "Missing required parameter: 'file'.", param="file")
-            if not upload[1].endswith(".jsonl"):
-                message = "Invalid file format for Batch API. Must be .jsonl"
-                raise _ApiError(400, message, param="file")
+        except (AssertionError, ValueError, KeyError):  # what aiohttp raises on a bad body
+            _discard(upload)
+            raise _ApiError(400, "Could not read the multipart/form-data body.") from None
         except BaseException:
-            if upload is not None:
-                upload[0].unlink(missing_ok=True)
+            _discard(upload)
             raise
-        stored = self.add(upload[0], upload[1], purpose)
-        self._ledger().files_uploaded += 1
-        return stored.to_dict()
+        return purpose, upload
 
     async def _receive(self, part: BodyPartReader) -> Path:
         """Write one part to a new file, chunk by chunk."""
@@ -170,3 +171,22 @@ class _FileStore:
             path.unlink(missing_ok=True)
             raise
         return path
+
+
+def _discard(upload: tuple[Path, str] | None) -> None:
+    if upload is not None:
+        upload[0].unlink(missing_ok=True)
+
+
+def _form_problem(purpose: str | None, upload: tuple[Path, str] | None) -> _ApiError | None:
+    """Why the API would refuse this upload, if it would."""
+    if purpose is None:
+        return _ApiError(400, "Missing required parameter: 'purpose'.", param="purpose")
+    if purpose != "batch":
+        message = f"Invalid value for 'purpose': {purpose!r}. The simulator stores 'batch'."
+        return _ApiError(400, message, param="purpose")
+    if upload is None:
+        return _ApiError(400, "Missing required parameter: 'file'.", param="file")
+    if not upload[1].endswith(".jsonl"):
+        return _ApiError(400, "Invalid file format for Batch API. Must be .jsonl", param="file")
+    return None

@@ -68,7 +68,9 @@ class SimulatorThread:
         self.stop()
 
     def _run(self, coro: Any) -> Any:
-        assert self._loop is not None
+        if self._loop is None:
+            coro.close()
+            raise RuntimeError("the simulator thread is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=_TIMEOUT_S)
 
     def call(self, fn: Callable[[], _T]) -> _T:
