@@ -22,6 +22,7 @@ from .errors import BatchrunError, JobFileError, UsageError
 from .money import MAX_PICO, format_usd, usd_to_pico
 from .redact import redact
 from .settings import DEFAULT_DB, DEMO_CAP_USD, Limits, Retry, RunSettings, Stopping, Transport
+from .simulator.cli import simulate
 
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
@@ -485,54 +486,4 @@ def export(db: str, job_id: int | None, output: Path | None) -> None:
         store.close()
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8765, show_default=True, help="Port (0: any free).")
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests-per-minute bucket.")
-@click.option("--tpm", type=click.IntRange(min=1), help="Tokens-per-minute bucket.")
-@click.option(
-    "--latency-ms", type=float, default=0.0, show_default=True, help="Mean latency of a response."
-)
-@click.option(
-    "--p-429", type=float, default=0.0, help="Share of requests answered with an injected 429."
-)
-@click.option("--p-500", type=float, default=0.0, help="Share answered with a 500.")
-@click.option("--p-reset", type=float, default=0.0, help="Share whose connection is reset.")
-@click.option("--quota-usd", help="Answer insufficient_quota once this much has been billed.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fault RNG seed.")
-@prices_option
-def simulate(
-    host: str,
-    port: int,
-    rpm: int | None,
-    tpm: int | None,
-    latency_ms: float,
-    p_429: float,
-    p_500: float,
-    p_reset: float,
-    quota_usd: str | None,
-    seed: int,
-    prices: Path | None,
-) -> None:
-    """Serve the built-in OpenAI-compatible simulator until Ctrl-C.
-
-    Point batchrun at it with --base-url (any OPENAI_API_KEY works). GET /_sim/ledger shows
-    what it billed.
-    """
-    from .pricing import load_price_table
-    from .simulator import SimConfig, serve
-
-    try:
-        config = SimConfig(
-            rpm=rpm,
-            tpm=tpm,
-            latency_ms=latency_ms,
-            p_429=p_429,
-            p_500=p_500,
-            p_reset=p_reset,
-            quota_usd=quota_usd,
-            seed=seed,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    serve(config, host, port, load_price_table(prices))
+main.add_command(simulate)

@@ -105,7 +105,7 @@ def test_a_runner_declared_dead_stops_at_once_and_writes_nothing_more(
     with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("UPDATE runners SET state = 'dead'")  # what another runner's recovery does
     finished_then = rows(db, "SELECT COUNT(*) FROM results")[0][0]
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2, err
     assert "took over" in err and "Traceback" not in err
     assert rows(db, "SELECT COUNT(*) FROM results")[0][0] == finished_then
