@@ -321,6 +321,8 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
 )
 @click.option(
     "--heartbeat-ttl",
+    "--lease-ttl",
+    "heartbeat_ttl",
     type=_Seconds(1),
     default=_default(Stopping, "heartbeat_ttl"),
     show_default=True,

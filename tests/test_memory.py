@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .helpers import make_job
+from .jobgen import write_job
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 200_000
@@ -46,7 +46,7 @@ _CHILD = textwrap.dedent(
 def test_pricing_200k_requests_peaks_under_200_mb(tmp_path: Path) -> None:
     path = tmp_path / "big.jsonl"
     # all three endpoints, so both vocabularies (o200k and cl100k) are in memory
-    make_job.write_job(path, REQUESTS, mix=("chat", "responses", "embeddings"), prompt_words=24)
+    write_job(path, REQUESTS, mix=("chat", "responses", "embeddings"), prompt_words=24)
     assert path.stat().st_size > 50 * 1024 * 1024
 
     result = subprocess.run(

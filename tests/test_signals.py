@@ -62,7 +62,8 @@ def test_a_signal_stops_dispatch_lets_in_flight_requests_finish_and_says_how_to_
     assert b.ledger_pico == ledger["billed_pico"]  # no unknown outcome: the books are exact
     assert scalar(db, "SELECT COUNT(*) FROM attempts") == b.done
     assert (
-        scalar(db, "SELECT COUNT(*) FROM jobs WHERE state = 'stopped' AND lease_owner IS NULL") == 1
+        scalar(db, "SELECT COUNT(*) FROM jobs WHERE state = 'stopped'") == 1
+        and scalar(db, "SELECT COUNT(*) FROM runners WHERE state = 'live'") == 0
     )
     assert_consistent(db)
     again = _resume(job, db, sim)
@@ -95,9 +96,10 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_database_consistent(
     assert_consistent(db)
     b = books(db)
     # The abandoned requests are queued again and charged at worst case: their fate is unknown.
-    assert b.done == 0 and b.reserved == 0 and b.pending == 200
+    # (The probe, the first request, may have come back before the rest were sent.)
+    assert b.reserved == 0 and b.done <= 1 and b.done + b.pending == 200
     unknown = scalar(db, "SELECT COUNT(*) FROM ledger WHERE kind = 'unknown'")
-    assert unknown == sim.ledger_snapshot()["requests_received"] == 8
+    assert unknown == sim.ledger_snapshot()["requests_received"] - b.done >= 8
     wait_quiet(sim)  # the server still bills what it received
     assert_covers_bill(db, sim, bills)
     again = _resume(job, db, sim)

@@ -153,7 +153,7 @@ async def test_short_embeddings_are_billed(make_simulator: MakeSim) -> None:
     body = {"model": "text-embedding-3-small", "input": ["a", "b", "c"], "encoding_format": "float"}
     data = await post(sim, "/embeddings", body)
     assert len(data["data"]) == 2
-    assert EMBEDDINGS.check_response(body, data) == "2 embedding(s) for 3 input(s)"
+    assert EMBEDDINGS.check_response(json.dumps(body), data) == "2 embedding(s) for 3 input(s)"
     assert sim.ledger_snapshot()["billed_pico"] == TABLE.resolve("text-embedding-3-small").cost(
         data["usage"]["prompt_tokens"]
     )
