@@ -341,6 +341,13 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     help="The file at this path changed: run its new content as a new job instead of refusing.",
 )
 @click.option(
+    "--retry-failed", "retry_failed", is_flag=False, flag_value="", default=None,
+    metavar="[CODES]",
+    help="Queue the job's failed requests again (all of them, or only those whose error code "
+    "or HTTP status is in the comma-separated CODES, e.g. --retry-failed=404,500) and run "
+    "them under the same cap.",
+)  # fmt: skip
+@click.option(
     "--allow-unbounded",
     is_flag=True,
     help="Send requests that continue a stored "
@@ -349,29 +356,7 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
 )
 @prices_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-def run(
-    jobfile: Path | None,
-    db: str,
-    job_id: int | None,
-    cap: int | None,
-    rpm: int | None,
-    tpm: int | None,
-    concurrency: int,
-    max_attempts: int,
-    backoff_base: float,
-    backoff_max: float,
-    max_wait: float,
-    outage_limit: float,
-    base_url: str | None,
-    timeout: float,
-    grace: float,
-    heartbeat_ttl: float,
-    simulate: bool,
-    new_job: bool,
-    allow_unbounded: bool,
-    prices: Path | None,
-    quiet: bool,
-) -> None:
+def run(**options: Any) -> None:
     """Price JOBFILE, then run it under the spend cap, recording every result in --db.
 
     Running the same command again resumes: finished requests are never sent again.
@@ -382,28 +367,7 @@ def run(
 
     from .run import conclude, run_job
 
-    if (jobfile is None) == (job_id is None):
-        raise UsageError("give a JOBFILE, or --job ID to run a job already in --db")
-    if cap is None:
-        if not simulate:
-            raise UsageError("--cap is required: the most this job may spend, e.g. --cap 5.00")
-        cap = usd_to_pico(DEMO_CAP_USD)
-    settings = RunSettings(
-        cap_pico=cap,
-        jobfile=jobfile,
-        db=db,
-        job_id=job_id,
-        prices=prices,
-        new_job=new_job,
-        allow_unbounded=allow_unbounded,
-        simulate=simulate,
-        quiet=quiet,
-        limits=Limits(rpm=rpm, tpm=tpm, concurrency=concurrency),
-        retry=Retry(max_attempts=max_attempts, backoff_base=backoff_base,
-                    backoff_max=backoff_max, max_wait=max_wait, outage_limit=outage_limit),
-        transport=Transport(base_url=base_url, timeout=timeout),
-        stopping=Stopping(grace=grace, heartbeat_ttl=heartbeat_ttl),
-    )  # fmt: skip
+    settings = _run_settings(options)
     report, store, job = asyncio.run(run_job(settings, _say))
     from .report import format_status
 
@@ -418,25 +382,85 @@ def run(
     sys.exit(end.exit_code)
 
 
+def _codes(value: str | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    return frozenset(code.strip() for code in value.split(",") if code.strip())
+
+
+def _run_settings(o: dict[str, Any]) -> RunSettings:
+    """``run``'s options as settings (defaults were taken from ``settings`` by the options)."""
+    if (o["jobfile"] is None) == (o["job_id"] is None):
+        raise UsageError("give a JOBFILE, or --job ID to run a job already in --db")
+    cap = o["cap"]
+    if cap is None:
+        if not o["simulate"]:
+            raise UsageError("--cap is required: the most this job may spend, e.g. --cap 5.00")
+        cap = usd_to_pico(DEMO_CAP_USD)
+    return RunSettings(
+        cap_pico=cap,
+        jobfile=o["jobfile"],
+        db=o["db"],
+        job_id=o["job_id"],
+        prices=o["prices"],
+        new_job=o["new_job"],
+        retry_failed=_codes(o["retry_failed"]),
+        allow_unbounded=o["allow_unbounded"],
+        simulate=o["simulate"],
+        quiet=o["quiet"],
+        limits=Limits(rpm=o["rpm"], tpm=o["tpm"], concurrency=o["concurrency"]),
+        retry=Retry(
+            max_attempts=o["max_attempts"],
+            backoff_base=o["backoff_base"],
+            backoff_max=o["backoff_max"],
+            max_wait=o["max_wait"],
+            outage_limit=o["outage_limit"],
+        ),
+        transport=Transport(base_url=o["base_url"], timeout=o["timeout"]),
+        stopping=Stopping(grace=o["grace"], heartbeat_ttl=o["heartbeat_ttl"]),
+    )
+
+
 def _open_readonly(db: str) -> Any:
     from .store import open_store
 
     return open_store(db, readonly=True)
 
 
+def _job_of(store: Any, job_id: int | None) -> Any:
+    """The job ``job_id`` in ``store``, or its most recent one."""
+    jobs = store.all_jobs()
+    chosen = [j for j in jobs if job_id is None or j.id == job_id]
+    if not chosen:
+        raise UsageError(
+            f"{store.name}: no job {job_id}" if job_id else f"{store.name}: no jobs yet"
+        )
+    return chosen[-1]
+
+
 @main.command()
 @db_option
 @click.option("--job", "job_id", type=int, help="Only this job id (default: every job).")
+@click.option(
+    "--failed", "list_failed", is_flag=True,
+    help="List the failed requests (custom_id, error code, message) instead.",
+)  # fmt: skip
 @json_option
-def status(db: str, job_id: int | None, as_json: bool) -> None:
+def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> None:
     """Show each job: requests by state, spend vs cap, tokens, errors, projected cost.
 
     Example: batchrun status --db batchrun.db --job 1
     """
-    from .report import format_status, status_json
+    from .report import failed_json, format_failed, format_status, status_json
 
     store = _open_readonly(db)
     try:
+        if list_failed:
+            job = _job_of(store, job_id)
+            failed = list(store.failed(job.id))
+            _say(json.dumps(failed_json(job.id, failed), indent=2) if as_json
+                 else format_failed(job.id, failed))  # fmt: skip
+            return
         jobs = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
         if job_id is not None and not jobs:
             raise UsageError(f"{db}: no job {job_id}")
@@ -453,37 +477,32 @@ def status(db: str, job_id: int | None, as_json: bool) -> None:
 @db_option
 @click.option("--job", "job_id", type=int, help="Job id (default: the most recent job).")
 @click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
     help="Write to this file (default: standard output). Written atomically.",
-)
-def export(db: str, job_id: int | None, output: Path | None) -> None:
+)  # fmt: skip
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+    help="jsonl: the Batch API output format; csv: custom_id, status, output text, finish "
+    "reason, input/output tokens, cost, error (for spreadsheets and pandas).",
+)  # fmt: skip
+@click.option(
+    "--only", type=click.Choice(["ok", "failed"]),
+    help="Only the requests that succeeded, or only those that failed for good.",
+)  # fmt: skip
+def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str | None) -> None:
     """Write results in the Batch API output format, one line per request, in file order.
 
     Example: batchrun export --db batchrun.db -o results.jsonl
     """
-    from .report import export_lines
+    from .export import csv_lines, export_lines, write_lines
 
     store = _open_readonly(db)
     try:
-        jobs = store.all_jobs()
-        chosen = [j for j in jobs if job_id is None or j.id == job_id]
-        if not chosen:
-            raise UsageError(f"{db}: no job {job_id}" if job_id else f"{db}: no jobs yet")
-        job = chosen[-1]
-        lines = export_lines(job, store.iter_export(job.id))
-        if output is None:
-            out = sys.stdout
-            for line in lines:
-                out.write(line + "\n")
-            out.flush()
-        else:
-            tmp = output.with_name(output.name + ".partial")
-            with tmp.open("w", encoding="utf-8") as fh:
-                for line in lines:
-                    fh.write(line + "\n")
-            tmp.replace(output)
+        job = _job_of(store, job_id)
+        rows = store.iter_export(job.id, only)
+        lines = csv_lines(rows) if fmt == "csv" else export_lines(job, rows)
+        protect = [Path(db)] if "://" not in db else []
+        write_lines(lines, output, protect)
     finally:
         store.close()
 

@@ -19,11 +19,21 @@ __all__ = [
     "CHAT",
     "EMBEDDINGS",
     "ENDPOINTS",
+    "MAX_CHOICES",
+    "MAX_OUTPUT_TOKENS",
     "RESPONSES",
     "Endpoint",
     "Usage",
     "endpoint_for",
 ]
+
+
+# No model writes more than this many tokens in one completion, and the API allows at most this
+# many choices (n): larger values are mistakes, and their worst cases would not fit the books.
+MAX_OUTPUT_TOKENS = 10_000_000
+MAX_CHOICES = 128
+# A usage count beyond this is nonsense from a broken server: its cost is booked at worst case.
+MAX_USAGE_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +53,14 @@ class Usage:
 
 
 def _count(value: Any) -> int | None:
-    """A token count as the API sends it: a non-negative integer (or an integral float)."""
+    """A token count as the API sends it: a non-negative integer (or an integral float) no
+    larger than any real response's."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
-        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
     return None
 
 
@@ -78,6 +89,10 @@ class Endpoint:
     # not (a response that does not answer its request is not a result).
     check_response: Callable[[str, Mapping[str, Any]], str | None]
     # The Batch API's limit on inputs summed over one batch (embeddings), if any.
+    # The answer of a response in plain text, and why it ended (for spreadsheets, not for books).
+    text_of: Callable[[Mapping[str, Any]], tuple[str, str | None]] = field(
+        default=lambda _data: ("", None)
+    )
     batch_max_inputs: int | None = None
     inputs_of: Callable[[Mapping[str, Any]], int] = field(default=lambda _body: 1)
 
@@ -168,6 +183,36 @@ def _check_embeddings(request: str, data: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _chat_text(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    texts: list[str] = []
+    reason = None
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = _obj(choice.get("message"))
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif message.get("refusal"):
+            texts.append(str(message["refusal"]))
+        reason = reason or choice.get("finish_reason")
+    return "\n".join(texts), reason if isinstance(reason, str) else None
+
+
+def _responses_text(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    texts = [
+        part.get("text", "")
+        for item in data.get("output") or ()
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or ()
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    ]
+    reason = _obj(data.get("incomplete_details")).get("reason") or data.get("status")
+    return "".join(t for t in texts if isinstance(t, str)), reason if isinstance(
+        reason, str
+    ) else None
+
+
 CHAT = Endpoint(
     url="/v1/chat/completions",
     name="chat",
@@ -182,6 +227,7 @@ CHAT = Endpoint(
     ),
     has_output=True,
     check_response=_check_chat,
+    text_of=_chat_text,
 )
 RESPONSES = Endpoint(
     url="/v1/responses",
@@ -200,6 +246,7 @@ RESPONSES = Endpoint(
     ),
     has_output=True,
     check_response=_check_responses,
+    text_of=_responses_text,
 )
 EMBEDDINGS = Endpoint(
     url="/v1/embeddings",

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from .endpoints import Usage, endpoint_for
 from .errors import BatchrunError
+from .money import format_usd
 from .pricing import PriceTable
 from .redact import redact
 from .settings import Stopping, Writer
@@ -218,6 +219,9 @@ class Books:
         self._out = Outcomes()
         self._flush_now = asyncio.Event()
         self._settled = asyncio.Event()  # something settled or was released
+        # Set when an allowed unbounded request cost more than its worst case: send nothing
+        # new until what is in flight has settled and the cap is checked against the books.
+        self.recheck = False
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
 
@@ -330,19 +334,27 @@ class Books:
 
     def _overrun(self, req: PendingRequest, cost: int) -> None:
         """A response cost more than its reserved worst case: the cap's arithmetic no longer
-        holds for what is in flight, so dispatch stops unless the request was known to be
-        unbounded and allowed."""
+        holds for what is in flight. Dispatch stops at once. A request known to be unbounded
+        (and allowed) only holds dispatch until the cap has been checked again; anything else
+        means the server bills past the limits, and the run stops."""
         extra = cost - req.worst_pico
         self.stats.overruns += 1
         self.stats.overrun_pico += extra
-        self.event("overrun", detail=f"{req.custom_id}: +{extra} pico over its worst case")
-        if not (req.unbounded and self.allow_unbounded):
-            self.control.stop(
-                RunOutcome.OVERRUN,
-                f"request {req.custom_id!r} cost more than its reserved worst case; sending "
-                "stopped so the cap holds (a server that bills past the output limits, or a "
-                "request carrying earlier turns)",
+        self.event("overrun", detail=f"{req.custom_id}: {extra} pico over its worst case")
+        self._flush_now.set()
+        if req.unbounded and self.allow_unbounded:
+            self.recheck = True
+            self.notice(
+                f"request {req.custom_id!r} cost {format_usd(extra)} more than its reserved "
+                "worst case; checking the cap before sending more"
             )
+            return
+        self.control.stop(
+            RunOutcome.OVERRUN,
+            f"request {req.custom_id!r} cost {format_usd(extra)} more than its reserved worst "
+            "case; sending stopped so the cap holds (a server that bills past the output "
+            "limits, or a request carrying earlier turns)",
+        )
 
     def fail(
         self,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .endpoints import ENDPOINTS
+from .endpoints import ENDPOINTS, MAX_CHOICES, MAX_OUTPUT_TOKENS
 from .errors import JobFileError, Problem
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is a problem; never read more than this at once
@@ -449,6 +449,9 @@ class JobReader:
                     errors.append(
                         (f"body.{key}", f"must be a positive integer, got {_show(value)}")
                     )
+                elif value > (MAX_CHOICES if key == "n" else MAX_OUTPUT_TOKENS):
+                    most = MAX_CHOICES if key == "n" else MAX_OUTPUT_TOKENS
+                    errors.append((f"body.{key}", f"at most {most:,}, got {value:,}"))
         foreign = _FOREIGN_LIMITS.get(kind or "")
         if foreign:
             for key, hint in foreign.items():

@@ -12,6 +12,8 @@ from decimal import Decimal, InvalidOperation
 PICO_PER_USD = 10**12
 # The most any amount may be: a signed 64-bit column holds 9.22e18 picodollars ($9.2M).
 MAX_PICO = 9_000_000 * PICO_PER_USD
+# No model costs more than this per 1M tokens; a larger price is a typo in a price file.
+MAX_USD_PER_MTOK = 100_000
 # A price per 1M tokens in USD, times this, is the price of one token in picodollars.
 PICO_PER_TOKEN_PER_USD_PER_MTOK = 10**6
 
@@ -42,6 +44,8 @@ def price_per_mtok_to_pico_per_token(value: str | int | Decimal) -> int:
         raise ValueError(f"not a price: {value!r}") from None
     if not d.is_finite() or d < 0:
         raise ValueError(f"not a price: {value!r}")
+    if d > MAX_USD_PER_MTOK:
+        raise ValueError(f"{value!r} is more than ${MAX_USD_PER_MTOK:,} per 1M tokens")
     per_token = d * PICO_PER_TOKEN_PER_USD_PER_MTOK
     if per_token != per_token.to_integral_value():
         raise ValueError(f"price {value!r} has more than six decimals")

@@ -18,6 +18,7 @@ from pathlib import Path
 from .endpoints import endpoint_for
 from .errors import PriceError
 from .jobfile import JobLine, JobReader
+from .money import MAX_PICO, format_usd
 from .pricing import Price, PriceTable
 from .store import NewRequest
 from .tokens import TextBatch, TokenCount, count_request
@@ -205,6 +206,12 @@ class Planner:
                 self._note(count)
             if keep_rows:
                 floor, worst = acc.price.bounds(count.tokens, limit)
+                if worst > MAX_PICO:
+                    raise PriceError(
+                        f"{path}:{jl.line}: body: its worst case ({format_usd(worst, 2)}) is "
+                        f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); lower its "
+                        "output limit"
+                    )
                 _, batch_worst = acc.price.bounds(count.tokens, limit, batch=True)
                 yield NewRequest(
                     seq=seq,
@@ -248,6 +255,12 @@ class Planner:
             )
             plan.by_model[model] = t
             plan.total.add(t)
+        if plan.total.worst_pico > MAX_PICO:
+            raise PriceError(
+                f"{plan.path}: the job's worst case ({format_usd(plan.total.worst_pico, 2)}) is "
+                f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); split the job or lower "
+                "its output limits"
+            )
 
 
 def open_job(

@@ -7,6 +7,7 @@ does not know is an error, never $0: an unpriced request would make the spend ca
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .endpoints import Usage
+from .endpoints import MAX_OUTPUT_TOKENS, Usage
 from .errors import PriceError, UnknownModelError
 from .money import price_per_mtok_to_pico_per_token
 
@@ -127,6 +128,15 @@ class PriceTable:
                 return own
         return self.resolve(requested)
 
+    def fingerprint(self) -> str:
+        """A digest of every price: a job priced under one table knows when another is used."""
+        digest = hashlib.sha256()
+        for name in sorted(self.prices):
+            p = self.prices[name]
+            fields = (p.input, p.cached_input, p.output, p.batch_input, p.batch_cached_input)
+            digest.update(f"{name}:{fields}:{p.batch_output}:{p.max_output};".encode())
+        return digest.hexdigest()
+
     def bill(self, requested: str, usage: Usage, *, batch: bool = False) -> int:
         """Picodollars the API bills for one response (at Batch API prices when ``batch``)."""
         price = self.for_response(requested, usage.model)
@@ -151,9 +161,13 @@ def _parse_entry(
                 raise PriceError(f"{where}: {key}: {exc}") from None
     max_output = raw.get("max_output")
     if max_output is not None and (
-        not isinstance(max_output, int) or isinstance(max_output, bool) or max_output < 0
+        not isinstance(max_output, int)
+        or isinstance(max_output, bool)
+        or not 0 <= max_output <= MAX_OUTPUT_TOKENS
     ):
-        raise PriceError(f"{where}: max_output: must be a whole number of tokens")
+        raise PriceError(
+            f"{where}: max_output: must be a whole number of tokens, at most {MAX_OUTPUT_TOKENS:,}"
+        )
     source = str(raw.get("source", default_source))
     if base is not None:
         merged = replace(base, origin=origin, source=source)

@@ -73,7 +73,17 @@ class Progress:
             await asyncio.sleep(0.5)
             self.refresh()
 
+    def _notices(self) -> None:
+        notices = self.stats.notices
+        while notices:
+            text = f"batchrun: {notices.popleft()}"
+            if self._bar is not None:
+                self._bar.write(text, file=self.stream)
+            elif not self.quiet:
+                print(text, file=self.stream, flush=True)
+
     def refresh(self) -> None:
+        self._notices()
         if self._bar is not None:
             self._bar.n = self._finished()
             self._bar.set_postfix_str(self.line(), refresh=False)

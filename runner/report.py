@@ -6,16 +6,13 @@ the plan, the run and the store computed; it never queries or writes anything it
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .money import format_exact, format_usd
 from .plan import Estimate, Plan, Totals
 from .pricing import PriceTable
 from .settings import Limits
-from .store import ExportRow, Job, JobStatus
+from .store import JobStatus
 
 
 def _duration(seconds: float) -> str:
@@ -244,43 +241,21 @@ def prices_json(table: PriceTable) -> dict[str, Any]:
     }
 
 
-# -- export ------------------------------------------------------------------------------------
+# -- failed requests -------------------------------------------------------------------------
 
 
-def export_lines(job: Job, rows: Iterable[ExportRow]) -> Iterator[str]:
-    """The Batch API output format, one line per request, in job-file order."""
-    prefix = job.sha256[:12]
-    for row in rows:
-        yield _export_line(prefix, row)
+def format_failed(job_id: int, failed: list[tuple[str, str | None, str | None]]) -> str:
+    """``status --failed``: one line per failed request, custom_id first."""
+    if not failed:
+        return f"job {job_id}: no failed requests"
+    lines = [f"job {job_id}: {len(failed):,} failed request(s)"]
+    for custom_id, code, message in failed:
+        lines.append(f"{custom_id}\t{code or 'error'}\t{message or ''}")
+    return "\n".join(lines)
 
 
-def _export_line(prefix: str, r: ExportRow) -> str:
-    rid = "batch_req_" + hashlib.sha256(f"{prefix}:{r.seq}".encode()).hexdigest()[:24]
-    head = f'{{"id":"{rid}","custom_id":{json.dumps(r.custom_id, ensure_ascii=False)},'
-    if r.has_result and r.status_code is not None:
-        body = r.body if r.body is not None else "null"
-        if r.state != "done" and not _is_json(body):
-            # An HTML error page or a truncated body: keep it, as the message of an error.
-            body = json.dumps({"error": {"message": body, "code": r.error_code}})
-        response = (
-            f'{{"status_code":{r.status_code},"request_id":{json.dumps(r.api_request_id)},'
-            f'"body":{body}}}'
-        )
-        return f'{head}"response":{response},"error":null}}'
-    if r.has_result:
-        code, message = r.error_code or "request_failed", r.error_message or "request failed"
-    elif r.state in ("pending", "reserved"):
-        code = "not_completed"
-        message = r.last_error or "not sent yet: run the job again (it may have reached its cap)"
-    else:
-        code, message = "unknown", r.last_error or "no result recorded"
-    error = json.dumps({"code": code, "message": message}, ensure_ascii=False)
-    return f'{head}"response":null,"error":{error}}}'
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+def failed_json(job_id: int, failed: list[tuple[str, str | None, str | None]]) -> dict[str, Any]:
+    return {
+        "job": job_id,
+        "failed": [{"custom_id": c, "code": code, "message": m} for c, code, m in failed],
+    }

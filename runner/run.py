@@ -109,9 +109,25 @@ def open_or_import(
             raise UsageError(f"{path}: the file changed while it was being read; run again")
 
     job = store.create_job(
-        abspath, sha, cap_pico, plan_rows(planner), planner.plan.total, before_commit=unchanged
+        abspath,
+        sha,
+        cap_pico,
+        plan_rows(planner),
+        planner.plan.total,
+        prices_fingerprint=table.fingerprint(),
+        before_commit=unchanged,
     )
     return job, planner.plan
+
+
+def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int]]:
+    """Per-token rates the store re-prices pending requests with (unknown models raise)."""
+
+    def rates(model: str) -> tuple[int, int, int, int]:
+        price = table.resolve(model)
+        return price.input, price.output, price.batch_input, price.batch_output
+
+    return rates
 
 
 def find_job(store: Store, settings: RunSettings, table: PriceTable) -> tuple[Job, Plan | None]:
@@ -224,11 +240,24 @@ async def run_job(
     (a library caller, a test)."""
     table = load_price_table(settings.prices)
     store = open_store(settings.db)
+    notes: list[str] = []
     try:
         job, plan = find_job(store, settings, table)
         if job.cap_pico != settings.cap_pico:
             store.set_job(job.id, cap_pico=settings.cap_pico)
             job = store.job_by_id(job.id) or job
+        if settings.retry_failed is not None:
+            n = store.requeue_failed(job.id, settings.retry_failed)
+            which = ", ".join(sorted(settings.retry_failed)) or "any error"
+            notes.append(f"{n:,} failed request(s) ({which}) queued again")
+        fingerprint = table.fingerprint()
+        if job.prices_fingerprint != fingerprint:
+            n, before, after = store.reprice(job.id, _rates(table), fingerprint)
+            if n and before != after:
+                notes.append(
+                    f"the price table changed since job {job.id} was priced: {n:,} pending "
+                    f"request(s) re-priced, worst case {format_usd(before)} -> {format_usd(after)}"
+                )
         unbounded = store.unbounded_pending(job.id)
         if unbounded and not settings.allow_unbounded:
             raise UsageError(
@@ -245,7 +274,7 @@ async def run_job(
     try:
         orphans = store.recover(job.id, runner.host, process_alive)
         est = estimate(store, job, plan, settings, orphans)
-        echo(format_estimate(est, plan, table, settings.limits))
+        echo("\n".join([format_estimate(est, plan, table, settings.limits), *notes]))
         if confirm is not None and not confirm(est):
             raise UsageError("nothing sent")
         report = await _drive(store, job, table, settings, runner.id, signals)

@@ -143,6 +143,7 @@ class _FirstRefusals:
         self.limit = limit
         self.open = limit > 0
         self.held: list[_Held] = []
+        self.stopped_on: tuple[int | None, str | None] | None = None
 
     def hold(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> bool:
         """Whether to hold this refusal (else fail it now)."""
@@ -239,6 +240,9 @@ class SyncBackend:
         books, control = self._books, self._control
         assert books is not None and control is not None
         while not control.stopping:
+            if books.recheck:
+                await self._recheck()
+                continue
             # Claims are database round trips: take them in chunks of at least half the
             # queue, refilled when it runs half empty. What is claimed ahead is what a kill -9
             # leaves charged at worst case, so the queue stays near the pool's size.
@@ -263,6 +267,18 @@ class SyncBackend:
                 continue
             return RunOutcome.CAPPED if claim.blocked else RunOutcome.COMPLETE
         return RunOutcome.COMPLETE
+
+    async def _recheck(self) -> None:
+        """After an allowed unbounded request cost more than its worst case: hand back what
+        was claimed ahead, let what is in flight settle, and only then claim again (the claim
+        checks the cap against the books, overrun included)."""
+        books = self._books_()
+        while not self._ready.empty():
+            books.release(self._ready.get_nowait())
+        while self._on_wire:
+            await books.wait_settlement(0.1)
+        await books.flush()
+        books.recheck = False
 
     async def _sizer(self) -> None:
         books = self._books
@@ -316,7 +332,7 @@ class SyncBackend:
         number = req.attempts
         while True:
             ticket = await self.governor.acquire(weight)
-            if control.stopping:
+            if control.stopping or books.recheck:
                 self.governor.done(ticket, {})
                 books.release(req, "stopped before it was sent" if req.attempts else None)
                 return
@@ -436,12 +452,18 @@ class SyncBackend:
         """A refusal: hold it while the first answers are all the same refusal."""
         refusals, control = self._refusals, self._control
         assert control is not None
+        if refusals.stopped_on == (out.status, verdict.code):
+            # The run stopped because every request meets this refusal: those still coming
+            # back are not failed either.
+            self._books_().release(req, verdict.message)
+            return
         if not refusals.hold(req, out, verdict):
             for held in refusals.close():
                 self._fail(held)
             self._fail(_Held(req, out, verdict))
             return
         if refusals.conclusive:
+            refusals.stopped_on = (out.status, verdict.code)
             held = refusals.close()
             for h in held:
                 self._books_().release(h.req, h.verdict.message)

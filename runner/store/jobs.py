@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 from ..errors import StoreError
 from .base import StoreBase
-from .records import Job, NewRequest
-from .schema import jobs, requests
+from .records import Job, NewRequest, RequestState
+from .schema import jobs, requests, results
 
 INSERT_CHUNK = 2000
 
@@ -152,6 +152,69 @@ class JobsMixin(StoreBase):
         values["updated_at"] = time.time()
         with self.writing() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
+    def requeue_failed(self, job_id: int, codes: frozenset[str]) -> int:
+        """Queue failed requests again (those whose error code or HTTP status is in ``codes``;
+        every failed one if ``codes`` is empty). Their failed results (which cost nothing) go;
+        every attempt stays in ``attempts``. Returns how many were queued."""
+        failed = sa.select(requests.c.id).where(
+            requests.c.job_id == job_id, requests.c.state == RequestState.FAILED
+        )
+        if codes:
+            matching = sa.select(results.c.request_id).where(
+                sa.or_(
+                    results.c.error_code.in_(sorted(codes)),
+                    sa.cast(results.c.status_code, sa.String).in_(sorted(codes)),
+                )
+            )
+            failed = failed.where(requests.c.id.in_(matching))
+        with self.writing() as conn:
+            ids = [r.id for r in conn.execute(failed)]
+            for start in range(0, len(ids), INSERT_CHUNK):
+                chunk = ids[start : start + INSERT_CHUNK]
+                conn.execute(results.delete().where(results.c.request_id.in_(chunk)))
+                conn.execute(
+                    requests.update()
+                    .where(requests.c.id.in_(chunk))
+                    .values(state=RequestState.PENDING, attempts=0, last_error=None)
+                )
+        return len(ids)
+
+    def reprice(
+        self, job_id: int, rates: Callable[[str], tuple[int, int, int, int]], fingerprint: str
+    ) -> tuple[int, int, int]:
+        """Price the job's pending requests again under a changed price table: ``rates(model)``
+        gives (input, output, batch input, batch output) picodollars per token. Returns (requests
+        repriced, pending worst case before, after)."""
+        pending = sa.and_(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
+        with self.writing() as conn:
+            models = [
+                r[0] for r in conn.execute(sa.select(requests.c.model).where(pending).distinct())
+            ]
+            before = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(pending)
+            ).scalar_one()
+            n = 0
+            tokens_in = sa.cast(requests.c.input_tokens, sa.BigInteger)
+            tokens_out = sa.cast(requests.c.output_limit, sa.BigInteger)
+            for model in models:
+                rate_in, rate_out, batch_in, batch_out = rates(model)
+                n += conn.execute(
+                    requests.update()
+                    .where(pending, requests.c.model == model)
+                    .values(
+                        floor_pico=tokens_in * rate_in,
+                        worst_pico=tokens_in * rate_in + tokens_out * rate_out,
+                        batch_worst_pico=tokens_in * batch_in + tokens_out * batch_out,
+                    )
+                ).rowcount
+            after = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(pending)
+            ).scalar_one()
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id).values(prices_fingerprint=fingerprint)
+            )
+        return n, int(before), int(after)
 
     def request_fingerprints(self, job_id: int) -> Iterator[tuple[str, str]]:
         """(custom_id, body) of every request, in file order, streamed."""

@@ -30,8 +30,16 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
     cfg = _config()
     script = ScriptDirectory.from_config(cfg)
     head = script.get_current_head()
-    with store.reading() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
+    try:
+        with store.reading() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except StoreError:
+        raise
+    except Exception as exc:  # alembic's own complaints: several versions recorded, ...
+        raise StoreError(
+            f"{store.name}: the database is damaged ({exc}); restore it from a copy or start a "
+            "new one"
+        ) from None
     if current == head:
         return
     name = store.name
