@@ -505,8 +505,13 @@ class Engine:
             await asyncio.wait({work, hard}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 result = await work
+            except asyncio.CancelledError:
+                pass
+            except BatchrunError as exc:  # the store failed: nothing more can be booked
+                control.stop(RunOutcome.STORE_ERROR, str(exc))
+                control.hard.set()
         finally:
             for task in (hard, beats):
                 task.cancel()

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.testing import CliRunner
 
 from runner.cli import main
 from runner.simulator import SimulatorThread
 
+from .badcorpus import EXPECTED, materialize
 from .helpers import BATCHRUN, batchrun, export_rows, write_job
 
 SimFactory = Callable[..., SimulatorThread]
@@ -97,3 +99,44 @@ def test_status_on_a_missing_database_is_a_clear_error() -> None:
     out = batchrun("status", "--db", "/nonexistent/x.db")
     assert out.returncode == 2
     assert "no such database" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- malformed job files --------------------------------------------------------------------------
+
+
+def test_every_malformed_job_file_exits_2_with_file_line_and_leaves_the_database_alone(
+    tmp_path: Path,
+) -> None:
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 5, seed=10)
+    first = CliRunner().invoke(
+        main, ["run", str(job), "--db", str(db), "--cap", "1", "--simulate", "-q"]
+    )
+    assert first.exit_code == 0, first.output
+    before = db.read_bytes()
+    files = materialize(tmp_path / "bad")
+    assert len(files) >= 30
+    runner = CliRunner()
+    for path in files:
+        line, field, reason = EXPECTED[path.name]
+        result = runner.invoke(
+            main,
+            ["run", str(path), "--db", str(db), "--cap", "1", "--simulate", "-q"],
+            env={"OPENAI_API_KEY": "sk-test-key"},
+        )
+        where = f"{path.name}: {result.stderr}"
+        assert result.exit_code == 2, (where, result.exception)
+        assert isinstance(result.exception, SystemExit), (where, result.exception)
+        assert f"{path}:{line}: {field}: " in result.stderr, where
+        assert reason in result.stderr, where
+        assert "Traceback" not in result.output, where
+        assert db.read_bytes() == before, where
+        assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0, where
+    # The installed command behaves the same, as its own process (no traceback on stderr).
+    for name in ("gzip_file.jsonl", "truncated_mid_file.jsonl", "unknown_model.jsonl"):
+        path = tmp_path / "bad" / name
+        line, field, _ = EXPECTED[name]
+        out = batchrun("run", path, "--db", db, "--cap", "1", "--simulate", "-q")
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"{path}:{line}: {field}: " in out.stderr
+        assert db.read_bytes() == before

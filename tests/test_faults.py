@@ -12,12 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from runner.engine import RunOutcome
+from runner.export import export_lines
 from runner.settings import Limits, Retry
 from runner.simulator import SimulatorThread
+from runner.store import open_store
 
-from .books import assert_consistent, assert_covers_bill, wait_quiet, watch_bills
+from .books import (
+    assert_consistent,
+    assert_covers_bill,
+    books,
+    rows,
+    scalar,
+    wait_quiet,
+    watch_bills,
+)
 from .helpers import ledger_total, query, result_costs, run_in_process, write_job
 
 SimFactory = Callable[..., SimulatorThread]
@@ -147,6 +158,52 @@ async def test_an_absurd_retry_after_is_cut_to_max_wait_and_said(
     assert ran.exit_code == 0, ran.message
     assert time.monotonic() - started < 20
     assert any("99,999,999s" in n and "0s (--max-wait)" in n for n in ran.report.stats.notices)
+
+
+# Each fault on 60% of requests, up to 3 attempts a request: most rows succeed after retries,
+# about a fifth fail after their third attempt; the run goes on either way.
+NETWORK_FAULTS = {
+    "closed-mid-response": ({"p_reset_after_bill": 0.6}, "connection", "connection lost"),
+    "closed-before-response": ({"p_reset": 0.6}, "connection", "connection lost"),
+    "hangs-past-timeout": ({"p_slow": 0.6, "slow_s": 1.0}, "timeout", "timed out"),
+    "invalid-json": ({"p_invalid_json": 0.6}, "invalid_response", "unreadable body"),
+    "html-error-page": ({"p_html": 0.6}, "server", "HTTP 502"),
+}
+
+
+@pytest.mark.parametrize("fault", list(NETWORK_FAULTS))
+async def test_network_faults_are_retried_or_failed_cleanly_and_the_run_goes_on(
+    tmp_path: Path, make_simulator: SimFactory, fault: str
+) -> None:
+    config, kind, message = NETWORK_FAULTS[fault]
+    sim = make_simulator(seed=11, **config)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 40, seed=9)
+    ran = await run_in_process(
+        job,
+        db,
+        sim.base_url,
+        timeout=0.3,
+        limits=Limits(concurrency=40),
+        retry=Retry(max_attempts=3, backoff_base=0.01, backoff_max=0.05),
+    )
+    assert ran.exit_code == 1, ran.message
+    b = books(db)
+    assert b.done > 0 and b.failed > 0 and b.done + b.failed == 40  # every row finished
+    assert scalar(db, "SELECT COUNT(*) FROM attempts WHERE error_kind = ?", kind) > 0
+    failures = rows(db, "SELECT error_message FROM results WHERE error_message IS NOT NULL")
+    assert len(failures) == b.failed
+    assert all(m.startswith("gave up after 3 attempts: ") and message in m for (m,) in failures)
+    store = open_store(db, readonly=True)
+    try:
+        exported = [json.loads(line) for line in export_lines(ran.status.job, store.iter_export(1))]
+    finally:
+        store.close()
+    assert len(exported) == 40  # every line valid JSON
+    wait_quiet(sim)
+    assert_consistent(db)
+    assert_covers_bill(db, sim, bills)
 
 
 # -- 3. failed rows are not final -----------------------------------------------------------------
@@ -337,3 +394,17 @@ async def test_a_key_reflected_by_the_server_is_never_stored(
     for path in db.parent.iterdir():
         assert key.encode() not in path.read_bytes(), path
     assert key not in ran.output + (ran.message or "")
+
+
+async def test_usage_counts_no_real_response_has_are_booked_at_worst_case(tmp_path: Path) -> None:
+    from .faultserver import fault_server
+
+    reply = {"choices": [{"message": {"content": "x"}}],
+             "usage": {"prompt_tokens": 10**30, "completion_tokens": 10**30}}  # fmt: skip
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 5, seed=16)
+    async with fault_server(reply) as base_url:
+        ran = await run_in_process(job, db, base_url)
+    assert ran.exit_code == 0, ran.message
+    worst = query(db, "SELECT SUM(worst_pico) FROM requests")[0][0]
+    assert ledger_total(db) == worst and ran.status.usage_missing == 5

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
+from ..errors import BatchrunError
 from ..governor import Governor
 from ..retry import Action, Backoff, Verdict, classify
 from ..settings import Limits, Retry
@@ -195,6 +196,7 @@ class SyncBackend:
         self._refusals = _FirstRefusals(retry.same_error_limit)
         self._books: Books | None = None
         self._control: Control | None = None
+        self._failure: Exception | None = None
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -219,6 +221,8 @@ class SyncBackend:
             self._abandon()
             for held in self._refusals.close():
                 self._fail(held)
+            if self._failure is not None:
+                raise self._failure
 
     def _abandon(self) -> None:
         """Leave the books conservative for everything this backend still holds: a request on
@@ -314,6 +318,14 @@ class SyncBackend:
                         self._books_().release(req)
                     else:
                         await self._process(req)
+                except BatchrunError as exc:  # the store failed: nothing more can be booked
+                    control.stop(RunOutcome.STORE_ERROR, str(exc))
+                    control.hard.set()
+                    return
+                except Exception as exc:  # a bug: end the run and show it, books flushed
+                    self._failure = exc
+                    control.hard.set()
+                    return
                 finally:
                     self._holding.pop(req.id, None)
             finally:

@@ -1,11 +1,9 @@
-"""Hostile conditions around a real ``batchrun``: a job file that changed, a second runner, a
-read-only, locked or full database, a misbehaving network, malformed job files and an API key
-that must never leak. Each gives a clear message, an exit status and a consistent database."""
+"""The database failing under a real ``batchrun``: read-only, locked (at start and mid-run) or on
+a full disk. Each gives a clear message, exit 2 and a consistent database that resumes."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import resource
@@ -22,13 +20,10 @@ from click.testing import CliRunner
 from runner.cli import main
 from runner.simulator import SimulatorThread
 
-from .badcorpus import EXPECTED, materialize
 from .books import (
     assert_consistent,
     assert_covers_bill,
     books,
-    rows,
-    scalar,
     wait_quiet,
     watch_bills,
 )
@@ -78,44 +73,6 @@ def _dump(db: Path) -> list[str]:
         return list(conn.iterdump())
     finally:
         conn.close()
-
-
-# -- the job file changed -------------------------------------------------------------------------
-
-
-def test_a_changed_job_file_is_refused_naming_what_changed_unless_asked_for_a_new_job(
-    tmp_path: Path,
-) -> None:
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 20, seed=1)
-    original = job.read_bytes()
-    _in_process("run", job, "--db", db, "--cap", "1", "--simulate", "-q", status=0)
-    before = db.read_bytes()
-    lines = [json.loads(line) for line in original.decode().splitlines()]
-    for i in (3, 7):  # two bodies change
-        lines[i]["body"]["messages"][-1]["content"] += " (edited)"
-    del lines[12]  # one vanishes
-    for i in range(3):  # three are added
-        extra = json.loads(json.dumps(lines[0]))
-        extra["custom_id"] = f"new-{i}"
-        lines.append(extra)
-    job.write_text("".join(json.dumps(line) + "\n" for line in lines))
-
-    out = batchrun("run", job, "--db", db, "--cap", "1", "--simulate", "-q")
-    _clean_failure(out, 2, "2 custom_ids changed, 3 added, 1 vanished", "--new-job")
-    assert db.read_bytes() == before
-
-    runner = CliRunner()
-    args = ["--db", str(db), "--cap", "1", "--simulate", "-q"]
-    out = runner.invoke(main, ["run", str(job), *args, "--new-job"])
-    assert out.exit_code == 0, out.output
-    assert "imported as job 2" in out.stdout
-    # The original content under another path is still job 1 (identity is the content).
-    elsewhere = tmp_path / "copy of the job.jsonl"
-    elsewhere.write_bytes(original)
-    out = runner.invoke(main, ["run", str(elsewhere), *args])
-    assert out.exit_code == 0 and "resuming job 1" in out.stdout, out.output
-    assert rows(db, "SELECT id, requests FROM jobs ORDER BY id") == [(1, 20), (2, 22)]
 
 
 # -- storage faults -------------------------------------------------------------------------------
@@ -303,12 +260,10 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_no_half_written_result
         preexec = fill(300 * 1024)
         proc = subprocess.run(
             [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url",
-             sim.base_url, "--quiet", "--lease-ttl", "2"],
+             sim.base_url, "--quiet"],
             env=batchrun_env(), capture_output=True, text=True, timeout=60, preexec_fn=preexec,
         )  # fmt: skip
         _clean_failure(proc, 2, "run the same command again to resume")
-        # With the disk full, even releasing the lease can fail: it then expires.
-        time.sleep(2.2)
         assert re.search(r"the disk is full|disk I/O error", proc.stderr), proc.stderr
         wait_quiet(sim)
         assert_consistent(db)
@@ -320,158 +275,3 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_no_half_written_result
         assert books(db).done == 1000
         assert_consistent(db)
         assert_covers_bill(db, sim, bills)
-
-
-# -- network faults -------------------------------------------------------------------------------
-
-# Each fault on 60% of requests, up to 3 attempts a request: most rows succeed after retries,
-# about a fifth fail after their third attempt; the run goes on either way.
-NETWORK_FAULTS = {
-    "closed-mid-response": ({"p_reset_after_bill": 0.6}, "connection", "connection lost"),
-    "closed-before-response": ({"p_reset": 0.6}, "connection", "connection lost"),
-    "hangs-past-timeout": ({"p_slow": 0.6, "slow_s": 1.0}, "timeout", "timed out"),
-    "invalid-json": ({"p_invalid_json": 0.6}, "invalid_response", "unreadable body"),
-    "html-error-page": ({"p_html": 0.6}, "server", "HTTP 502"),
-}
-
-
-@pytest.mark.parametrize("fault", list(NETWORK_FAULTS))
-def test_network_faults_are_retried_or_failed_cleanly_and_the_run_goes_on(
-    tmp_path: Path, make_simulator: SimFactory, fault: str
-) -> None:
-    config, kind, message = NETWORK_FAULTS[fault]
-    sim = make_simulator(seed=11, **config)
-    bills = watch_bills(sim)
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 40, seed=9)
-    out = _run(
-        job,
-        db,
-        sim,
-        "--concurrency",
-        "40",
-        "--timeout",
-        "0.3",
-        "--max-attempts",
-        "3",
-        "--backoff-base",
-        "0.01",
-        "--backoff-max",
-        "0.05",
-    )
-    _clean_failure(out, 1)
-    b = books(db)
-    assert b.done > 0 and b.failed > 0 and b.done + b.failed == 40  # every row finished
-    assert scalar(db, "SELECT COUNT(*) FROM attempts WHERE error_kind = ?", kind) > 0
-    failures = rows(db, "SELECT error_message FROM results WHERE error_message IS NOT NULL")
-    assert len(failures) == b.failed
-    assert all(m.startswith("gave up after 3 attempts: ") and message in m for (m,) in failures)
-    exported = [
-        json.loads(line) for line in batchrun("export", "--db", db).stdout.splitlines()
-    ]  # every line valid JSON
-    assert len(exported) == 40
-    wait_quiet(sim)
-    assert_consistent(db)
-    assert_covers_bill(db, sim, bills)
-
-
-# -- malformed job files --------------------------------------------------------------------------
-
-
-def test_every_malformed_job_file_exits_2_with_file_line_and_leaves_the_database_alone(
-    tmp_path: Path,
-) -> None:
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 5, seed=10)
-    _in_process("run", job, "--db", db, "--cap", "1", "--simulate", "-q", status=0)
-    before = db.read_bytes()
-    files = materialize(tmp_path / "bad")
-    assert len(files) >= 30
-    runner = CliRunner()
-    for path in files:
-        line, field, reason = EXPECTED[path.name]
-        result = runner.invoke(
-            main,
-            ["run", str(path), "--db", str(db), "--cap", "1", "--simulate", "-q"],
-            env={"OPENAI_API_KEY": "sk-test-key"},
-        )
-        where = f"{path.name}: {result.stderr}"
-        assert result.exit_code == 2, (where, result.exception)
-        assert isinstance(result.exception, SystemExit), (where, result.exception)
-        assert f"{path}:{line}: {field}: " in result.stderr, where
-        assert reason in result.stderr, where
-        assert "Traceback" not in result.output, where
-        assert db.read_bytes() == before, where
-        assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0, where
-    # The installed command behaves the same, as its own process (no traceback on stderr).
-    for name in ("gzip_file.jsonl", "truncated_mid_file.jsonl", "unknown_model.jsonl"):
-        path = tmp_path / "bad" / name
-        line, field, _ = EXPECTED[name]
-        out = batchrun("run", path, "--db", db, "--cap", "1", "--simulate", "-q")
-        _clean_failure(out, 2, f"{path}:{line}: {field}: ")
-        assert db.read_bytes() == before
-
-
-# -- secrets --------------------------------------------------------------------------------------
-
-SENTINEL = "sk-proj-SENTINEL0123456789abcdefghijKLMNOP"
-KEYLIKE = "sk-live-PASTEDKEY9876543210zyxwvutsrqpo"
-
-
-def test_the_api_key_is_never_written_or_printed(
-    tmp_path: Path, make_simulator: SimFactory
-) -> None:
-    sim = make_simulator(api_key=SENTINEL)
-    wrong_key = make_simulator(api_key="sk-the-other-key-0000000000000")
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {"HOME": str(home), "TMPDIR": str(tmp_path)}
-    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 30, seed=12)
-    outputs: list[subprocess.CompletedProcess[str]] = []
-
-    def cli(*args: str | Path, base: SimulatorThread = sim) -> subprocess.CompletedProcess[str]:
-        full = [str(a) for a in args]
-        if args[0] == "run":
-            full += ["--base-url", base.base_url]
-        out = subprocess.run(
-            [BATCHRUN, *full],
-            env=batchrun_env(SENTINEL, **env),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        outputs.append(out)
-        return out
-
-    assert cli("run", job, "--db", db, "--cap", "1").returncode == 0  # progress log on stderr
-    assert cli("status", "--db", db).returncode == 0
-    assert cli("status", "--db", db, "--json").returncode == 0
-    assert cli("export", "--db", db, "-o", tmp_path / "out.jsonl").returncode == 0
-    assert cli("export", "--db", db).returncode == 0
-    other = tmp_path / "other.jsonl"
-    write_job(other, 10, seed=13)
-    denied = cli("run", other, "--db", db, "--cap", "1", base=wrong_key)
-    assert denied.returncode == 4 and "API key" in denied.stderr
-    # A key-like string where a path or an option value is expected is not echoed back.
-    keylike_db = tmp_path / f"{KEYLIKE}.db"
-    assert cli("run", job, "--db", keylike_db, "--cap", "1").returncode == 0
-    runner = CliRunner()
-    for args in (
-        ["run", KEYLIKE, "--db", str(db), "--cap", "1"],
-        ["run", str(job), "--db", str(db), "--cap", KEYLIKE],
-        ["run", str(job), "--db", str(db), "--cap", "1", "--rpm", KEYLIKE],
-        ["status", "--db", str(tmp_path / KEYLIKE)],
-        ["price", str(job), "--prices", KEYLIKE],
-    ):
-        result = runner.invoke(main, args, env={"OPENAI_API_KEY": SENTINEL})
-        assert result.exit_code == 2, result.output
-        assert KEYLIKE not in result.output, args
-    for out in outputs:
-        for secret in (SENTINEL, KEYLIKE):
-            assert secret not in out.stdout + out.stderr, (out.args, secret)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert tmp_path / "out.jsonl" in files and db in files
-    for path in files:
-        assert SENTINEL.encode() not in path.read_bytes(), path
