@@ -70,6 +70,22 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
 
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order a job goes through them
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole summary (click would cut it short)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                summary = (command.help or "").split("\n\n")[0]
+                rows.append((name, " ".join(summary.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 def _usage_hint(exc: click.ClickException) -> str:
     ctx = getattr(exc, "ctx", None)
     return f"\n{ctx.get_usage()}\nTry '{ctx.command_path} --help' for help." if ctx else ""

@@ -84,8 +84,8 @@ def _no_default(value: Any) -> Any:
 def _make_encode_body() -> Callable[[dict[str, Any]], str]:
     """``_ENCODER.encode``, minus its per-call Python overhead when the C encoder exists.
 
-    Same output as json.dumps(body, separators=(",", ":"), ensure_ascii=False); about 25% faster
-    per body, and encoding is the largest single cost of reading a job.
+    Same output as json.dumps(body, separators=(",", ":"), ensure_ascii=False), with less work
+    per body: encoding is the largest single cost of reading a job.
     """
     make = json.encoder.c_make_encoder
     if make is None:
@@ -154,16 +154,16 @@ class _HashingRaw(io.RawIOBase):
 class _IdIndex:
     """custom_id fingerprint -> first line, in two flat arrays (12 bytes a slot).
 
-    A dict of Python ints costs about 105 MiB for a million ids; this open-addressing table
-    (linear probing, load <= 0.6) costs 24 MiB. Ids are reduced to 64-bit fingerprints, so two
+    A dict of Python ints costs several times more per id than this open-addressing table
+    (linear probing, load <= 0.6). Ids are reduced to 64-bit fingerprints, so two
     different ids collide with probability about n^2 / 2^65 (3e-8 for a million ids): a collision
     would be reported as a false duplicate, never hide a real one.
 
-    The fingerprint is Python's own ``hash(str)`` (SipHash, 64 bits on 64-bit builds), 8x cheaper
-    than blake2b. It is salted per process (PYTHONHASHSEED), which does not matter here: the table
-    lives for one pass in one process and is never stored or compared across processes. (On a
-    32-bit build the fingerprint has 32 bits and false duplicates become possible at about 10^5
-    ids; batchrun targets 64-bit machines.)
+    The fingerprint is Python's own ``hash(str)`` (SipHash, 64 bits on 64-bit builds), much
+    cheaper than blake2b. It is salted per process (PYTHONHASHSEED), which does not matter here:
+    the table lives for one pass in one process and is never stored or compared across
+    processes. (On a 32-bit build the fingerprint has 32 bits and false duplicates become
+    possible at about 10^5 ids; batchrun targets 64-bit machines.)
     """
 
     _NO_LINE = 0xFFFFFFFF  # line numbers past 2^32 - 1 are stored as "unknown"
@@ -409,8 +409,7 @@ class JobReader:
         body_json = ""
         if not errors:
             # Escaped surrogates (\udXXX): check they are paired. Most lines have no backslash
-            # at all: one memchr (20 ns) instead of two substring searches (1 us); lines that
-            # have one get one regex scan (0.25 us).
+            # at all, so one memchr comes first; lines that have one get one regex scan.
             surrogates = 92 in raw and _SURROGATE_ESCAPE(raw) is not None  # 92: backslash
             if encode or surrogates:
                 try:

@@ -155,7 +155,7 @@ def _limit_of(path: str, jl: JobLine, price: Price) -> tuple[int, bool]:
 
 
 # The dry run sets the plain texts of up to CHUNK_LINES lines aside (tokens.TextBatch) and
-# counts them in one tokenizer call per chunk: exact, and ~10% cheaper than one call per text.
+# counts them in one tokenizer call per chunk: exact, and cheaper than one call per text.
 CHUNK_LINES = 4096  # lines whose texts are counted together, at most ...
 CHUNK_CHARS = 1 << 20  # ... and characters of text set aside per model, at most
 
