@@ -69,7 +69,6 @@ class _Group(click.Group):
         except BatchrunError as exc:
             _fail(str(exc), exc.exit_code)
 
-
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # in the order a job goes through them
 
@@ -352,10 +351,11 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "127.0.0.1 (no API key, no network, nothing billed).",
 )
 @click.option(
-    "--new-job",
-    is_flag=True,
-    help="The file at this path changed: run its new content as a new job instead of refusing.",
-)
+    "--no-reuse", "no_reuse", is_flag=True,
+    help="When the file at this path changed, send every request of its new content again "
+    "(by default, requests whose custom_id and body did not change reuse the earlier job's "
+    "results and are not paid again).",
+)  # fmt: skip
 @click.option(
     "--retry-failed", "retry_failed", is_flag=False, flag_value="", default=None,
     metavar="[CODES]",
@@ -371,7 +371,15 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "bounds.",
 )
 @prices_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option(
+    "--yes", "-y", is_flag=True,
+    help="Do not ask before sending (run asks on a terminal; scripts and pipes never ask).",
+)  # fmt: skip
+@click.option(
+    "--quiet", "-q", is_flag=True,
+    help="Nothing on standard output (no estimate, progress or summary); errors still go to "
+    "standard error.",
+)  # fmt: skip
 def run(**options: Any) -> None:
     """Price JOBFILE, then run it under the spend cap, recording every result in --db.
 
@@ -384,14 +392,23 @@ def run(**options: Any) -> None:
     from .run import conclude, run_job
 
     settings = _run_settings(options)
-    report, store, job = asyncio.run(run_job(settings, _say))
+    quiet = settings.quiet
+    confirm = None
+    if sys.stdin.isatty() and not options["yes"]:
+        from .report import confirm_question
+
+        def confirm(est: Any) -> bool:
+            return click.confirm(confirm_question(est), default=False, err=True)
+
+    echo = (lambda _text: None) if quiet else _say
+    report, store, job = asyncio.run(run_job(settings, echo, confirm))
     from .report import format_status
 
     try:
         status = store.status(job.id)
     finally:
         store.close()
-    _say(format_status(status))
+    echo(format_status(status))
     end = conclude(report, status)
     if end.message:
         click.echo(redact(f"batchrun: {end.message}"), err=True)
@@ -419,7 +436,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         db=o["db"],
         job_id=o["job_id"],
         prices=o["prices"],
-        new_job=o["new_job"],
+        reuse=not o["no_reuse"],
         retry_failed=_codes(o["retry_failed"]),
         allow_unbounded=o["allow_unbounded"],
         simulate=o["simulate"],

@@ -70,9 +70,15 @@ class StoreError(BatchrunError):
     exit_code = 2
 
 
-class JobChangedError(StoreError):
-    """The job file at a known path now holds different requests."""
-
-
 class RunnerLostError(StoreError):
     """This runner was declared dead (it missed its heartbeat) and its requests taken over."""
+
+
+class ApiKeyError(BatchrunError):
+    """The API refused the key before anything was sent."""
+
+    exit_code = 4
+
+
+class Declined(BatchrunError):
+    """The user answered no when asked to confirm the spend."""

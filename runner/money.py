@@ -65,6 +65,20 @@ def format_usd(pico: int, places: int = 6) -> str:
     return f"${rounded:,.{places}f}"
 
 
+def format_money(pico: int) -> str:
+    """Human display with enough digits to read: cents from a dollar up, else two significant
+    digits (a $0.005 cap shows as $0.005, never $0.01), at most six decimals; rounded up, so a
+    displayed cost is never below the true one."""
+    if pico >= PICO_PER_USD or pico <= 0:
+        return format_usd(max(pico, 0), 2)
+    places = 2
+    while places < 6 and pico < 10 ** (12 - places + 1):  # fewer than 2 significant digits
+        places += 1
+    exact = pico_to_decimal(pico).normalize()
+    needed = -exact.as_tuple().exponent  # type: ignore[operator]
+    return format_usd(pico, max(2, min(places, needed)) if needed <= places else places)
+
+
 def format_exact(pico: int) -> str:
     """Exact decimal dollars as a string (for JSON): never rounded."""
     d = pico_to_decimal(pico).normalize()

@@ -10,8 +10,7 @@ own for the cap. Both go through the same loop and the same sums.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .errors import PriceError
 from .jobfile import JobLine, JobReader
 from .money import MAX_PICO, format_usd
 from .pricing import Price, PriceTable
-from .store import NewRequest
+from .store import JobStatus, NewRequest
 from .tokens import TextBatch, TokenCount, count_request
 
 # A request whose input the counter cannot bound: earlier turns stored at OpenAI are billed as
@@ -114,7 +113,7 @@ class Estimate:
     pending: int
     pending_worst_pico: int
     fits: int  # pending requests that fit under the cap at worst case, in file order
-    projected_fits: int  # ... at the output ratio seen so far (worst case until then)
+    projected_fits: int | None  # ... at the output ratio seen so far (None: nothing seen yet)
     imported: bool  # False: resumed
     orphans: int = 0  # requests in flight when an earlier run died, charged at worst case
     orphan_pico: int = 0
@@ -286,18 +285,10 @@ def price_job(path: str | Path, table: PriceTable) -> Plan:
     return planner.plan
 
 
-def projected_fits(
-    worsts: Callable[[], Iterator[tuple[int, int]]], budget_pico: int, ratio: float
-) -> int:
-    """How many requests fit in ``budget_pico`` when each uses ``ratio`` of its output
-    allowance; ``worsts`` yields (floor, worst) per pending request in file order."""
-    if budget_pico <= 0:
-        return 0
-    n = 0
-    spent = 0
-    for floor, worst in worsts():
-        spent += floor + math.ceil((worst - floor) * ratio)
-        if spent > budget_pico:
-            break
-        n += 1
-    return n
+def projected_pico(status: JobStatus) -> int:
+    """Spent so far, plus what is left with its output allowance used at the ratio observed in
+    finished requests (the worst case until something has finished)."""
+    pending_out = status.pending_worst_pico - status.pending_floor_pico
+    if status.done_output_limit:
+        pending_out = pending_out * status.output_tokens // status.done_output_limit
+    return status.spend.settled_pico + status.pending_floor_pico + pending_out

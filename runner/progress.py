@@ -1,38 +1,52 @@
-"""Progress of a running job: a tqdm bar on a terminal, plain log lines otherwise.
+"""Progress of a running job: a tqdm bar on a terminal, timestamped log lines otherwise.
 
 It samples the engine's counters on a timer instead of being told about every result, so a run
-of 500 requests/s does not pay for 500 redraws a second.
+of 500 requests/s does not pay for 500 redraws a second. Rate, ETA and tokens/min come from a
+recent window, not the whole run: a run that slowed down says so at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import shutil
 import sys
 import time
+from collections import deque
 from typing import TextIO
 
 from tqdm import tqdm
 
 from .engine import RunStats
-from .money import format_usd
+from .money import format_money
+
+WINDOW = 45.0  # seconds of samples behind the rate, the ETA and tokens/min
+NARROW = 80  # columns: below this the bar is dropped, never the spend, the cap or the failures
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Progress:
-    """Shows ``stats`` until :meth:`close`; ``done_before`` counts results of earlier runs."""
+    """Shows ``stats`` until :meth:`close`; ``finished_before`` counts results of earlier runs."""
 
     def __init__(
         self,
         stats: RunStats,
         total: int,
-        done_before: int,
+        finished_before: int,
         quiet: bool = False,
         stream: TextIO | None = None,
         log_every: float = 10.0,
     ) -> None:
         self.stats = stats
         self.total = total
-        self.done_before = done_before
+        self.before = finished_before
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = self.stream.isatty()
@@ -40,60 +54,101 @@ class Progress:
         self._bar: tqdm | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_log = 0.0
+        self._samples: deque[tuple[float, int, int]] = deque()
+
+    # -- numbers --------------------------------------------------------------------------------
+
+    def _finished(self) -> int:
+        return self.before + self.stats.done + self.stats.failed
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        s = self.stats
+        self._samples.append((now, s.done + s.failed, s.input_tokens + s.output_tokens))
+        while len(self._samples) > 2 and self._samples[1][0] < now - WINDOW:
+            self._samples.popleft()
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """(requests/s, tokens/min) over the recent window; None until there is one."""
+        if len(self._samples) < 2:
+            return None, None
+        (t0, n0, k0), (t1, n1, k1) = self._samples[0], self._samples[-1]
+        if t1 - t0 < 1.0:
+            return None, None
+        return (n1 - n0) / (t1 - t0), (k1 - k0) / (t1 - t0) * 60
+
+    def line(self, width: int | None = None) -> str:
+        """What the run is doing, in one line; short for a narrow terminal."""
+        s = self.stats
+        rate, tpm = self.rates()
+        left = self.total - self._finished()
+        eta = _clock(left / rate) if rate else "?"
+        spend = f"{format_money(s.settled_pico)} of {format_money(s.cap_pico)}"
+        done = f"{self.before + s.done + s.failed:,}/{self.total:,}"
+        failed = f"{s.failed:,} failed"
+        speed = f"{rate:,.1f} req/s" if rate is not None else "- req/s"
+        if width is not None and width < NARROW:
+            return f"{done} {failed} {spend} ETA {eta}"
+        parts = [
+            f"{done} ({s.done:,} ok, {failed})",
+            speed,
+            f"ETA {eta}",
+            f"spend {spend}",
+            f"{tpm:,.0f} tok/min" if tpm is not None else "- tok/min",
+            f"{s.retries:,} retries",
+            f"{s.rate_limited:,} rate-limited",
+        ]
+        if s.paused_for > 0:
+            parts.append(f"paused {s.paused_for:.0f}s")
+        return ", ".join(parts)
+
+    # -- output ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self.quiet:
             return
+        self._sample()
         if self.tty:
+            width = shutil.get_terminal_size((100, 24)).columns
+            narrow = width < NARROW
             self._bar = tqdm(
                 total=self.total,
-                initial=self.done_before,
+                initial=self.before,
                 file=self.stream,
-                unit="req",
-                dynamic_ncols=True,
-                smoothing=0.1,
+                dynamic_ncols=not narrow,
+                ncols=width,
+                bar_format="{postfix}" if narrow else "{bar:20}| {postfix}",
             )
         self._task = asyncio.create_task(self._tick())
 
-    def _finished(self) -> int:
-        return self.done_before + self.stats.done + self.stats.failed
-
-    def line(self) -> str:
-        s = self.stats
-        minutes = max(time.monotonic() - s.started, 1e-9) / 60
-        tpm = (s.input_tokens + s.output_tokens) / minutes
-        spend = f"{format_usd(s.settled_pico, 4)}+{format_usd(s.reserved_pico, 4)} reserved"
-        return (
-            f"spend {spend} / cap {format_usd(s.cap_pico, 2)}, {tpm:,.0f} tok/min, "
-            f"{s.retries} retries, {s.rate_limited} rate-limited, {s.failed} failed"
-        )
+    def say(self, text: str) -> None:
+        """A message for the user, printed at once above the bar (even when quiet)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             self.refresh()
 
-    def _notices(self) -> None:
+    def refresh(self) -> None:
+        self._sample()
         notices = self.stats.notices
         while notices:
-            text = f"batchrun: {notices.popleft()}"
-            if self._bar is not None:
-                self._bar.write(text, file=self.stream)
-            elif not self.quiet:
-                print(text, file=self.stream, flush=True)
-
-    def refresh(self) -> None:
-        self._notices()
+            self.say(f"batchrun: {notices.popleft()}")
         if self._bar is not None:
+            width = shutil.get_terminal_size((100, 24)).columns
             self._bar.n = self._finished()
-            self._bar.set_postfix_str(self.line(), refresh=False)
+            self._bar.set_postfix_str(self.line(width), refresh=False)
             self._bar.refresh()
         elif not self.quiet:
             now = time.monotonic()
             if now - self._last_log >= self.log_every:
                 self._last_log = now
-                done = f"{self._finished():,}/{self.total:,} done"
-                print(f"batchrun: {done}, {self.line()}", file=self.stream, flush=True)
+                stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+                print(f"{stamp} batchrun: {self.line()}", file=self.stream, flush=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -103,6 +158,6 @@ class Progress:
         if self._bar is not None:
             self.refresh()
             self._bar.close()
-        elif not self.quiet:
+        elif not self.quiet and self._task is not None:
             self._last_log = 0.0  # a log always ends with where the run stopped
             self.refresh()

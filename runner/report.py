@@ -6,10 +6,11 @@ the plan, the run and the store computed; it never queries or writes anything it
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from .money import format_exact, format_usd
-from .plan import Estimate, Plan, Totals
+from .money import format_exact, format_money, format_usd
+from .plan import Estimate, Plan, Totals, projected_pico
 from .pricing import PriceTable
 from .settings import Limits
 from .store import JobStatus
@@ -68,10 +69,20 @@ def format_plan(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None)
             f"note: {plan.total.approximate_requests:,} request(s) include parts whose tokens "
             f"are estimated, not exact: {parts}."
         )
+    if plan.total.unbounded_requests:
+        lines.append(
+            f"warning: {plan.total.unbounded_requests:,} request(s) continue a stored conversation"
+            " (previous_response_id, conversation): the earlier turns are billed as input, so "
+            "their cost is unbounded; `run` sends them only with --allow-unbounded."
+        )
     minimum = plan.min_seconds(rpm, tpm)
-    if minimum is not None:
+    sustained = plan.sustained_seconds(rpm, tpm)
+    if minimum is not None and sustained is not None:
         limits = " and ".join(x for x in (rpm and f"{rpm:,} RPM", tpm and f"{tpm:,} TPM") if x)
-        lines.append(f"minimum wall time at {limits}: {_duration(minimum)}")
+        lines.append(
+            f"minimum wall time at {limits}: {_duration(minimum)} with the limits' full first "
+            f"minute, {_duration(sustained)} at their sustained rate (a key already in use)"
+        )
     return "\n".join(lines)
 
 
@@ -92,6 +103,7 @@ def plan_json(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None) -
         "approximate_parts": plan.approximate_parts,
         "rate_limits": {"rpm": rpm, "tpm": tpm},
         "min_seconds": plan.min_seconds(rpm, tpm),
+        "sustained_seconds": plan.sustained_seconds(rpm, tpm),
     }
 
 
@@ -107,32 +119,43 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
     else:
         lines.append(
             f"resuming job {est.job_id} ({est.requests:,} requests, floor "
-            f"{format_usd(est.floor_pico)}, worst case {format_usd(est.worst_pico)}) from {est.db}"
+            f"{format_money(est.floor_pico)}, worst case {format_money(est.worst_pico)}) from "
+            f"{est.db}"
         )
     if est.orphans:
         lines.append(
             f"{est.orphans:,} request(s) were in flight when a run died: charged "
-            f"{format_usd(est.orphan_pico)} at worst case (their outcome is unknown) and queued "
-            "again"
+            f"{format_money(est.orphan_pico)} at worst case (their outcome is unknown) and "
+            "queued again"
         )
     lines.append(
-        f"cap {format_usd(est.cap_pico, 2)}: spent so far {format_usd(est.spent_pico)};"
+        f"cap {format_money(est.cap_pico)}: spent so far {format_money(est.spent_pico)};"
         f" {est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
-        f" ({format_usd(est.pending_worst_pico)} for all of them)"
+        f" ({format_money(est.pending_worst_pico)} for all of them)"
     )
+    if not est.finishes:
+        projected = (
+            f"; projected at the output seen so far ~{est.projected_fits:,}"
+            if est.projected_fits is not None
+            else ""
+        )
+        lines.append(
+            f"the cap covers ~{est.fits:,} of {est.pending:,} requests at worst case{projected}"
+        )
     return "\n".join(lines)
 
 
+def confirm_question(est: Estimate) -> str:
+    """The question ``run`` asks on a terminal before its first request."""
+    worst = min(est.pending_worst_pico, est.cap_pico - est.spent_pico)
+    send = f"{est.pending:,}" if est.finishes else f"up to {est.fits:,} of {est.pending:,}"
+    return (
+        f"Send {send} requests, worst case {format_money(worst)} of cap "
+        f"{format_money(est.cap_pico)}?"
+    )
+
+
 # -- status ------------------------------------------------------------------------------------
-
-
-def _projected_pico(s: JobStatus) -> int:
-    """Spent so far, plus what is left with its output allowance used at the ratio observed in
-    finished requests (the worst case until something has finished)."""
-    pending_out = s.pending_worst_pico - s.pending_floor_pico
-    if s.done_output_limit:
-        pending_out = pending_out * s.output_tokens // s.done_output_limit
-    return s.spend.settled_pico + s.pending_floor_pico + pending_out
 
 
 def status_json(s: JobStatus) -> dict[str, Any]:
@@ -150,13 +173,51 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "unknown_outcome_usd": format_exact(s.unknown_pico),
         "estimate_floor_usd": format_exact(j.floor_pico),
         "estimate_worst_usd": format_exact(j.worst_pico),
-        "projected_total_usd": format_exact(_projected_pico(s)),
+        "projected_total_usd": format_exact(projected_pico(s)),
         "input_tokens": s.input_tokens,
         "cached_tokens": s.cached_tokens,
         "output_tokens": s.output_tokens,
         "reasoning_tokens": s.reasoning_tokens,
         "errors": s.errors,
+        "reused": s.reused,
+        "reused_usd": format_exact(s.reused_pico),
+        "usage_missing": s.usage_missing,
+        "by_model": {m: _group_json(g) for m, g in s.by_model.items()},
+        "by_endpoint": {u: _group_json(g) for u, g in s.by_endpoint.items()},
+        "running": [
+            {
+                "runner": r.id,
+                "host": r.host,
+                "pid": r.pid,
+                "via": r.via,
+                "started_at": r.started_at,
+                "heartbeat_at": r.heartbeat_at,
+                "in_flight": r.in_flight,
+            }
+            for r in s.runners
+        ],
     }
+
+
+def _group_json(g: dict[str, int]) -> dict[str, Any]:
+    return {
+        "requests": g["requests"],
+        "input_tokens": g["input_tokens"],
+        "output_tokens": g["output_tokens"],
+        "cost_usd": format_exact(g["cost_pico"]),
+    }
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def _running(s: JobStatus) -> str:
+    """``running`` and who runs it, while a live runner holds the job; its last state else."""
+    if not s.runners:
+        return s.job.state
+    who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in s.runners)
+    return f"running ({who})"
 
 
 def format_status(s: JobStatus) -> str:
@@ -164,19 +225,37 @@ def format_status(s: JobStatus) -> str:
     states = ", ".join(f"{n:,} {k}" for k, n in sorted(s.states.items()))
     lines = [
         f"job {j.id}: {j.path}",
-        f"  state      {j.state}; {j.requests:,} requests: {states}",
-        f"  spend      {format_usd(s.spend.settled_pico)} of cap {format_usd(j.cap_pico, 2)}"
-        + (f" (+{format_usd(s.spend.reserved_pico)} reserved)" if s.spend.reserved_pico else "")
+        f"  state      {_running(s)}; {j.requests:,} requests: {states}",
+        f"  spend      {format_money(s.spend.settled_pico)} of cap {format_money(j.cap_pico)}"
+        + (f" (+{format_money(s.spend.reserved_pico)} reserved)" if s.spend.reserved_pico else "")
         + (
-            f"; includes {format_usd(s.unknown_pico)} charged for unknown outcomes"
+            f"; includes {format_money(s.unknown_pico)} charged for unknown outcomes"
             if s.unknown_pico
             else ""
         ),
-        f"  estimate   floor {format_usd(j.floor_pico)}, worst case {format_usd(j.worst_pico)},"
-        f" projected total {format_usd(_projected_pico(s))}",
+        f"  estimate   floor {format_money(j.floor_pico)}, worst case {format_money(j.worst_pico)},"
+        f" projected total {format_money(projected_pico(s))}",
         f"  tokens     {s.input_tokens:,} in ({s.cached_tokens:,} cached),"
         f" {s.output_tokens:,} out ({s.reasoning_tokens:,} reasoning)",
     ]
+    if s.reused:
+        lines.append(
+            f"  reused     {s.reused:,} result(s) copied from an earlier job "
+            f"({format_money(s.reused_pico)}, not spent again)"
+        )
+    if s.usage_missing:
+        lines.append(
+            f"  usage      {s.usage_missing:,} result(s) came without readable usage: "
+            "charged at worst case"
+        )
+    for title, groups in (("models", s.by_model), ("endpoints", s.by_endpoint)):
+        if len(groups) > 1 or title == "models":
+            cost = ", ".join(
+                f"{name} {format_money(g['cost_pico'])} ({g['requests']:,})"
+                for name, g in groups.items()
+            )
+            if cost:
+                lines.append(f"  {title:<11}{cost}")
     if s.errors:
         lines.append(
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 import socket
@@ -19,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Books, Control, Engine, RunOutcome, RunReport, process_alive
-from .errors import JobChangedError, JobFileError, Problem, UsageError
-from .jobfile import JobReader, file_sha256
-from .money import format_usd
-from .plan import Estimate, Plan, open_job, plan_rows
+from .errors import ApiKeyError, Declined, JobFileError, Problem, UsageError
+from .jobfile import file_sha256
+from .money import format_money, format_usd
+from .plan import Estimate, Plan, least_seconds, open_job, plan_rows, projected_pico
 from .pricing import PriceTable, load_price_table
 from .progress import Progress
 from .report import format_estimate
@@ -61,29 +60,14 @@ def _sha256_or_problem(path: Path) -> str:
         raise JobFileError([Problem(str(path), 0, "file", exc.strerror or str(exc))]) from None
 
 
-def _diff(store: Store, old: Job, path: Path) -> tuple[int, int, int]:
-    """(changed, added, vanished) custom_ids between a stored job and the file now at its path."""
-
-    def fp(text: str) -> bytes:
-        return hashlib.blake2b(text.encode(), digest_size=8).digest()
-
-    now: dict[bytes, bytes] = {}
-    for jl in JobReader(path):
-        now[fp(jl.custom_id)] = fp(jl.body_json)
-    changed = vanished = 0
-    for custom_id, body in store.request_fingerprints(old.id):
-        new_body = now.pop(fp(custom_id), None)
-        if new_body is None:
-            vanished += 1
-        elif new_body != fp(body):
-            changed += 1
-    return changed, len(now), vanished
-
-
 def open_or_import(
-    store: Store, path: Path, table: PriceTable, cap_pico: int, new_job: bool
+    store: Store, path: Path, table: PriceTable, cap_pico: int, reuse: bool, notes: list[str]
 ) -> tuple[Job, Plan | None]:
-    """The job for ``path``: found by content, or priced and imported in one transaction."""
+    """The job for ``path``: found by content, or priced and imported in one transaction.
+
+    A file that changed since an earlier job was imported from the same path becomes a new job;
+    its requests whose custom_id and body did not change reuse that job's results (``reuse``).
+    """
     sha = _sha256_or_problem(path)
     job = store.job_by_sha(sha)
     abspath = str(path.resolve())
@@ -92,15 +76,6 @@ def open_or_import(
             store.set_job(job.id, path=abspath)
         return job, None
     previous = [j for j in store.jobs_for_path(abspath) if j.sha256 != sha]
-    if previous and not new_job:
-        old = previous[0]
-        changed, added, vanished = _diff(store, old, path)
-        raise JobChangedError(
-            f"{path}: the file changed since job {old.id} was imported from it "
-            f"({changed} custom_ids changed, {added} added, {vanished} vanished). "
-            "Restore the file to resume that job, or pass --new-job to run this content as a "
-            "new job."
-        )
     reader, planner = open_job(path, table)
 
     def unchanged() -> None:
@@ -117,7 +92,54 @@ def open_or_import(
         prices_fingerprint=table.fingerprint(),
         before_commit=unchanged,
     )
+    if previous:
+        old = previous[0]
+        changed, added, vanished = store.compare_jobs(job.id, old.id)
+        note = (
+            f"{path} changed since job {old.id} was imported from it ({changed:,} custom_ids "
+            f"changed, {added:,} added, {vanished:,} vanished)"
+        )
+        if reuse:
+            n, pico = store.reuse_results(job.id, old.id)
+            note += (
+                f": {n:,} unchanged request(s) reuse job {old.id}'s results "
+                f"({format_money(pico)}, not paid again)"
+            )
+        else:
+            note += ": every request is sent again (--no-reuse)"
+        notes.append(note)
     return job, planner.plan
+
+
+SIMULATOR_KEY = "sk-batchrun-simulator"
+
+
+async def _api_key(settings: RunSettings, notes: list[str]) -> str:
+    """The key to send with, checked before anything is imported or priced into the database:
+    present, and (for a server that is not on this machine) accepted by one cheap call."""
+    if settings.simulate:
+        return SIMULATOR_KEY
+    from .transport import OpenAITransport, api_key_from_env, is_local
+
+    base_url = settings.transport.base_url
+    key = api_key_from_env(base_url)
+    if is_local(base_url):
+        return key
+    transport = OpenAITransport(key, settings.transport, 1)
+    try:
+        out = await transport.check_key()
+    finally:
+        await transport.aclose()
+    if out.status in (401, 403):
+        from .retry import classify
+
+        raise ApiKeyError(
+            f"the API rejected the API key (HTTP {out.status}): {classify(out).message}; nothing "
+            "was imported or sent"
+        )
+    if out.status is None:
+        notes.append(f"could not check the API key ({out.error}); going on")
+    return key
 
 
 def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int]]:
@@ -130,10 +152,14 @@ def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int]]:
     return rates
 
 
-def find_job(store: Store, settings: RunSettings, table: PriceTable) -> tuple[Job, Plan | None]:
+def find_job(
+    store: Store, settings: RunSettings, table: PriceTable, notes: list[str]
+) -> tuple[Job, Plan | None]:
     """The job to run: from the job file, or (``--job ID``) one already in the database."""
     if settings.jobfile is not None:
-        return open_or_import(store, settings.jobfile, table, settings.cap_pico, settings.new_job)
+        return open_or_import(
+            store, settings.jobfile, table, settings.cap_pico, settings.reuse, notes
+        )
     assert settings.job_id is not None
     job = store.job_by_id(settings.job_id)
     if job is None:
@@ -168,13 +194,12 @@ def estimate(
     spend, cap = store.books(job.id)
     states = store.state_counts(job.id)
     batch = settings.via == "batch"
-    fits = store.fits_under(job.id, cap - spend.total_pico, batch=batch)
+    room = cap - spend.total_pico
     limits = settings.limits
     pending = states.get("pending", 0)
     weight = job.input_tokens + job.output_limit_tokens
     share = pending / job.requests if job.requests else 0.0
-    from .plan import least_seconds
-
+    ratio = store.output_ratio(job.id)
     return Estimate(
         job_id=job.id,
         db=store.name,
@@ -185,8 +210,10 @@ def estimate(
         spent_pico=spend.settled_pico,
         pending=pending,
         pending_worst_pico=store.pending_worst(job.id),
-        fits=fits,
-        projected_fits=fits,
+        fits=store.fits_under(job.id, room, batch=batch),
+        projected_fits=store.fits_under(job.id, room, batch=batch, ratio=ratio)
+        if ratio[1]
+        else None,
         imported=plan is not None,
         orphans=orphans[0],
         orphan_pico=orphans[1],
@@ -216,11 +243,15 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
             "again to resume.",
         )
     if outcome is RunOutcome.CAPPED or (outcome is RunOutcome.COMPLETE and pending):
+        worst = status.spend.settled_pico + status.pending_worst_pico
+        likely = projected_pico(status)
         return Conclusion(
             RunOutcome.CAPPED.exit_code,
             f"stopped at the spend cap: {pending:,} request(s) not sent, because the next "
-            f"one's worst case would pass the cap of {format_usd(status.job.cap_pico, 2)}. Run "
-            "again with a higher --cap to continue.",
+            f"one's worst case would pass the cap of {format_money(status.job.cap_pico)}. A cap "
+            f"of {format_money(worst)} finishes the job at worst case (about "
+            f"{format_money(likely)} at the output seen so far); run again with a higher --cap "
+            "to continue.",
         )
     if outcome is not RunOutcome.COMPLETE:
         return Conclusion(outcome.exit_code, f"stopped: {report.message}")
@@ -239,10 +270,11 @@ async def run_job(
     ``signals``: stop in order on SIGINT / SIGTERM (the command line), or leave signals alone
     (a library caller, a test)."""
     table = load_price_table(settings.prices)
-    store = open_store(settings.db)
     notes: list[str] = []
+    api_key = await _api_key(settings, notes)
+    store = open_store(settings.db)
     try:
-        job, plan = find_job(store, settings, table)
+        job, plan = find_job(store, settings, table, notes)
         if job.cap_pico != settings.cap_pico:
             store.set_job(job.id, cap_pico=settings.cap_pico)
             job = store.job_by_id(job.id) or job
@@ -276,8 +308,11 @@ async def run_job(
         est = estimate(store, job, plan, settings, orphans)
         echo("\n".join([format_estimate(est, plan, table, settings.limits), *notes]))
         if confirm is not None and not confirm(est):
-            raise UsageError("nothing sent")
-        report = await _drive(store, job, table, settings, runner.id, signals)
+            raise Declined(
+                f"nothing sent; the job is job {job.id} in {store.name}: run the same command "
+                "again to send it"
+            )
+        report = await _drive(store, job, table, settings, runner.id, signals, api_key)
     finally:
         runner.retire()
     final = {
@@ -297,10 +332,11 @@ async def _drive(
     settings: RunSettings,
     runner_id: int,
     handle_signals: bool,
+    api_key: str,
 ) -> RunReport:
     from .backends.sync import SyncBackend
     from .governor import Governor
-    from .transport import OpenAITransport, api_key_from_env
+    from .transport import OpenAITransport
 
     simulator = None
     transport_settings = settings.transport
@@ -311,9 +347,6 @@ async def _drive(
 
         simulator = Simulator(prices=table)
         transport_settings = replace(transport_settings, base_url=await simulator.start())
-        api_key = "sk-batchrun-simulator"
-    else:
-        api_key = api_key_from_env()
     transport = OpenAITransport(api_key, transport_settings, settings.limits.concurrency)
     del api_key  # nothing below needs it; keep it out of frames a traceback could show
     control = Control(settings.stopping)
@@ -338,6 +371,16 @@ async def _drive(
         n for state, n in store.state_counts(job.id).items() if state in ("done", "failed")
     )
     progress = Progress(books.stats, job.requests, finished_before, quiet=settings.quiet)
+
+    def acknowledge() -> None:
+        if control.outcome is RunOutcome.INTERRUPTED:
+            progress.say(
+                f"batchrun: stopping: waiting up to {control.grace:g} s for "
+                f"{books.stats.in_flight:,} request(s) in flight; "
+                + ("Ctrl-C again to stop now" if handle_signals else "stop again to stop now")
+            )
+
+    control.listeners.append(acknowledge)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     for sig in signals:

@@ -76,7 +76,6 @@ class RunSettings:
     job_id: int | None = None
     prices: Path | None = None
     via: str = "sync"  # "sync": the worker pool; "batch": the OpenAI Batch API
-    new_job: bool = False
     reuse: bool = True  # copy results of unchanged rows from the job the file replaced
     retry_failed: frozenset[str] | None = None  # error codes to retry; empty set: every failure
     allow_unbounded: bool = False

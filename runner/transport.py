@@ -8,10 +8,12 @@ is built with ``max_retries=0``: batchrun owns retries, so every attempt is coun
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -39,9 +41,28 @@ class Outcome:
     latency: float = 0.0
 
 
-def api_key_from_env() -> str:
+def is_local(base_url: str | None) -> bool:
+    """Whether ``base_url`` is a server on this machine (a simulator, a local proxy)."""
+    if not base_url:
+        return False
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_from_env(base_url: str | None = None) -> str:
+    """The API key, from the environment only."""
     key = os.environ.get(API_KEY_ENV, "").strip()
     if not key:
+        if is_local(base_url):
+            raise UsageError(
+                f"{API_KEY_ENV} is not set: {base_url} is a local server, so any value works "
+                f"(export {API_KEY_ENV}=anything)"
+            )
         raise UsageError(
             f"{API_KEY_ENV} is not set: export your API key, or use --simulate to run on the "
             "built-in simulator"

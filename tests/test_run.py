@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner.engine import RunOutcome
-from runner.errors import JobChangedError, UsageError
+from runner.errors import UsageError
 from runner.simulator import SimulatorThread
 
 from .books import rows
@@ -20,7 +20,7 @@ from .helpers import run_in_process, write_job
 SimFactory = Callable[..., SimulatorThread]
 
 
-async def test_a_changed_job_file_is_refused_naming_what_changed_unless_asked_for_a_new_job(
+async def test_a_changed_job_file_runs_as_a_new_job_that_pays_only_for_changed_rows(
     tmp_path: Path, make_simulator: SimFactory
 ) -> None:
     sim = make_simulator()
@@ -28,7 +28,6 @@ async def test_a_changed_job_file_is_refused_naming_what_changed_unless_asked_fo
     write_job(job, 20, seed=1)
     original = job.read_bytes()
     assert (await run_in_process(job, db, sim.base_url)).exit_code == 0
-    before = db.read_bytes()
     lines = [json.loads(line) for line in original.decode().splitlines()]
     for i in (3, 7):  # two bodies change
         lines[i]["body"]["messages"][-1]["content"] += " (edited)"
@@ -36,19 +35,37 @@ async def test_a_changed_job_file_is_refused_naming_what_changed_unless_asked_fo
     for i in range(3):  # three are added
         extra = json.loads(json.dumps(lines[0]))
         extra["custom_id"] = f"new-{i}"
+        extra["body"]["messages"][-1]["content"] += f" (new {i})"
         lines.append(extra)
     job.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    with pytest.raises(JobChangedError, match="2 custom_ids changed, 3 added, 1 vanished"):
-        await run_in_process(job, db, sim.base_url)
-    assert db.read_bytes() == before
-    ran = await run_in_process(job, db, sim.base_url, new_job=True)
-    assert ran.exit_code == 0 and "imported as job 2" in ran.output
+    sent = sim.ledger_snapshot()["requests_received"]
+    ran = await run_in_process(job, db, sim.base_url)
+    assert ran.exit_code == 0, ran.message
+    assert "imported as job 2" in ran.output
+    assert "2 custom_ids changed, 3 added, 1 vanished" in ran.output
+    assert "17 unchanged request(s) reuse job 1's results" in ran.output
+    assert sim.ledger_snapshot()["requests_received"] - sent == 5  # only what changed
+    assert ran.status.reused == 17 and ran.status.states == {"done": 22}
+    (spent,) = rows(db, "SELECT SUM(amount_pico) FROM ledger WHERE job_id = 2")[0]
+    (paid,) = rows(
+        db,
+        "SELECT SUM(s.cost_pico) FROM results s JOIN requests r ON r.id = s.request_id "
+        "WHERE r.job_id = 2 AND COALESCE(s.flags, '') NOT LIKE '%reused%'",
+    )[0]
+    assert spent == paid  # the cap of job 2 paid for its 5 new results only
     # The original content under another path is still job 1 (identity is the content).
     elsewhere = tmp_path / "copy of the job.jsonl"
     elsewhere.write_bytes(original)
     ran = await run_in_process(elsewhere, db, sim.base_url)
     assert ran.exit_code == 0 and "resuming job 1" in ran.output
-    assert rows(db, "SELECT id, requests FROM jobs ORDER BY id") == [(1, 20), (2, 22)]
+    # Without reuse, a changed file sends everything again.
+    lines[0]["body"]["messages"][-1]["content"] += " (again)"
+    job.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    sent = sim.ledger_snapshot()["requests_received"]
+    ran = await run_in_process(job, db, sim.base_url, reuse=False)
+    assert "every request is sent again (--no-reuse)" in ran.output
+    assert sim.ledger_snapshot()["requests_received"] - sent == 22
+    assert rows(db, "SELECT id, requests FROM jobs ORDER BY id") == [(1, 20), (2, 22), (3, 22)]
 
 
 async def test_a_job_file_that_changes_while_it_is_read_is_not_committed(

@@ -315,3 +315,9 @@ INSERT INTO requests VALUES (2, 1, 1, 2, 'b', '/v1/chat/completions', 'gpt-4o-mi
   200, 100, 0, 'reserved', 0, 200, NULL);
 INSERT INTO ledger VALUES (1, 1, 1, 'result', 500, 0);
 """
+
+
+def test_the_schema_head_the_store_knows_is_the_newest_migration() -> None:
+    from runner.store.migrate import SCHEMA_HEAD, migration_head
+
+    assert migration_head() == SCHEMA_HEAD

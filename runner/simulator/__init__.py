@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import SimConfig
 from .ledger import Ledger
-from .limits import go_duration
 
 if TYPE_CHECKING:
+    from .limits import go_duration
     from .server import Simulator, serve
     from .thread import SimulatorThread
 
@@ -29,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from . import server
 
         return getattr(server, name)
+    if name == "go_duration":
+        from .limits import go_duration
+
+        return go_duration
     if name == "SimulatorThread":
         from .thread import SimulatorThread
 

@@ -166,6 +166,15 @@ class Simulator:
         if path in ENDPOINTS:
             return await self._api(request, path, headers)
         section, _, rest = path.removeprefix("/v1/").partition("/")
+        if path == "/v1/models" and request.method == "GET":
+            key, denied = self._authorize(request)
+            if denied is not None:
+                return self._fail(denied, headers, key)
+            models = [
+                {"id": name, "object": "model", "created": 0, "owned_by": "system"}
+                for name in sorted(self.prices.prices)
+            ]
+            return "200", _json(200, {"object": "list", "data": models}, headers)
         if not path.startswith("/v1/") or section not in ("files", "batches"):
             return self._fail(_ApiError(404, f"Invalid URL ({request.method} {path})"), headers)
         key, denied = self._authorize(request)

@@ -10,10 +10,15 @@ import sqlalchemy as sa
 
 from ..errors import StoreError
 from .base import StoreBase
-from .records import Job, NewRequest, RequestState
+from .records import Job, NewRequest, RequestState, ResultFlag
 from .schema import jobs, requests, results
 
 INSERT_CHUNK = 2000
+
+
+def _add_flag(flags: str | None, flag: ResultFlag) -> str:
+    present = [f for f in (flags or "").split(",") if f]
+    return ",".join(present if flag in present else [*present, flag])
 
 
 def job_from_row(row: Any) -> Job:
@@ -152,6 +157,81 @@ class JobsMixin(StoreBase):
         values["updated_at"] = time.time()
         with self.writing() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
+    def compare_jobs(self, job_id: int, earlier_job_id: int) -> tuple[int, int, int]:
+        """(changed, added, vanished) custom_ids of ``job_id`` against ``earlier_job_id``."""
+        new, old = requests.alias("new"), requests.alias("old")
+        pair = sa.and_(old.c.custom_id == new.c.custom_id, old.c.job_id == earlier_job_id)
+        with self.reading() as conn:
+            changed = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(new.join(old, pair))
+                .where(new.c.job_id == job_id, old.c.body != new.c.body)
+            ).scalar_one()
+            common = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(new.join(old, pair))
+                .where(new.c.job_id == job_id)
+            ).scalar_one()
+            counts = dict(
+                conn.execute(
+                    sa.select(requests.c.job_id, sa.func.count())
+                    .where(requests.c.job_id.in_((job_id, earlier_job_id)))
+                    .group_by(requests.c.job_id)
+                ).all()
+            )
+        return int(changed), counts.get(job_id, 0) - common, counts.get(earlier_job_id, 0) - common
+
+    def reuse_results(self, job_id: int, earlier_job_id: int) -> tuple[int, int]:
+        """Copy the results of ``earlier_job_id``'s finished requests into ``job_id`` for every
+        pending request with the same custom_id and the same body: they were paid for once.
+        The copies keep their cost, are flagged ``reused`` and are not in this job's ledger (its
+        cap does not pay for them again). Returns (requests, picodollars) reused."""
+        new, old = requests.alias("new"), requests.alias("old")
+        same = (
+            sa.select(new.c.id.label("rid"), old.c.id.label("oid"), old.c.attempts)
+            .select_from(
+                new.join(
+                    old,
+                    sa.and_(
+                        old.c.job_id == earlier_job_id,
+                        old.c.custom_id == new.c.custom_id,
+                        old.c.body == new.c.body,
+                        old.c.state == RequestState.DONE,
+                    ),
+                )
+            )
+            .where(new.c.job_id == job_id, new.c.state == RequestState.PENDING)
+        )
+        columns = [c.name for c in results.columns if c.name not in ("request_id", "flags")]
+        copied = 0
+        with self.writing() as conn:
+            pairs = conn.execute(same).all()
+            for start in range(0, len(pairs), INSERT_CHUNK):
+                chunk = pairs[start : start + INSERT_CHUNK]
+                by_old = {p.oid: p for p in chunk}
+                rows = conn.execute(
+                    sa.select(results).where(results.c.request_id.in_(list(by_old)))
+                ).all()
+                conn.execute(
+                    results.insert(),
+                    [
+                        {
+                            "request_id": by_old[r.request_id].rid,
+                            "flags": _add_flag(r.flags, ResultFlag.REUSED),
+                            **{c: getattr(r, c) for c in columns},
+                        }
+                        for r in rows
+                    ],
+                )
+                copied += sum(int(r.cost_pico) for r in rows)
+                conn.execute(
+                    requests.update()
+                    .where(requests.c.id == sa.bindparam("rid"))
+                    .values(state=RequestState.DONE, attempts=sa.bindparam("n")),
+                    [{"rid": p.rid, "n": p.attempts} for p in chunk],
+                )
+        return len(pairs), copied
 
     def requeue_failed(self, job_id: int, codes: frozenset[str]) -> int:
         """Queue failed requests again (those whose error code or HTTP status is in ``codes``;

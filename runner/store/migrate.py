@@ -1,21 +1,40 @@
-"""Bring a database to the schema this batchrun writes, through Alembic, or say why not."""
+"""Bring a database to the schema this batchrun writes, through Alembic, or say why not.
+
+A database already at ``SCHEMA_HEAD`` is recognised with one query, without loading Alembic:
+that is every start but the first after an upgrade.
+"""
 
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+import sqlalchemy as sa
 
 from ..errors import StoreError
 from .base import StoreBase
 
 MIGRATIONS_PACKAGE = "runner.migrations"
+SCHEMA_HEAD = "0002"  # the newest migration in migrations/versions (a test keeps them equal)
 
 
-def _config() -> Config:
+def _recorded(store: StoreBase) -> list[str] | None:
+    """The versions in ``alembic_version``, or None when the table does not exist."""
+    with store.reading() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        return [str(v) for (v,) in conn.execute(sa.text("SELECT version_num FROM alembic_version"))]
+
+
+def _damaged(store: StoreBase, why: object) -> StoreError:
+    return StoreError(
+        f"{store.name}: the database is damaged ({why}); restore it from a copy or start a new one"
+    )
+
+
+def _config() -> Any:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files(MIGRATIONS_PACKAGE)))
     return cfg
@@ -27,21 +46,17 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
     Refuses a newer schema, and a database holding another program's tables: batchrun never
     writes its tables into a file it did not create.
     """
+    recorded = _recorded(store)
+    if recorded == [SCHEMA_HEAD]:
+        return
+    if recorded is not None and len(recorded) != 1:
+        raise _damaged(store, f"{len(recorded)} schema versions recorded")
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     cfg = _config()
     script = ScriptDirectory.from_config(cfg)
-    head = script.get_current_head()
-    try:
-        with store.reading() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-    except StoreError:
-        raise
-    except Exception as exc:  # alembic's own complaints: several versions recorded, ...
-        raise StoreError(
-            f"{store.name}: the database is damaged ({exc}); restore it from a copy or start a "
-            "new one"
-        ) from None
-    if current == head:
-        return
+    current = recorded[0] if recorded else None
     name = store.name
     known = {rev.revision for rev in script.walk_revisions()}
     if current is not None and current not in known:
@@ -64,3 +79,12 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
     with store.writing() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def migration_head() -> str:
+    """The newest migration, as Alembic reads it from the scripts."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head

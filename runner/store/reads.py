@@ -8,8 +8,8 @@ import sqlalchemy as sa
 
 from .base import StoreBase
 from .jobs import job_from_row
-from .records import ExportRow, JobStatus, RequestState, ResultFlag, Spend
-from .schema import attempts, jobs, ledger, requests, results
+from .records import ExportRow, JobStatus, RequestState, ResultFlag, RunnerInfo, Spend
+from .schema import attempts, jobs, ledger, requests, results, runners
 
 _SUM_KEYS = (
     "requests",
@@ -108,11 +108,40 @@ class ReadsMixin(StoreBase):
                 ).scalar_one()
             )
 
-    def fits_under(self, job_id: int, budget_pico: int, *, batch: bool = False) -> int:
-        """How many pending requests, taken in file order, fit in ``budget_pico`` at worst case."""
+    def output_ratio(self, job_id: int) -> tuple[int, int]:
+        """(output tokens used, output tokens allowed) by the job's finished requests, or by
+        every finished request in the database while the job has none: how much of their
+        output limits requests typically use."""
+        done = sa.and_(requests.c.state == RequestState.DONE, requests.c.output_limit > 0)
+        q = sa.select(
+            sa.func.coalesce(sa.func.sum(results.c.completion_tokens), 0),
+            sa.func.coalesce(sa.func.sum(requests.c.output_limit), 0),
+        ).select_from(results.join(requests, results.c.request_id == requests.c.id))
+        with self.reading() as conn:
+            used, allowed = conn.execute(q.where(done, requests.c.job_id == job_id)).one()
+            if not allowed:
+                used, allowed = conn.execute(q.where(done)).one()
+        return int(used), int(allowed)
+
+    def fits_under(
+        self,
+        job_id: int,
+        budget_pico: int,
+        *,
+        batch: bool = False,
+        ratio: tuple[int, int] | None = None,
+    ) -> int:
+        """How many pending requests, taken in file order, fit in ``budget_pico`` at worst case
+        (or, with ``ratio`` = (used, allowed), when each uses that share of its output limit)."""
         if budget_pico <= 0:
             return 0
-        worst = requests.c.batch_worst_pico if batch else requests.c.worst_pico
+        worst: sa.ColumnElement[int] = (
+            requests.c.batch_worst_pico if batch else requests.c.worst_pico
+        )
+        if ratio is not None and ratio[1]:
+            floor = requests.c.floor_pico
+            share = sa.literal(min(1.0, ratio[0] / ratio[1]), sa.Float)
+            worst = floor + (worst - floor) * share
         cum = (
             sa.select(sa.func.sum(worst).over(order_by=requests.c.seq).label("cum"))
             .where(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
@@ -169,6 +198,11 @@ class ReadsMixin(StoreBase):
             books = conn.execute(
                 sa.select(jobs.c.settled_pico, jobs.c.reserved_pico).where(jobs.c.id == job_id)
             ).one()
+            live = conn.execute(
+                sa.select(runners)
+                .where(runners.c.job_id == job_id, runners.c.state == "live")
+                .order_by(runners.c.id)
+            ).all()
         errors: dict[str, int] = {f"failed: {k}": int(n) for k, n in failed_kinds}
         errors.update({f"attempts: {k}": int(n) for k, n in retried})
         return JobStatus(
@@ -189,6 +223,20 @@ class ReadsMixin(StoreBase):
             usage_missing=tot["usage_missing"],
             by_model=by_model,
             by_endpoint=by_endpoint,
+            runners=[
+                RunnerInfo(
+                    id=r.id,
+                    host=r.host,
+                    pid=r.pid,
+                    started_at=r.started_at,
+                    heartbeat_at=r.heartbeat_at,
+                    expires_at=r.expires_at,
+                    in_flight=r.in_flight,
+                    state=r.state,
+                    via=r.via,
+                )
+                for r in live
+            ],
         )
 
     def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:
