@@ -154,7 +154,7 @@ db_option = click.option(
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file holding jobs, results and spend (env BATCHRUN_DB).",
+    help="The SQLite database file holding jobs, results and spend.",
 )
 prices_option = click.option(
     "--prices",
@@ -237,7 +237,7 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file for jobs, results and spend (env BATCHRUN_DB). "
+    help="The SQLite database file for jobs, results and spend. "
     "Running the same command again with the same --db resumes the job.",
 )
 @click.option(
@@ -317,7 +317,7 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "--base-url",
     envvar="OPENAI_BASE_URL",
     callback=_base_url,
-    help="API base URL (env OPENAI_BASE_URL; default https://api.openai.com/v1).",
+    help="API base URL (default https://api.openai.com/v1).",
 )
 @click.option(
     "--timeout",
@@ -541,3 +541,23 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
 
 
 main.add_command(simulate)
+
+
+def _env_vars(group: click.Group, skip: tuple[str, ...] = ("simulate",)) -> None:
+    """Every option can also come from ``BATCHRUN_<OPTION>`` (``--max-attempts`` from
+    ``BATCHRUN_MAX_ATTEMPTS``); ``--help`` says so. An option that already reads a variable
+    (``--base-url`` from ``OPENAI_BASE_URL``) reads ``BATCHRUN_<OPTION>`` first."""
+    for name, command in group.commands.items():
+        if name in skip:
+            continue
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name in ("help", "version"):
+                continue
+            flag = max(param.opts, key=len).lstrip("-")
+            ours = "BATCHRUN_" + flag.upper().replace("-", "_")
+            existing = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            param.envvar = [ours, *[e for e in existing if e != ours]]
+            param.show_envvar = True
+
+
+_env_vars(main)

@@ -117,7 +117,7 @@ class Progress:
                 file=self.stream,
                 dynamic_ncols=not narrow,
                 ncols=width,
-                bar_format="{postfix}" if narrow else "{bar:20}| {postfix}",
+                bar_format="{desc}" if narrow else "{bar:20}| {desc}",
             )
         self._task = asyncio.create_task(self._tick())
 
@@ -141,7 +141,7 @@ class Progress:
         if self._bar is not None:
             width = shutil.get_terminal_size((100, 24)).columns
             self._bar.n = self._finished()
-            self._bar.set_postfix_str(self.line(width), refresh=False)
+            self._bar.set_description_str(self.line(width), refresh=False)
             self._bar.refresh()
         elif not self.quiet:
             now = time.monotonic()
