@@ -83,7 +83,14 @@ def main() -> int:
             ("run: start -> first request (resume)", resume),
         ):
             med = statistics.median(values)
-            rows.append((name, f"{med:.3f}", f"{min(values):.3f}", f"{med / statistics.median(python):.1f}x"))
+            rows.append(
+                (
+                    name,
+                    f"{med:.3f}",
+                    f"{min(values):.3f}",
+                    f"{med / statistics.median(python):.1f}x",
+                )
+            )
     print(table(rows, ("what", "median s", "best s", "vs python start")))
     print(f"\n{now_iso()} commit {git_commit()}: python bench/startup_bench.py "
           f"--repeat {args.repeat} --requests {args.requests}")  # fmt: skip
