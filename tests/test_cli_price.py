@@ -125,9 +125,14 @@ def test_rpm_and_tpm_print_the_minimum_wall_time(example_plan: Plan) -> None:
     assert result.returncode == 0, result.stderr
     seconds = example_plan.min_seconds(10, 1000)
     assert seconds == pytest.approx((1720 + 50_822 - 1000) / 1000 * 60)  # TPM binds
+    sustained = example_plan.sustained_seconds(10, 1000)
+    assert sustained == pytest.approx((1720 + 50_822) / 1000 * 60)  # no full first minute
     last = result.stdout.splitlines()[-1]
-    assert last == f"minimum wall time at 10 RPM and 1,000 TPM: {duration(seconds)}"
-    assert last.endswith(": 51m33s")
+    assert last == (
+        f"minimum wall time at 10 RPM and 1,000 TPM: {duration(seconds)} with the limits' full "
+        f"first minute, {duration(sustained)} at their sustained rate (a key already in use)"
+    )
+    assert "51m33s" in last and "52m33s" in last
 
 
 def test_json_is_one_object_with_the_same_totals_as_price_job(example_plan: Plan) -> None:

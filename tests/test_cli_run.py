@@ -25,7 +25,7 @@ def test_run_prints_the_estimate_against_the_cap_before_sending(
     sim = make_simulator()
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 30)
-    out = batchrun("run", job, "--db", db, "--cap", "5", "--base-url", sim.base_url, "--quiet")
+    out = batchrun("run", job, "--db", db, "--cap", "5", "--base-url", sim.base_url)
     assert out.returncode == 0, out.stderr
     assert "worst case" in out.stdout and "floor" in out.stdout
     assert "30 of 30 pending request(s) fit under the cap at worst case" in out.stdout
@@ -39,12 +39,12 @@ def test_without_a_terminal_progress_is_plain_log_lines_and_quiet_silences_it(
     write_job(job, 40)
     out = batchrun("run", job, "--db", tmp_path / "a.db", "--cap", "5", "--base-url", sim.base_url)
     assert out.returncode == 0
-    assert "batchrun: 40/40 done, spend $" in out.stderr
+    assert "batchrun: 40/40 (40 ok, 0 failed), " in out.stderr and "spend $" in out.stderr
     assert "\r" not in out.stderr  # no bar redraws in a log file
     quiet = batchrun(
         "run", job, "--db", tmp_path / "b.db", "--cap", "5", "--base-url", sim.base_url, "--quiet"
     )
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
 
 
 def test_status_json_reports_spend_tokens_errors_and_a_projection(
