@@ -40,7 +40,7 @@ def test_each_run_default_shown_in_help_is_the_settings_default(option: str) -> 
     cls, name = RUN_DEFAULTS[option]
     flag = "--" + option.replace("_", "-")
     help_text = " ".join(_help("run").split())
-XX
+    shown = re.search(re.escape(flag) + r"[ ,][^\[]*\[[^\]]*default: ([^;\]]+)[;\]]", help_text)
     assert shown is not None, flag
     assert shown.group(1).strip() == str(_default(cls, name))
 
