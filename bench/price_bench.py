@@ -19,10 +19,9 @@ happens before the prepass so its peak RSS is that of pricing alone; the other r
 ``price_job`` counts message texts in one tokenizer call per chunk of lines (exact; see
 ``runner.tokens.count_texts``). For an honest comparison the same run also times (a3) raw
 tiktoken called that way (the same texts joined per ~1 MB at a special token, one call per
-chunk, one thread), (b1) ``price_job(threads=1)``, which counts each chunk in a worker thread
-(tiktoken releases the GIL) and so may use two cores, and, as the two-thread raw baseline, (a2)
-tiktoken's own ``encode_ordinary_batch(texts, num_threads=2)`` (skip with --no-batch-baseline:
-its thread pool makes it ~10x slower than (a) on short texts).
+chunk, one thread) and, as a two-thread raw baseline, (a2) tiktoken's own
+``encode_ordinary_batch(texts, num_threads=2)`` (skip with --no-batch-baseline: its thread pool
+makes it much slower than (a) on short texts).
 """
 
 from __future__ import annotations
@@ -259,7 +258,7 @@ def measure(path: Path, repeat: int, *, batch_baseline: bool = True) -> int:
     print(f"loaded {', '.join(names)} in {took:.2f} s (not counted below)")
 
     rss_before = peak_rss_bytes()
-    times: dict[str, list[float]] = {key: [] for key in ("a", "a2", "a3", "b", "b1")}
+    times: dict[str, list[float]] = {key: [] for key in ("a", "a2", "a3", "b")}
     took, plan = timed(lambda: price_job(path, table))
     times["b"].append(took)
     rss_price = peak_rss_bytes()
@@ -291,9 +290,6 @@ def measure(path: Path, repeat: int, *, batch_baseline: bool = True) -> int:
                     file=sys.stderr,
                 )
                 return 1
-        took, threaded = timed(lambda: price_job(path, table, threads=1))
-        times["b1"].append(took)
-        assert threaded == plan
         if i < repeat - 1:
             took, again = timed(lambda: price_job(path, table))
             times["b"].append(took)
@@ -313,7 +309,6 @@ def measure(path: Path, repeat: int, *, batch_baseline: bool = True) -> int:
         "a2": "(a2) raw, encode_ordinary_batch x2",
         "a3": "(a3) raw, joined texts, 1 call/chunk",
         "b": "(b) price_job",
-        "b1": "(b1) price_job(threads=1)",
     }
     for key, label in labels.items():
         if key in med:
@@ -332,10 +327,8 @@ def measure(path: Path, repeat: int, *, batch_baseline: bool = True) -> int:
     verdict = "meets" if ratio >= GOAL else "below"
     print(f"ratio (b)/(a): {ratio:.2f} ({verdict} the goal of {GOAL:.2f})")
     print(f"ratio (b)/(a3): {med['a3'] / med['b']:.2f} (raw called the way price_job calls it)")
-    two = f"ratio (b1)/(a): {med['a'] / med['b1']:.2f}"
     if "a2" in med:
-        two += f", (b1)/(a2): {med['a2'] / med['b1']:.2f}"
-    print(f"{two} (pricing with a worker thread)")
+        print(f"ratio (b)/(a2): {med['a2'] / med['b']:.2f} (raw on two threads)")
     return 0
 
 

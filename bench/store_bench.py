@@ -43,7 +43,7 @@ from _common import (
 )
 from make_job import write_job
 
-from runner.store import AttemptRecord, NewRequest, ResultRecord, Store
+from runner.store import AttemptRecord, NewRequest, Outcomes, RequestState, ResultRecord, open_store
 
 # Rows written per batch size: enough for a steady figure, bounded in time (batch 1 pays an
 # fsync per commit).
@@ -90,18 +90,13 @@ def _new_requests(n: int) -> Iterator[NewRequest]:
 
 def write_rate(db: Path, batch: int, rows: int) -> dict[str, Any]:
     """Record ``rows`` outcomes in batches of ``batch`` on a fresh database."""
-    store = Store.open(db)
+    store = open_store(db)
     try:
         job = store.create_job(
             str(db) + ".jsonl", f"{batch:064x}", 10**15, _new_requests(rows), _Totals()
         )
-        with store.engine.connect() as conn:
-            ids = [
-                r[0]
-                for r in conn.exec_driver_sql(
-                    "SELECT id FROM requests WHERE job_id = ? ORDER BY seq", (job.id,)
-                )
-            ]
+        runner = store.register_runner(job.id, "bench", 1, "sync", 3600)
+        ids = [r.id for r in store.claim(runner, rows).requests]
         now = time.time()
         batches = []
         for start in range(0, rows, batch):
@@ -111,7 +106,7 @@ def write_rate(db: Path, batch: int, rows: int) -> dict[str, Any]:
                 res.append(
                     ResultRecord(
                         request_id=rid,
-                        state="done",
+                        state=RequestState.DONE,
                         attempts=1,
                         status_code=200,
                         body=_BODY % rid,
@@ -124,12 +119,13 @@ def write_rate(db: Path, batch: int, rows: int) -> dict[str, Any]:
                         cost_pico=11_250_000,
                         latency_ms=150,
                         finished_at=now,
+                        reserved_pico=16_050_000,
                     )
                 )
             batches.append((att, res))
         t0 = time.perf_counter()
         for att, res in batches:
-            store.record(job.id, att, [], res, [])
+            store.record(runner, Outcomes(attempts=att, results=res))
         elapsed = time.perf_counter() - t0
     finally:
         store.close()
