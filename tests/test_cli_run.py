@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import socket
 import subprocess
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import click
+import click.testing
+import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
@@ -140,3 +145,112 @@ def test_every_malformed_job_file_exits_2_with_file_line_and_leaves_the_database
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert f"{path}:{line}: {field}: " in out.stderr
         assert db.read_bytes() == before
+
+
+# -- conventions: env vars, csv, status by model, the key check ----------------------------------
+
+
+def _invoke(*args: str | Path, env: dict[str, str] | None = None) -> click.testing.Result:
+    """The command in this process (the same code path, without a start-up)."""
+    return CliRunner().invoke(
+        main, [str(a) for a in args], env={"OPENAI_API_KEY": "sk-test-key", **(env or {})}
+    )
+
+
+def test_every_option_can_come_from_a_batchrun_environment_variable(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 10)
+    env = {"BATCHRUN_CAP": "0.000001", "BATCHRUN_BASE_URL": sim.base_url, "BATCHRUN_DB": str(db)}
+    result = _invoke("run", job, "-q", env=env)
+    assert result.exit_code == 3, result.output  # the tiny cap came from the environment
+    assert "cap of $0.000001" in result.output
+    assert "BATCHRUN_MAX_ATTEMPTS" in _invoke("run", "--help").output
+
+
+def test_csv_export_and_only_ok_or_failed(tmp_path: Path, make_simulator: SimFactory) -> None:
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    lines = []
+    for i in range(6):
+        text = "__sim_400__" if i % 3 == 0 else f"question {i}"
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}],
+                "max_tokens": 8}  # fmt: skip
+        lines.append(json.dumps({"custom_id": f"r{i}", "method": "POST",
+                                 "url": "/v1/chat/completions", "body": body}))  # fmt: skip
+    job.write_text("\n".join(lines) + "\n")
+    assert _invoke("run", job, "--db", db, "--cap", "1", "--base-url", sim.base_url).exit_code == 1
+    out = tmp_path / "out.csv"
+    assert _invoke("export", "--db", db, "--format", "csv", "-o", out).exit_code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["custom_id"] for r in rows] == [f"r{i}" for i in range(6)]
+    ok = [r for r in rows if r["status"] == "done"]
+    assert len(ok) == 4 and all(r["output_text"] and r["finish_reason"] for r in ok)
+    assert all(int(r["input_tokens"]) > 0 and float(r["cost_usd"]) > 0 for r in ok)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and all("maximum context length" in r["error"] for r in failed)
+    only_failed = _invoke("export", "--db", db, "--only", "failed").output.splitlines()
+    assert [json.loads(line)["custom_id"] for line in only_failed] == ["r0", "r3"]
+    only_ok = _invoke("export", "--db", db, "--only", "ok", "--format", "csv").output
+    assert len(only_ok.splitlines()) == 5  # the header and the four results
+    listed = _invoke("status", "--db", db, "--failed").output.splitlines()
+    assert listed[0] == "job 1: 2 failed request(s)"
+    assert [line.split("\t")[:2] for line in listed[1:]] == [
+        ["r0", "context_length_exceeded"],
+        ["r3", "context_length_exceeded"],
+    ]
+
+
+def test_status_shows_cost_by_model_and_by_endpoint(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 30, mix=("chat", "embeddings"))
+    assert _invoke("run", job, "--db", db, "--cap", "1", "--base-url", sim.base_url).exit_code == 0
+    status = json.loads(_invoke("status", "--db", db, "--json").output)["jobs"][0]
+    models = status["by_model"]
+    assert set(models) == {"gpt-4o-mini", "text-embedding-3-small"}
+    assert set(status["by_endpoint"]) == {"/v1/chat/completions", "/v1/embeddings"}
+    total = sum(Decimal(m["cost_usd"]) for m in models.values())
+    assert total == Decimal(status["spent_usd"])
+    text = _invoke("status", "--db", db).output
+    assert "models     gpt-4o-mini $" in text and "endpoints  /v1/chat/completions $" in text
+
+
+def test_the_cap_is_optional_only_on_the_simulator(tmp_path: Path) -> None:
+    job = tmp_path / "job.jsonl"
+    write_job(job, 3)
+    result = _invoke("run", job, "--db", tmp_path / "a.db")
+    assert result.exit_code == 2 and "--cap is required" in result.output
+    result = _invoke("run", job, "--db", tmp_path / "b.db", "--simulate")
+    assert result.exit_code == 0 and "cap $1.00" in result.output
+
+
+def test_a_missing_key_for_a_local_server_says_any_key_works(tmp_path: Path) -> None:
+    job = tmp_path / "job.jsonl"
+    write_job(job, 3)
+    result = CliRunner().invoke(
+        main, ["run", str(job), "--cap", "1", "--base-url", "http://127.0.0.1:9/v1"],
+        env={"OPENAI_API_KEY": ""},
+    )  # fmt: skip
+    assert result.exit_code == 2 and "any value works" in result.output
+
+
+def test_a_key_the_api_rejects_stops_before_anything_is_imported(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    sim = make_simulator(api_key="sk-the-right-key-000000000000")
+    # The same server reached by a name that is not this machine's loopback: a "real" API.
+    host_url = sim.base_url.replace("127.0.0.1", socket.gethostname())
+    try:
+        socket.create_connection((socket.gethostname(), int(sim.base_url.split(":")[2][:-3])), 1)
+    except OSError:
+        pytest.skip("the simulator listens on loopback only and the hostname is not loopback")
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 3)
+    result = _invoke("run", job, "--db", db, "--cap", "1", "--base-url", host_url)
+    assert result.exit_code == 4 and "rejected the API key" in result.output
+    assert not db.exists() and sim.ledger_snapshot()["requests_billed"] == 0

@@ -408,3 +408,13 @@ async def test_usage_counts_no_real_response_has_are_booked_at_worst_case(tmp_pa
     assert ran.exit_code == 0, ran.message
     worst = query(db, "SELECT SUM(worst_pico) FROM requests")[0][0]
     assert ledger_total(db) == worst and ran.status.usage_missing == 5
+
+
+async def test_a_name_that_does_not_resolve_is_an_outage_not_a_charge(tmp_path: Path) -> None:
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 10, seed=17)
+    ran = await run_in_process(
+        job, db, "http://batchrun-test.invalid/v1", retry=Retry(outage_limit=1.0)
+    )
+    assert ran.report.outcome is RunOutcome.UNREACHABLE and ran.exit_code == 5
+    assert ran.status.states == {"pending": 10} and ledger_total(db) == 0
