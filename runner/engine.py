@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .endpoints import Usage, endpoint_for
+from .endpoints import Endpoint, Usage, endpoint_for
 from .errors import BatchrunError
 from .money import format_usd
 from .pricing import PriceTable
@@ -286,7 +286,7 @@ class Books:
         endpoint = endpoint_for(req.url)
         usage = endpoint.read_usage(data) if endpoint is not None else None
         flags: list[ResultFlag] = [ResultFlag.BATCH] if self.batch else []
-        cost = self._cost(req, usage)
+        cost = self._cost(req, usage, endpoint)
         if usage is None or not usage.complete or cost is None:
             cost = req.worst_pico
             flags.append(ResultFlag.USAGE_MISSING)
@@ -323,11 +323,13 @@ class Books:
         )
         self._wrote()
 
-    def _cost(self, req: PendingRequest, usage: Usage | None) -> int | None:
+    def _cost(
+        self, req: PendingRequest, usage: Usage | None, endpoint: Endpoint | None
+    ) -> int | None:
         if usage is None or not usage.complete:
             return None
         try:
-            cost = self.table.bill(req.model, usage, batch=self.batch)
+            cost = self.table.bill(req.model, usage, endpoint=endpoint, batch=self.batch)
         except BatchrunError:
             return None
         return cost if cost < 2**62 else None  # nonsense usage: book the worst case instead

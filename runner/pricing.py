@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .endpoints import MAX_OUTPUT_TOKENS, Usage
+from .endpoints import MAX_OUTPUT_TOKENS, Endpoint, Usage
 from .errors import PriceError, UnknownModelError
 from .money import price_per_mtok_to_pico_per_token
 
@@ -137,10 +137,19 @@ class PriceTable:
             digest.update(f"{name}:{fields}:{p.batch_output}:{p.max_output};".encode())
         return digest.hexdigest()
 
-    def bill(self, requested: str, usage: Usage, *, batch: bool = False) -> int:
-        """Picodollars the API bills for one response (at Batch API prices when ``batch``)."""
+    def bill(
+        self,
+        requested: str,
+        usage: Usage,
+        *,
+        endpoint: Endpoint | None = None,
+        batch: bool = False,
+    ) -> int:
+        """Picodollars the API bills for one response (at Batch API prices when ``batch``); an
+        endpoint without output (embeddings) is billed for its input alone."""
         price = self.for_response(requested, usage.model)
-        return price.cost(usage.input_tokens, usage.cached_tokens, usage.output_tokens, batch=batch)
+        output = usage.output_tokens if endpoint is None or endpoint.has_output else 0
+        return price.cost(usage.input_tokens, usage.cached_tokens, output, batch=batch)
 
 
 def _parse_entry(
