@@ -57,7 +57,7 @@ def start_run(job: Path, db: Path, sim: SimulatorThread, *extra: str) -> subproc
     """Start ``batchrun run`` against ``sim`` in the background (to signal or kill it)."""
     return subprocess.Popen(
         [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
-         "--quiet", *extra],
+         *extra],
         env=batchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -21,7 +21,7 @@ SimFactory = Callable[..., SimulatorThread]
 def _run(
     job: Path, db: Path, sim: SimulatorThread, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    return batchrun("run", job, "--db", db, "--cap", "5", "--base-url", sim.base_url, "-q", *extra)
+    return batchrun("run", job, "--db", db, "--cap", "5", "--base-url", sim.base_url, *extra)
 
 
 def test_a_second_runner_on_a_running_job_joins_it_and_nothing_is_sent_twice(
