@@ -165,7 +165,7 @@ async def test_the_enqueued_token_limit_is_waited_out_and_batches_resubmitted_sm
     write_job(job, 80, seed=7)
     tokens = [t for (t,) in rows_of_job(job, tmp_path)]
     limit = sum(tokens[:40]) + sum(tokens[40:80]) // 2  # one batch of 40 fits, two do not
-    sim = make_simulator(batch_lines_per_s=400, batch_validate_s=0.02, batch_enqueued_tokens=limit)
+    sim = make_simulator(batch_lines_per_s=60, batch_validate_s=0.02, batch_enqueued_tokens=limit)
     bills = watch_bills(sim)
     ran = await run_batch(job, db, sim, batching={"requests_per_batch": 40})
     assert ran.exit_code == 0, ran.message
@@ -280,3 +280,22 @@ async def test_requests_of_a_submitted_batch_belong_to_it_not_to_a_dead_runner(
             store.update_chunk(dead, chunk.id, status="x")
     finally:
         store.close()
+
+
+async def test_a_job_capped_on_the_batch_api_goes_on_synchronously_with_its_pending_rows(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    sim = make_simulator()
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 40, max_tokens=1, seed=14)
+    first = await run_batch(job, db, sim, cap="0.0001", batching={"requests_per_batch": 10})
+    assert first.exit_code == 3 and 0 < first.status.states["done"] < 40
+    ran = await run_in_process(job, db, sim.base_url, cap="1")  # --via sync, the default
+    assert ran.exit_code == 0, ran.message
+    assert ran.status.states == {"done": 40}
+    ledger = sim.ledger_snapshot()
+    assert 0 < ledger["batch_lines_billed"] < ledger["requests_billed"] == 40
+    assert_billed_once(db, bills)
+    assert books(db).ledger_pico == ledger["billed_pico"]
+    assert_consistent(db)
