@@ -21,7 +21,16 @@ from . import __version__
 from .errors import BatchrunError, JobFileError, UsageError
 from .money import MAX_PICO, format_usd, usd_to_pico
 from .redact import redact
-from .settings import DEFAULT_DB, DEMO_CAP_USD, Limits, Retry, RunSettings, Stopping, Transport
+from .settings import (
+    DEFAULT_DB,
+    DEMO_CAP_USD,
+    Batching,
+    Limits,
+    Retry,
+    RunSettings,
+    Stopping,
+    Transport,
+)
 from .simulator.cli import simulate
 
 EXIT_FAILURES = 1
@@ -188,9 +197,19 @@ def main() -> None:
     type=click.IntRange(min=1),
     help="Tokens per minute: show the least wall time this limit allows.",
 )
+@click.option(
+    "--via", type=click.Choice(["sync", "batch"]),
+    help="Price at the synchronous API's rates or the Batch API's (half); by default the "
+    "table is at synchronous rates and a line gives the Batch API's floor and worst case.",
+)  # fmt: skip
 @json_option
 def price(
-    jobfile: Path, prices: Path | None, rpm: int | None, tpm: int | None, as_json: bool
+    jobfile: Path,
+    prices: Path | None,
+    rpm: int | None,
+    tpm: int | None,
+    via: str | None,
+    as_json: bool,
 ) -> None:
     """Price JOBFILE in full without sending anything.
 
@@ -207,9 +226,9 @@ def price(
     table = load_price_table(prices)
     plan = price_job(jobfile, table)
     if as_json:
-        click.echo(json.dumps(plan_json(plan, table, rpm, tpm), indent=2))
+        click.echo(json.dumps(plan_json(plan, table, rpm, tpm, via=via), indent=2))
     else:
-        click.echo(format_plan(plan, table, rpm, tpm))
+        click.echo(format_plan(plan, table, rpm, tpm, via=via))
 
 
 @main.command(name="prices")
@@ -370,6 +389,30 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "conversation (previous_response_id, conversation), whose cost no worst case "
     "bounds.",
 )
+@click.option(
+    "--via", type=click.Choice(["sync", "batch"]), default=_default(RunSettings, "via"),
+    show_default=True,
+    help="sync: each request its own API call, as fast as the rate limits allow. batch: the "
+    "OpenAI Batch API, at half the price, each batch taking up to 24 h. A job may go on with "
+    "the other --via (its pending requests).",
+)  # fmt: skip
+@click.option(
+    "--batch-requests", type=click.IntRange(1, 50_000),
+    default=_default(Batching, "requests_per_batch"), show_default=True,
+    help="--via batch: most requests per batch (batches also stay under 200 MB, one endpoint "
+    "and one model each).",
+)  # fmt: skip
+@click.option(
+    "--poll-interval", type=_Seconds(0.01), default=_default(Batching, "poll_interval"),
+    show_default=True,
+    help="--via batch: longest wait between two status polls (polls back off from a few "
+    "seconds up to it).",
+)  # fmt: skip
+@click.option(
+    "--batch-queue-tokens", type=click.IntRange(min=1),
+    help="--via batch: keep the input tokens of a model's enqueued batches under this many "
+    "(the organization's enqueued-token limit is also waited out when a batch meets it).",
+)  # fmt: skip
 @prices_option
 @click.option(
     "--yes", "-y", is_flag=True,
@@ -451,7 +494,73 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         ),
         transport=Transport(base_url=o["base_url"], timeout=o["timeout"]),
         stopping=Stopping(grace=o["grace"], heartbeat_ttl=o["heartbeat_ttl"]),
+        via=o["via"],
+        batching=_batching(o),
     )
+
+
+def _batching(o: dict[str, Any], **extra: Any) -> Batching:
+    poll = o["poll_interval"]
+    return Batching(
+        requests_per_batch=o.get("batch_requests") or _default(Batching, "requests_per_batch"),
+        poll_interval=poll,
+        poll_first=min(_default(Batching, "poll_first"), poll),
+        queue_tokens=o.get("batch_queue_tokens"),
+        **extra,
+    )
+
+
+@main.command()
+@click.argument("jobfile", required=False, callback=_path)
+@db_option
+@click.option(
+    "--job", "job_id", type=click.IntRange(min=1),
+    help="The job id (default: the job of JOBFILE, else the most recent job).",
+)  # fmt: skip
+@click.option(
+    "--base-url", envvar="OPENAI_BASE_URL", callback=_base_url,
+    help="API base URL (env OPENAI_BASE_URL; default https://api.openai.com/v1).",
+)  # fmt: skip
+@click.option(
+    "--poll-interval", type=_Seconds(0.01), default=_default(Batching, "poll_interval"),
+    show_default=True, help="Longest wait between two status polls.",
+)  # fmt: skip
+@prices_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def cancel(**o: Any) -> None:
+    """Cancel the job's open Batch API batches and record the partial results they return.
+
+    Requests that had not run go back to pending: run the job again to send them.
+
+    Example: batchrun cancel --db batchrun.db --job 1
+    """
+    import asyncio
+
+    from .report import format_status
+    from .run import cancel_job, conclude
+
+    settings = RunSettings(
+        cap_pico=0, jobfile=o["jobfile"], db=o["db"], job_id=o["job_id"], prices=o["prices"],
+        quiet=o["quiet"], transport=Transport(base_url=o["base_url"]), via="batch",
+        batching=_batching(o, cancel=True),
+    )  # fmt: skip
+    report, store, job = asyncio.run(cancel_job(settings, _say))
+    try:
+        status = store.status(job.id)
+    finally:
+        store.close()
+    _say(format_status(status))
+    end = conclude(report, status)
+    if report.outcome.exit_code == 0:
+        pending = status.states.get("pending", 0)
+        click.echo(
+            f"batchrun: no batch of job {job.id} is open any more; {pending:,} request(s) are "
+            "pending: run the job again to send them.",
+            err=True,
+        )
+        sys.exit(0)
+    click.echo(redact(f"batchrun: {end.message}"), err=True)
+    sys.exit(end.exit_code)
 
 
 def _open_readonly(db: str) -> Any:

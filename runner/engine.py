@@ -258,7 +258,8 @@ class Books:
         """Requests of the job reserved by other runners (they may still come back), given
         that this runner holds ``mine``."""
         counts = await self.in_db(self.store.state_counts, self.job.id)
-        return counts.get(RequestState.RESERVED, 0) - mine
+        in_batches = await self.in_db(self.store.in_batches, self.job.id)  # not a runner's
+        return counts.get(RequestState.RESERVED, 0) - mine - in_batches
 
     # -- settling (in memory; the writer commits) ----------------------------------------------
 

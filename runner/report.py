@@ -13,7 +13,7 @@ from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
 from .pricing import PriceTable
 from .settings import Limits
-from .store import JobStatus
+from .store import BatchInfo, JobStatus
 
 
 def _duration(seconds: float) -> str:
@@ -30,10 +30,14 @@ def _duration(seconds: float) -> str:
 # -- price -------------------------------------------------------------------------------------
 
 
-def format_plan(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None) -> str:
-    """The ``batchrun price`` table: per model and in total."""
+def format_plan(
+    plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None, via: str | None = None
+) -> str:
+    """The ``batchrun price`` table: per model and in total, at synchronous prices (and a line
+    with the Batch API's), or at Batch API prices only (``via="batch"``)."""
     header = ("model", "requests", "input tok", "output limit", "no limit", "floor", "worst case")
     rows = [header]
+    batch = via == "batch"
 
     def row(name: str, t: Totals) -> tuple[str, ...]:
         return (
@@ -42,8 +46,8 @@ def format_plan(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None)
             f"{t.input_tokens:,}",
             f"{t.output_limit_tokens:,}",
             f"{t.unlimited_requests:,}",
-            format_usd(t.floor_pico),
-            format_usd(t.worst_pico),
+            format_usd(t.batch_floor_pico if batch else t.floor_pico),
+            format_usd(t.batch_worst_pico if batch else t.worst_pico),
         )
 
     for model in sorted(plan.by_model):
@@ -58,6 +62,15 @@ def format_plan(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None)
         if i == 0 or i == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("floor = input tokens only; worst case = input + every output limit.")
+    total = plan.total
+    if batch:
+        lines.append("at Batch API prices (--via batch: up to 24 h per batch).")
+    elif via is None:
+        lines.append(
+            f"Batch API (--via batch, up to 24 h): floor {format_usd(total.batch_floor_pico)}, "
+            f"worst case {format_usd(total.batch_worst_pico)} (saves "
+            f"{format_usd(total.worst_pico - total.batch_worst_pico)})."
+        )
     if plan.total.unlimited_requests:
         lines.append(
             f"warning: {plan.total.unlimited_requests:,} request(s) set no output limit; they "
@@ -93,9 +106,21 @@ def _totals_json(t: Totals) -> dict[str, Any]:
     return d
 
 
-def plan_json(plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+def plan_json(
+    plan: Plan, table: PriceTable, rpm: int | None, tpm: int | None, via: str | None = None
+) -> dict[str, Any]:
+    total = plan.total
     return {
         "file": plan.path,
+        "via": via,
+        "sync": {
+            "floor_usd": format_exact(total.floor_pico),
+            "worst_usd": format_exact(total.worst_pico),
+        },
+        "batch": {
+            "floor_usd": format_exact(total.batch_floor_pico),
+            "worst_usd": format_exact(total.batch_worst_pico),
+        },
         "sha256": plan.sha256,
         "prices_as_of": table.as_of,
         "models": {m: _totals_json(t) for m, t in sorted(plan.by_model.items())},
@@ -196,6 +221,7 @@ def status_json(s: JobStatus) -> dict[str, Any]:
             }
             for r in s.runners
         ],
+        "batches": [_batch_json(b) for b in s.batches],
     }
 
 
@@ -208,7 +234,9 @@ def _group_json(g: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _when(epoch: float) -> str:
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
     return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(sep=" ", timespec="seconds")
 
 
@@ -218,6 +246,52 @@ def _running(s: JobStatus) -> str:
         return s.job.state
     who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in s.runners)
     return f"running ({who})"
+
+
+def _batch_json(b: BatchInfo) -> dict[str, Any]:
+    return {
+        "chunk": b.id,
+        "batch_id": b.batch_id,
+        "state": b.state,
+        "status": b.status,
+        "model": b.model,
+        "endpoint": b.url,
+        "requests": b.requests,
+        "completed": b.completed,
+        "failed": b.failed,
+        "worst_usd": format_exact(b.worst_pico),
+        "created_at": b.created_at,
+        "expires_at": b.expires_at,
+        "error": b.error,
+    }
+
+
+def _batch_lines(batches: list[BatchInfo]) -> list[str]:
+    """``status``: the job's Batch API batches, one line each."""
+    shown = batches[-20:]
+    rows = [("batch", "status", "requests", "completed", "failed", "created", "expires")]
+    for b in shown:
+        rows.append(
+            (
+                b.batch_id or f"(chunk {b.id})",
+                b.status or b.state if b.state != "abandoned" else "never created",
+                f"{b.requests:,}",
+                f"{b.completed:,}",
+                f"{b.failed:,}",
+                _when(b.created_at),
+                _when(b.expires_at) if b.open else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    opened = sum(b.open for b in batches)
+    lines = [f"  batches    {len(batches):,} ({opened:,} open)"]
+    if len(batches) > len(shown):
+        lines.append(f"    (the last {len(shown)} of them)")
+    for r in rows:
+        lines.append(
+            "    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        )
+    return lines
 
 
 def format_status(s: JobStatus) -> str:
@@ -260,6 +334,8 @@ def format_status(s: JobStatus) -> str:
         lines.append(
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
+    if s.batches:
+        lines.extend(_batch_lines(s.batches))
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Books, Control, Engine, RunOutcome, RunReport, process_alive
+from .engine import Backend, Books, Control, Engine, RunOutcome, RunReport, process_alive
 from .errors import ApiKeyError, Declined, JobFileError, Problem, UsageError
 from .jobfile import file_sha256
 from .money import format_money, format_usd
@@ -236,6 +236,14 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
     """The exit status and closing message of a run, from its report and the job's status."""
     outcome = report.outcome
     pending = status.states.get("pending", 0) + status.states.get("reserved", 0)
+    if outcome is RunOutcome.DETACHED:
+        return Conclusion(128 + (report.signal or 2), report.message)
+    if outcome is RunOutcome.COMPLETE and pending and pending == status.in_batches:
+        return Conclusion(
+            1,
+            f"{pending:,} request(s) are in Batch API batches still open at OpenAI; run the job "
+            "with --via batch to collect their results.",
+        )
     if outcome is RunOutcome.INTERRUPTED:
         return Conclusion(
             128 + (report.signal or 2),
@@ -325,6 +333,52 @@ async def run_job(
     return report, store, job
 
 
+def _existing_job(store: Store, settings: RunSettings) -> Job:
+    """The job named by ``--job ID`` or JOBFILE (never imported), else the most recent one."""
+    if settings.job_id is not None:
+        job = store.job_by_id(settings.job_id)
+    elif settings.jobfile is not None:
+        job = store.job_by_sha(_sha256_or_problem(settings.jobfile))
+    else:
+        jobs = store.all_jobs()
+        job = jobs[-1] if jobs else None
+    if job is None:
+        raise UsageError(f"{store.name}: no such job")
+    return job
+
+
+async def cancel_job(
+    settings: RunSettings, echo: Echo, *, signals: bool = True
+) -> tuple[RunReport, Store, Job]:
+    """``batchrun cancel``: cancel the job's open Batch API batches and record what they
+    return (the lines that ran; the others go back to pending). Nothing new is submitted."""
+    from dataclasses import replace
+
+    table = load_price_table(settings.prices)
+    api_key = await _api_key(settings, [])
+    store = open_store(settings.db)
+    try:
+        job = _existing_job(store, settings)
+        settings = replace(
+            settings,
+            cap_pico=job.cap_pico,
+            via="batch",
+            batching=replace(settings.batching, cancel=True),
+        )
+        runner = _Runner(store, job, settings)
+    except BaseException:
+        store.close()
+        raise
+    try:
+        store.recover(job.id, runner.host, process_alive)
+        held = [b for b in store.job_batches(job.id) if b.open]
+        echo(f"job {job.id}: {len(held)} open batch(es) in {store.name}")
+        report = await _drive(store, job, table, settings, runner.id, signals, api_key)
+    finally:
+        runner.retire()
+    return report, store, job
+
+
 async def _drive(
     store: Store,
     job: Job,
@@ -359,13 +413,19 @@ async def _drive(
         batch=settings.via == "batch",
         allow_unbounded=settings.allow_unbounded,
     )
-    backend = SyncBackend(
-        transport,
-        Governor(settings.limits.rpm, settings.limits.tpm),
-        settings.limits,
-        settings.retry,
-        settings.seed,
-    )
+    backend: Backend
+    if settings.via == "batch":
+        from .backends.batch import BatchBackend
+
+        backend = BatchBackend(transport, settings.batching, settings.retry, settings.seed)
+    else:
+        backend = SyncBackend(
+            transport,
+            Governor(settings.limits.rpm, settings.limits.tpm),
+            settings.limits,
+            settings.retry,
+            settings.seed,
+        )
     engine = Engine(books, backend, control, settings.stopping)
     finished_before = sum(
         n for state, n in store.state_counts(job.id).items() if state in ("done", "failed")

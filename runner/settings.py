@@ -55,7 +55,9 @@ class Batching:
     requests_per_batch: int = 50_000  # the API's limit
     bytes_per_batch: int = 200 * 1024 * 1024  # the API's limit on an input file
     poll_interval: float = 60.0  # longest wait between two status polls
-    queue_tokens: int | None = None  # keep the enqueued tokens under this many
+    poll_first: float = 2.0  # first wait between polls; it backs off to poll_interval
+    queue_tokens: int | None = None  # keep the enqueued input tokens per model under this many
+    cancel: bool = False  # ``batchrun cancel``: cancel the open batches, record what they return
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,17 @@ def assert_consistent(db: Path) -> None:
         )
         == 0
     )
+    # A reservation is held by a runner, or (Batch API) by an open batch of the same job; a
+    # batch that ended holds nothing.
+    assert (
+        scalar(
+            db,
+            "SELECT COUNT(*) FROM requests r WHERE r.state = 'reserved' AND r.runner_id IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = r.chunk_id AND b.job_id = "
+            "r.job_id AND b.state IN ('prepared', 'submitted'))",
+        )
+        == 0
+    )
     # The books on each job's row are the sums they stand for.
     assert (
         rows(

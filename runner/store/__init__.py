@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .records import (
     OPEN_STATES,
     AttemptRecord,
+    BatchInfo,
     Beat,
     ChargeRecord,
     Claim,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPEN_STATES",
     "AttemptRecord",
+    "BatchInfo",
     "Beat",
     "ChargeRecord",
     "Claim",

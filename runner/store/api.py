@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Dialect
+from .batches import BatchesMixin
 from .claims import ClaimsMixin
 from .jobs import JobsMixin
 from .migrate import check_schema
@@ -12,7 +13,7 @@ from .reads import ReadsMixin
 from .sqlite import SQLite
 
 
-class Store(JobsMixin, ClaimsMixin, ReadsMixin):
+class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin):
     """One open database. Use :func:`open_store`."""
 
 

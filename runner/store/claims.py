@@ -207,9 +207,12 @@ class ClaimsMixin(StoreBase):
                     .values(state=DEAD, in_flight=0)
                 )
             alive = [r.id for r in live if r.id not in dead]
+            # Requests an open Batch API batch holds (no runner, a chunk) are the batch's: it
+            # may still be running at OpenAI, so they are re-attached, never re-queued.
             orphaned = sa.and_(
                 requests.c.job_id == job_id,
                 requests.c.state == RequestState.RESERVED,
+                sa.or_(requests.c.runner_id.is_not(None), requests.c.chunk_id.is_(None)),
                 sa.or_(requests.c.runner_id.is_(None), requests.c.runner_id.not_in(alive))
                 if alive
                 else sa.true(),

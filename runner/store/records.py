@@ -210,6 +210,40 @@ class Beat:
 
 
 @dataclass(slots=True)
+class BatchInfo:
+    """One Batch API batch of a job (a chunk of its requests), as the store keeps it."""
+
+    id: int  # the chunk id
+    job_id: int
+    tag: str  # unique; in the batch's metadata and its input file's name
+    url: str
+    model: str
+    state: str  # prepared, submitted, closed, abandoned (see ``schema.batches``)
+    requests: int
+    bytes: int
+    input_tokens: int
+    worst_pico: int
+    prepared_at: float
+    watcher: int | None = None
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None  # the API's status, as last seen
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: float | None = None
+    expires_at: float | None = None
+    closed_at: float | None = None
+    error: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.state in ("prepared", "submitted")
+
+
+@dataclass(slots=True)
 class JobStatus:
     """Everything ``batchrun status`` shows about one job."""
 
@@ -231,6 +265,8 @@ class JobStatus:
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     by_endpoint: dict[str, dict[str, int]] = field(default_factory=dict)
     runners: list[RunnerInfo] = field(default_factory=list)
+    batches: list[BatchInfo] = field(default_factory=list)  # Batch API batches, oldest first
+    in_batches: int = 0  # reserved requests held by open Batch API batches
 
 
 @dataclass(slots=True)

@@ -73,9 +73,13 @@ requests = sa.Table(
     sa.Column("runner_id", sa.Integer),  # who holds the reservation
     sa.Column("unbounded", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("batch_worst_pico", sa.BigInteger, nullable=False, server_default="0"),
+    # The Batch API chunk that holds (or last held) it: a reserved request with a chunk and no
+    # runner belongs to that chunk's batch, not to a runner (see ``batches``).
+    sa.Column("chunk_id", sa.Integer),
     sa.UniqueConstraint("job_id", "seq", name="uq_requests_job_seq"),
     sa.UniqueConstraint("job_id", "custom_id", name="uq_requests_job_custom_id"),
     sa.Index("ix_requests_job_state_seq", "job_id", "state", "seq"),
+    sa.Index("ix_requests_chunk", "chunk_id"),
 )
 
 attempts = sa.Table(
@@ -134,4 +138,38 @@ events = sa.Table(
     sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("detail", sa.Text),
     sa.Index("ix_events_job_at", "job_id", "at"),
+)
+
+# One Batch API batch of a job (a "chunk" of its requests), from the intent to submit it (its
+# requests and tag recorded before anything is uploaded) until its results are recorded.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("tag", sa.String(32), nullable=False, unique=True),  # in the metadata and file name
+    sa.Column("url", sa.String(64), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    # prepared (intent recorded; the batch may or may not exist) -> submitted -> closed, or
+    # abandoned (it was never created; its requests went back to pending)
+    sa.Column("state", sa.String(12), nullable=False, server_default="prepared"),
+    sa.Column("watcher", sa.Integer),  # the runner polling it
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("worst_pico", sa.BigInteger, nullable=False),
+    sa.Column("file_id", sa.Text),
+    sa.Column("batch_id", sa.Text),
+    sa.Column("status", sa.String(16)),  # the API's status, as last seen
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("output_file_id", sa.Text),
+    sa.Column("error_file_id", sa.Text),
+    sa.Column("prepared_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float),  # the batch's created_at at the API
+    sa.Column("expires_at", sa.Float),
+    sa.Column("closed_at", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_batches_job_state", "job_id", "state"),
 )
