@@ -24,6 +24,9 @@ RUN_DEFAULTS = {
     "timeout": (settings.Transport, "timeout"),
     "grace": (settings.Stopping, "grace"),
     "heartbeat_ttl": (settings.Stopping, "heartbeat_ttl"),
+    "via": (settings.RunSettings, "via"),
+    "batch_requests": (settings.Batching, "requests_per_batch"),
+    "poll_interval": (settings.Batching, "poll_interval"),
 }
 
 
@@ -65,6 +68,8 @@ def test_the_settings_the_cli_builds_carry_the_defaults() -> None:
     assert built.retry == settings.Retry()
     assert built.transport == settings.Transport()
     assert built.stopping == settings.Stopping()
+    assert built.batching == settings.Batching()
+    assert built.via == "sync"
 
 
 def test_every_command_explains_every_option_and_shows_one_example() -> None:
