@@ -36,8 +36,8 @@ from .helpers import BATCHRUN, batchrun_env, export_rows, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 
-REQUESTS = 2000
-KILLS = 20
+REQUESTS = 1200
+KILLS = 10
 # Latency and faults on: every kind of retry (and of unknown outcome) happens between kills.
 FAULTS = {
     "latency_ms": 50,
