@@ -649,6 +649,41 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
         store.close()
 
 
+@main.command(name="report")
+@db_option
+@click.option("--job", "job_id", type=int, help="Job id (default: the most recent job).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write (atomically). It opens offline: nothing is fetched.",
+)
+def report_cmd(db: str, job_id: int | None, output: Path) -> None:
+    """Write one self-contained HTML page about a job: spend over time against the cap,
+    throughput with rate-limited periods marked, latency percentiles, errors by kind over time,
+    cost by model, and the numbers `status --json` prints.
+
+    Example: batchrun report --db batchrun.db --job 1 -o report.html
+    """
+    import time
+
+    from .htmlreport import check_destination, render, save
+
+    check_destination(output, db)
+    store = _open_readonly(db)
+    try:
+        chosen = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
+        if not chosen:
+            raise UsageError(f"{db}: no job {job_id}" if job_id else f"{db}: no jobs yet")
+        job = chosen[-1]
+        status, timeline = store.status(job.id), store.timeline(job.id)
+    finally:
+        store.close()
+    save(output, render(status, timeline, db=str(db), generated_at=time.time()), db=db)
+    _say(f"wrote {output}: the report of job {job.id} ({job.path})")
+
+
 main.add_command(simulate)
 
 
