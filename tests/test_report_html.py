@@ -115,7 +115,7 @@ def test_bucket_widths_read_well_cover_the_span_and_stay_few() -> None:
 def _bucket(b: Any, at: float) -> int:
     """The oracle: the same bucket rule as the SQL, in Python."""
     width_ms = max(1, round(b.width * 1000))
-    return min(max(int((at - b.start) * 1000) // width_ms, 0), b.count - 1)
+    return min(max(math.floor((at - b.start) * 1000) // width_ms, 0), b.count - 1)
 
 
 def test_the_timeline_adds_up_to_the_rows_it_buckets(db: Path) -> None:

@@ -103,27 +103,33 @@ def _count(first: float, last: float, width: float) -> int:
 class _Bucketer:
     """The bucket index of a time column, computed in SQL.
 
-    Milliseconds since the first bucket's start, as an integer, floor-divided by the width in
-    milliseconds: integer division is the same on every dialect (casting a float to an integer
-    truncates on SQLite and rounds on PostgreSQL, which moves a time by under a millisecond).
-    The numbers are inlined as literals, so the expression in SELECT, GROUP BY and PARTITION BY
-    is the same text on a server that binds parameters itself (PostgreSQL would otherwise not
-    know that two parameters are one).
+    Whole milliseconds since the first bucket's start, floor-divided by the width in
+    milliseconds. Casting a float to an integer truncates on SQLite and rounds on PostgreSQL, so
+    the cast is corrected down where it went up: the floor on both, with no FLOOR() (which
+    SQLite may lack). The numbers are inlined as literals, so the expression in SELECT, GROUP BY
+    and PARTITION BY is the same text on a server that binds parameters itself (PostgreSQL
+    would otherwise not know that two parameters are one).
     """
 
     def __init__(self, buckets: Buckets) -> None:
         self.buckets = buckets
         self.width_ms = max(1, round(buckets.width * 1000))
         self._start = sa.literal_column(repr(float(buckets.start)), sa.Float)
-        self._width = sa.literal_column(str(int(self.width_ms)), sa.BigInteger)
+        self._width = _int(self.width_ms)
 
     def __call__(self, column: sa.ColumnElement[float]) -> sa.ColumnElement[int]:
-        ms = sa.cast((column - self._start) * sa.literal_column("1000", sa.Integer), sa.BigInteger)
+        exact = (column - self._start) * _int(1000)
+        cast = sa.cast(exact, sa.BigInteger)
+        ms = cast - sa.case((cast > exact, _int(1)), else_=_int(0))
         return ms // self._width
 
     def index(self, value: object) -> int:
         """Clamp an index the database returned into range (edges a millisecond off)."""
         return min(max(int(value), 0), self.buckets.count - 1)  # type: ignore[call-overload]
+
+
+def _int(n: int) -> sa.ColumnElement[int]:
+    return sa.literal_column(str(int(n)), sa.Integer)
 
 
 def _not_reused() -> sa.ColumnElement[bool]:
