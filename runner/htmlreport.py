@@ -48,6 +48,7 @@ _PERIOD_COLOUR = {"rate_limit": "#ff8c00", "rate_limited": "#d62728", "unreachab
 # typesetMath off: a title with two dollar amounts is text, not LaTeX waiting for MathJax.
 _CONFIG = {"displaylogo": False, "responsive": True, "typesetMath": False}
 _HEIGHT = "380px"
+_DOLLARS = {"tickprefix": "$", "tickformat": ",.6~f"}  # $0.0005, not 500µ
 
 
 def render(status: JobStatus, timeline: Timeline, *, db: str, generated_at: float) -> str:
@@ -220,7 +221,7 @@ def _spend(status: JobStatus, t: Timeline) -> go.Figure:
         mode="lines", line={"color": "#d62728", "dash": "dash", "width": 2},
         hovertemplate=f"cap {format_usd(cap, 2)}",
     )  # fmt: skip
-    yaxis: dict[str, Any] = {"title": {"text": "USD"}, "tickprefix": "$", "rangemode": "tozero"}
+    yaxis: dict[str, Any] = {"title": {"text": "USD"}, "rangemode": "tozero", **_DOLLARS}
     if cap > 5 * spent:  # the cap would flatten the spend: the cap line stays, off the top
         yaxis["range"] = [0, _usd(max(spent, 1)) * 1.15]
         fig.add_annotation(
@@ -341,7 +342,7 @@ def _cost(status: JobStatus) -> go.Figure:
         name="cost",
     )  # fmt: skip
     fig = _layout(fig, title, None, hovermode="closest", showlegend=False)
-    fig.update_xaxes(title_text="USD", tickprefix="$", rangemode="tozero")
+    fig.update_xaxes(title_text="USD", rangemode="tozero", **_DOLLARS)
     fig.update_yaxes(automargin=True)
     return fig
 
