@@ -653,12 +653,9 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
 @db_option
 @click.option("--job", "job_id", type=int, help="Job id (default: the most recent job).")
 @click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
     help="The HTML file to write (atomically). It opens offline: nothing is fetched.",
-)
+)  # fmt: skip
 def report_cmd(db: str, job_id: int | None, output: Path) -> None:
     """Write one self-contained HTML page about a job: spend over time against the cap,
     throughput with rate-limited periods marked, latency percentiles, errors by kind over time,
@@ -668,19 +665,19 @@ def report_cmd(db: str, job_id: int | None, output: Path) -> None:
     """
     import time
 
-    from .htmlreport import check_destination, render, save
+    from .export import write_lines
+    from .htmlreport import render
 
-    check_destination(output, db)
+    if not output.resolve().parent.is_dir():  # say so before reading a large job
+        raise UsageError(f"{output}: no such folder {output.resolve().parent}")
     store = _open_readonly(db)
     try:
-        chosen = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
-        if not chosen:
-            raise UsageError(f"{db}: no job {job_id}" if job_id else f"{db}: no jobs yet")
-        job = chosen[-1]
+        job = _job_of(store, job_id)
         status, timeline = store.status(job.id), store.timeline(job.id)
     finally:
         store.close()
-    save(output, render(status, timeline, db=str(db), generated_at=time.time()), db=db)
+    page = render(status, timeline, db=str(db), generated_at=time.time())
+    write_lines([page], output, [Path(db)] if "://" not in db else [])
     _say(f"wrote {output}: the report of job {job.id} ({job.path})")
 
 

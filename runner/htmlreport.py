@@ -12,21 +12,16 @@ other command pays for it.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import html
 import json
-import os
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import __version__
-from .errors import UsageError
 from .money import PICO_PER_USD, format_usd
 from .report import status_json
 from .store import JobStatus
@@ -87,63 +82,6 @@ def render(status: JobStatus, timeline: Timeline, *, db: str, generated_at: floa
         headline_json=_script_json(headline),
         version=html.escape(__version__),
     )
-
-
-def save(path: Path, page: str, *, db: str) -> None:
-    """Write the page atomically (a temporary file in the same folder, then a rename), never
-    over the database, with errors a user can act on."""
-    _refuse_database(path, db)
-    folder = path.parent
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
-    tmp = folder / f".{path.name}.{os.getpid()}.partial"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with contextlib.ExitStack() as undo:
-            undo.callback(_unlink, tmp)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(page)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            undo.pop_all()
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {_why(exc, folder)}") from None
-
-
-def check_destination(path: Path, db: str) -> None:
-    """Fail before any work if the page could not be written there."""
-    _refuse_database(path, db)
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"cannot write {path}: it is a folder")
-
-
-def _refuse_database(path: Path, db: str) -> None:
-    database = Path(db)
-    for name in (database.name, *(database.name + s for s in ("-wal", "-shm", "-journal"))):
-        candidate = database.with_name(name)
-        same = path.resolve() == candidate.resolve()
-        with contextlib.suppress(OSError):
-            same = same or os.path.samefile(path, candidate)
-        if same:
-            raise UsageError(f"refusing to write the report over the database file {candidate}")
-
-
-def _why(exc: OSError, folder: Path) -> str:
-    if exc.errno == errno.EROFS:
-        return f"its folder {folder} is on a read-only file system"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied (folder {folder})"
-    if exc.errno == errno.ENOSPC:
-        return "the disk is full"
-    return exc.strerror or str(exc)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 # -- the figures ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from runner.store.timeline import MAX_BUCKETS, PERCENTILES, choose_buckets
 
 from .browser import chromium_page, find_chromium
 from .helpers import query, run_in_process
-from .test_hostile import _read_only_folder
+from .test_store_faults import _read_only_folder
 
 MODELS = ("gpt-4o-mini", "gpt-4.1-nano")
 
@@ -359,13 +359,13 @@ def _clean_failure(out: Result, says: str) -> None:
 def test_the_report_never_overwrites_the_database(db: Path) -> None:
     before = db.read_bytes()
     for target in (db, db.with_name(db.name + "-wal"), db.parent / "." / db.name):
-        _clean_failure(_report(db, target), "refusing to write the report over the database")
+        _clean_failure(_report(db, target), "that is the database itself")
     assert db.read_bytes() == before
 
 
 def test_a_missing_folder_or_job_is_a_clear_error(db: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no such folder" / "report.html"
-    _clean_failure(_report(db, missing), f"folder {missing.parent} does not exist")
+    _clean_failure(_report(db, missing), f"no such folder {missing.parent}")
     _clean_failure(_report(db, tmp_path / "r.html", "--job", "9"), "no job 9")
     assert not (tmp_path / "r.html").exists()
     _clean_failure(_report(db, tmp_path), "is a directory")
