@@ -657,9 +657,11 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
     help="The HTML file to write (atomically). It opens offline: nothing is fetched.",
 )  # fmt: skip
 def report_cmd(db: str, job_id: int | None, output: Path) -> None:
-    """Write one self-contained HTML page about a job: spend over time against the cap,
-    throughput with rate-limited periods marked, latency percentiles, errors by kind over time,
-    cost by model, and the numbers `status --json` prints.
+    """Write a job's run report: one HTML page of charts that opens offline.
+
+    Spend over time against the cap, throughput with rate-limited periods marked, latency
+    percentiles, errors by kind over time, cost by model, and the numbers `status --json`
+    prints.
 
     Example: batchrun report --db batchrun.db --job 1 -o report.html
     """
