@@ -231,7 +231,9 @@ def _latency(t: Timeline) -> go.Figure:
     fig = go.Figure()
     b, overall = t.buckets, t.latency_overall
     if b is None or overall is None:
-        return _nothing(_layout(fig, "Latency", None), "no answered requests yet")
+        return _nothing(
+            _layout(fig, "Latency", None), "no request answered through the synchronous API"
+        )
     parts = " · ".join(f"p{p} {ms:,} ms" for p, ms in overall.values.items())
     title = f"Latency of answered attempts: {parts} · max {overall.max:,} ms ({overall.count:,})"
     x = _middles(b)

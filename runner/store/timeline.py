@@ -132,9 +132,13 @@ def _int(n: int) -> sa.ColumnElement[int]:
     return sa.literal_column(str(int(n)), sa.Integer)
 
 
+def _flagged(flag: ResultFlag) -> sa.ColumnElement[bool]:
+    return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
+
+
 def _not_reused() -> sa.ColumnElement[bool]:
     """Results copied from an earlier job happened in that job's time, not this one's."""
-    return sa.not_(sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.REUSED}%"))
+    return sa.not_(_flagged(ResultFlag.REUSED))
 
 
 class TimelineMixin(StoreBase):
@@ -166,6 +170,11 @@ class TimelineMixin(StoreBase):
 
 def _job_attempts() -> sa.FromClause:
     return attempts.join(requests, attempts.c.request_id == requests.c.id)
+
+
+def _answered_attempts() -> sa.FromClause:
+    """Attempts with their request, and its result if it has one (to tell Batch API ones)."""
+    return _job_attempts().outerjoin(results, results.c.request_id == attempts.c.request_id)
 
 
 def _job_results() -> sa.FromClause:
@@ -261,9 +270,14 @@ def _percentile_columns(
 
 
 def _latency(conn: sa.Connection, job_id: int, b: _Bucketer, t: Timeline) -> None:
-    """Latency of the attempts that got an answer (errors, 429s included, answer fast and would
-    hide how long the API takes to do the work)."""
-    answered = sa.and_(requests.c.job_id == job_id, attempts.c.error_kind.is_(None))
+    """Latency of the attempts that got an answer through the synchronous API. Errors (429s
+    included) answer fast and would hide how long the API takes to do the work; the Batch API
+    records no latency (its attempts say 0 ms)."""
+    answered = sa.and_(
+        requests.c.job_id == job_id,
+        attempts.c.error_kind.is_(None),
+        sa.not_(_flagged(ResultFlag.BATCH)),
+    )
     bucket = b(attempts.c.started_at)
     per_bucket = (
         sa.select(
@@ -273,7 +287,7 @@ def _latency(conn: sa.Connection, job_id: int, b: _Bucketer, t: Timeline) -> Non
             .over(partition_by=bucket, order_by=attempts.c.latency_ms)
             .label("cd"),
         )
-        .select_from(_job_attempts())
+        .select_from(_answered_attempts())
         .where(answered)
         .subquery()
     )
@@ -289,7 +303,7 @@ def _latency(conn: sa.Connection, job_id: int, b: _Bucketer, t: Timeline) -> Non
             attempts.c.latency_ms.label("ms"),
             sa.func.cume_dist().over(order_by=attempts.c.latency_ms).label("cd"),
         )
-        .select_from(_job_attempts())
+        .select_from(_answered_attempts())
         .where(answered)
         .subquery()
     )
