@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import math
+import shutil
+import sqlite3
 import subprocess
 import sys
 from collections import defaultdict
@@ -175,6 +177,26 @@ def test_the_timeline_adds_up_to_the_rows_it_buckets(db: Path) -> None:
     assert spans and t.periods["unreachable"] == []
     assert all(any(s <= at and at + sec <= e + 1e-6 for s, e in spans) for at, sec in pauses)
     assert all(e1 < s2 for (_s1, e1), (s2, _e2) in itertools.pairwise(spans))
+
+
+def test_latency_leaves_out_what_came_back_through_the_batch_api(db: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.db"
+    shutil.copy(db, copy)
+    with sqlite3.connect(copy) as conn:  # as if these had come back from a batch
+        conn.execute(
+            "UPDATE results SET flags = 'batch' WHERE request_id IN "
+            "(SELECT id FROM requests WHERE job_id = 1 AND state = 'done' ORDER BY seq LIMIT 10)"
+        )
+    answered = "SELECT COUNT(*) FROM attempts WHERE error_kind IS NULL AND request_id IN "
+    moved = query(copy, answered + "(SELECT request_id FROM results WHERE flags = 'batch')")
+    everything = query(copy, answered + "(SELECT id FROM requests WHERE job_id = 1)")
+    store = open_store(copy, readonly=True)
+    try:
+        t = store.timeline(1)
+    finally:
+        store.close()
+    assert t.latency_overall is not None
+    assert t.latency_overall.count == everything[0][0] - moved[0][0] < everything[0][0]
 
 
 def test_a_job_with_nothing_sent_has_an_empty_timeline_and_still_renders(db: Path) -> None:
