@@ -649,6 +649,40 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
         store.close()
 
 
+@main.command(name="report")
+@db_option
+@click.option("--job", "job_id", type=int, help="Job id (default: the most recent job).")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write (atomically). It opens offline: nothing is fetched.",
+)  # fmt: skip
+def report_cmd(db: str, job_id: int | None, output: Path) -> None:
+    """Write a job's run report: one HTML page of charts that opens offline.
+
+    Spend over time against the cap, throughput with rate-limited periods marked, latency
+    percentiles, errors by kind over time, cost by model, and the numbers `status --json`
+    prints.
+
+    Example: batchrun report --db batchrun.db --job 1 -o report.html
+    """
+    import time
+
+    from .export import write_lines
+    from .htmlreport import render
+
+    if not output.resolve().parent.is_dir():  # say so before reading a large job
+        raise UsageError(f"{output}: no such folder {output.resolve().parent}")
+    store = _open_readonly(db)
+    try:
+        job = _job_of(store, job_id)
+        status, timeline = store.status(job.id), store.timeline(job.id)
+    finally:
+        store.close()
+    page = render(status, timeline, db=str(db), generated_at=time.time())
+    write_lines([page], output, [Path(db)] if "://" not in db else [])
+    _say(f"wrote {output}: the report of job {job.id} ({job.path})")
+
+
 main.add_command(simulate)
 
 

@@ -11,9 +11,10 @@ from .jobs import JobsMixin
 from .migrate import check_schema
 from .reads import ReadsMixin
 from .sqlite import SQLite
+from .timeline import TimelineMixin
 
 
-class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin):
+class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin, TimelineMixin):
     """One open database. Use :func:`open_store`."""
 
 
