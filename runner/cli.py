@@ -683,6 +683,22 @@ def report_cmd(db: str, job_id: int | None, output: Path) -> None:
     _say(f"wrote {output}: the report of job {job.id} ({job.path})")
 
 
+@main.command()
+@db_option
+def upgrade(db: str) -> None:
+    """Bring a database written by an older batchrun up to this version's schema.
+
+    Reading commands (status, export, report) never change a database, so they ask for this
+    first; `run` upgrades the database it opens by itself.
+
+    Example: batchrun upgrade --db batchrun.db
+    """
+    from .store import open_store
+
+    open_store(db).close()
+    _say(f"{db}: up to date")
+
+
 main.add_command(simulate)
 
 

@@ -73,8 +73,8 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
         if current is None:
             raise StoreError(f"{name}: not a batchrun database (no jobs have been run with it)")
         raise StoreError(
-            f"{name}: this database was written by an older batchrun (schema {current}); any "
-            "`batchrun run` with this --db upgrades it"
+            f"{name}: this database was written by an older batchrun (schema {current}); "
+            f"`batchrun upgrade --db {name}` brings it up to date"
         )
     with store.writing() as conn:
         cfg.attributes["connection"] = conn
