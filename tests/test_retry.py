@@ -135,3 +135,15 @@ def test_backoff_is_full_jitter_and_never_earlier_than_the_server_asked() -> Non
 def test_a_server_wait_is_cut_to_max_wait() -> None:
     b = Backoff(base=0.5, ceiling=4.0, max_wait=10.0)
     assert 10.0 <= b.delay(1, 99_999_999.0, random.Random(0)) <= 10.5
+
+
+def test_a_proxys_429_with_a_string_code_and_no_retry_headers_is_a_rate_limit() -> None:
+    body = json.dumps({"error": {"message": "rpm limit exceeded", "type": None, "code": "429"}})
+    v = classify(Outcome(429, body.encode(), headers={}))
+    assert (v.action, v.kind, v.rate_limited, v.retry_after) == (
+        Action.RETRY,
+        "rate_limit",
+        True,
+        None,
+    )
+    assert v.code == "429"
