@@ -180,7 +180,7 @@ def test_two_imports_of_the_same_file_at_once_make_one_job(
 ) -> None:
     sim = make_simulator(latency_ms=5)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 3000, seed=1)
+    write_job(job, 1500, seed=1)
     args = [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
             "-q"]  # fmt: skip
     procs = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import socket
-import subprocess
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +18,7 @@ from runner.cli import main
 from runner.simulator import SimulatorThread
 
 from .badcorpus import EXPECTED, materialize
-from .helpers import BATCHRUN, batchrun, export_rows, write_job
+from .helpers import batchrun, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 
@@ -42,14 +41,14 @@ def test_without_a_terminal_progress_is_plain_log_lines_and_quiet_silences_it(
     sim = make_simulator(latency_ms=5)
     job = tmp_path / "job.jsonl"
     write_job(job, 40)
-    out = batchrun("run", job, "--db", tmp_path / "a.db", "--cap", "5", "--base-url", sim.base_url)
-    assert out.returncode == 0
+    out = _invoke("run", job, "--db", tmp_path / "a.db", "--cap", "5", "--base-url", sim.base_url)
+    assert out.exit_code == 0
     assert "batchrun: 40/40 (40 ok, 0 failed), " in out.stderr and "spend $" in out.stderr
     assert "\r" not in out.stderr  # no bar redraws in a log file
-    quiet = batchrun(
+    quiet = _invoke(
         "run", job, "--db", tmp_path / "b.db", "--cap", "5", "--base-url", sim.base_url, "--quiet"
     )
-    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
 
 
 def test_status_json_reports_spend_tokens_errors_and_a_projection(
@@ -58,16 +57,16 @@ def test_status_json_reports_spend_tokens_errors_and_a_projection(
     sim = make_simulator()
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, max_tokens=64)
-    out = batchrun("run", job, "--db", db, "--cap", "0.003", "--base-url", sim.base_url, "--quiet")
-    assert out.returncode == 3
-    status = json.loads(batchrun("status", "--db", db, "--json").stdout)["jobs"][0]
+    out = _invoke("run", job, "--db", db, "--cap", "0.003", "--base-url", sim.base_url, "--quiet")
+    assert out.exit_code == 3
+    status = json.loads(_invoke("status", "--db", db, "--json").stdout)["jobs"][0]
     assert status["state"] == "capped"
     assert status["by_state"]["done"] > 0 and status["by_state"]["pending"] > 0
     spent = float(status["spent_usd"])
     assert 0 < spent <= 0.003
     assert spent <= float(status["projected_total_usd"]) <= float(status["estimate_worst_usd"])
     assert status["input_tokens"] > 0 and status["output_tokens"] > 0
-    text = batchrun("status", "--db", db).stdout
+    text = _invoke("status", "--db", db).stdout
     assert "capped" in text and "projected total" in text
 
 
@@ -77,8 +76,8 @@ def test_export_marks_requests_never_sent_with_an_error_and_keeps_file_order(
     sim = make_simulator()
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 100, max_tokens=64)
-    batchrun("run", job, "--db", db, "--cap", "0.002", "--base-url", sim.base_url, "--quiet")
-    rows = export_rows(db)
+    _invoke("run", job, "--db", db, "--cap", "0.002", "--base-url", sim.base_url, "--quiet")
+    rows = [json.loads(line) for line in _invoke("export", "--db", db).stdout.splitlines()]
     assert [r["custom_id"] for r in rows] == [f"req-{i:06d}" for i in range(100)]
     sent = [r for r in rows if r["response"]]
     unsent = [r for r in rows if not r["response"]]
@@ -86,7 +85,7 @@ def test_export_marks_requests_never_sent_with_an_error_and_keeps_file_order(
     assert all(r["error"]["code"] == "not_completed" for r in unsent)
     assert len({r["id"] for r in rows}) == 100
     out = tmp_path / "out.jsonl"
-    assert batchrun("export", "--db", db, "-o", out).returncode == 0
+    assert batchrun("export", "--db", db, "-o", out).returncode == 0  # the real command
     assert len(out.read_text().splitlines()) == 100
 
 
@@ -96,8 +95,8 @@ def test_every_option_of_every_command_is_explained_in_help() -> None:
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help and len(param.help) > 10, f"{name} {param.opts}"
-        out = subprocess.run([BATCHRUN, name, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "Usage: batchrun " + name in out.stdout
+        out = _invoke(name, "--help")
+        assert out.exit_code == 0 and "Usage: main " + name in out.stdout
 
 
 def test_status_on_a_missing_database_is_a_clear_error() -> None:

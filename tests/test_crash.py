@@ -216,7 +216,7 @@ def test_kills_and_resumes_never_let_billing_pass_the_cap(
     )
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
-    write_job(job, 600, seed=seed, max_tokens=64)
+    write_job(job, 300, seed=seed, max_tokens=64)
     worst = price_job(job, load_price_table()).total.worst_pico
     cap_pico = worst * 2 // 5  # the actual cost is about 60% of the worst case: the cap binds
     cap = str(Decimal(cap_pico) / 10**12)

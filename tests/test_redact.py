@@ -47,21 +47,23 @@ def test_the_api_key_is_never_written_or_printed(
     outputs: list[subprocess.CompletedProcess[str]] = []
 
     def cli(*args: str | Path, base: SimulatorThread = sim) -> subprocess.CompletedProcess[str]:
+        """The command in this process (the first run below is a real process)."""
         full = [str(a) for a in args]
         if args[0] == "run":
             full += ["--base-url", base.base_url]
-        out = subprocess.run(
-            [BATCHRUN, *full],
-            env=batchrun_env(SENTINEL, **env),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = CliRunner().invoke(main, full, env={"OPENAI_API_KEY": SENTINEL, **env})
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        out = subprocess.CompletedProcess(full, result.exit_code, result.stdout, result.stderr)
         outputs.append(out)
         return out
 
-    assert cli("run", job, "--db", db, "--cap", "1").returncode == 0  # progress log on stderr
+    first = subprocess.run(
+        [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "1", "--base-url", sim.base_url],
+        env=batchrun_env(SENTINEL, **env), cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    outputs.append(first)
+    assert first.returncode == 0, first.stderr  # progress log on stderr
     assert cli("status", "--db", db).returncode == 0
     assert cli("status", "--db", db, "--json").returncode == 0
     assert cli("export", "--db", db, "-o", tmp_path / "out.jsonl").returncode == 0

@@ -77,7 +77,7 @@ def test_a_signal_stops_dispatch_lets_in_flight_requests_finish_and_says_how_to_
 def test_a_second_ctrl_c_stops_at_once_and_leaves_the_database_consistent(
     tmp_path: Path, make_simulator: SimFactory
 ) -> None:
-    sim = make_simulator(latency_ms=3000)
+    sim = make_simulator(latency_ms=2000)
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 200, seed=6)
