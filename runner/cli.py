@@ -139,7 +139,8 @@ db_option = click.option(
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file holding jobs, results and spend (env BATCHRUN_DB).",
+    help="The database holding jobs, results and spend: an SQLite file, or a "
+    "postgresql://user@host/dbname URL (env BATCHRUN_DB).",
 )
 prices_option = click.option(
     "--prices",
@@ -222,15 +223,17 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file for jobs, results and spend (env BATCHRUN_DB). "
-    "Running the same command again with the same --db resumes the job.",
+    help="The database for jobs, results and spend: an SQLite file, or a "
+    "postgresql://user@host/dbname URL that runners on several machines share (env "
+    "BATCHRUN_DB). Running the same command again with the same --db resumes the job.",
 )
 @click.option(
     "--job",
     "job_id",
     type=click.IntRange(min=1),
     help="Run (or join) this job "
-    "already in --db instead of a JOBFILE: its requests are in the database.",
+    "already in --db instead of a JOBFILE: its requests are in the database, and --cap may "
+    "be left out to keep the job's cap.",
 )
 @click.option(
     "--cap",
@@ -384,7 +387,7 @@ def run(
 
     if (jobfile is None) == (job_id is None):
         raise UsageError("give a JOBFILE, or --job ID to run a job already in --db")
-    if cap is None:
+    if cap is None and job_id is None:
         if not simulate:
             raise UsageError("--cap is required: the most this job may spend, e.g. --cap 5.00")
         cap = usd_to_pico(DEMO_CAP_USD)
@@ -436,17 +439,18 @@ def status(db: str, job_id: int | None, as_json: bool) -> None:
     from .report import format_status, status_json
 
     store = _open_readonly(db)
+    name = store.name  # a URL's password is never printed
     try:
         jobs = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
         if job_id is not None and not jobs:
-            raise UsageError(f"{db}: no job {job_id}")
+            raise UsageError(f"{name}: no job {job_id}")
         statuses = [store.status(j.id) for j in jobs]
     finally:
         store.close()
     if as_json:
-        _say(json.dumps({"db": str(db), "jobs": [status_json(s) for s in statuses]}, indent=2))
+        _say(json.dumps({"db": name, "jobs": [status_json(s) for s in statuses]}, indent=2))
     else:
-        _say("\n".join(format_status(s) for s in statuses) or f"{db}: no jobs yet")
+        _say("\n".join(format_status(s) for s in statuses) or f"{name}: no jobs yet")
 
 
 @main.command()
@@ -470,7 +474,8 @@ def export(db: str, job_id: int | None, output: Path | None) -> None:
         jobs = store.all_jobs()
         chosen = [j for j in jobs if job_id is None or j.id == job_id]
         if not chosen:
-            raise UsageError(f"{db}: no job {job_id}" if job_id else f"{db}: no jobs yet")
+            name = store.name
+            raise UsageError(f"{name}: no job {job_id}" if job_id else f"{name}: no jobs yet")
         job = chosen[-1]
         lines = export_lines(job, store.iter_export(job.id))
         if output is None:

@@ -220,6 +220,8 @@ class Books:
         self._settled = asyncio.Event()  # something settled or was released
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
+        self._shared_until = 0.0  # the latest pause told to the other runners
+        self._sharing: set[asyncio.Task[None]] = set()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -403,6 +405,22 @@ class Books:
     def event(self, kind: str, seconds: float = 0.0, detail: str | None = None) -> None:
         self._out.events.append(EventRecord(time.time(), kind, seconds, detail))
 
+    def share_pause(self, seconds: float) -> None:
+        """Tell the job's other runners (through the database) to hold their requests for
+        ``seconds`` too: a 429 says the organization's limit is exhausted, not this runner's.
+        Does not wait for the write; many workers meeting the same 429 write it once."""
+        until = time.time() + seconds
+        if until <= self._shared_until + 0.05 or self._closing:
+            return
+        self._shared_until = until
+        task = asyncio.ensure_future(self._share_pause(until))
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
+
+    async def _share_pause(self, until: float) -> None:
+        with contextlib.suppress(BatchrunError):  # best effort: the others meet the 429 too
+            await self.in_db(self.store.share_pause, self.job.id, until)
+
     def notice(self, text: str) -> None:
         """Something the user should read while the run goes on."""
         self.stats.notices.append(text)
@@ -453,6 +471,8 @@ class Books:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         try:
+            if self._sharing:
+                await asyncio.gather(*self._sharing, return_exceptions=True)
             await self.flush()
         finally:
             self._db.shutdown(wait=True)
@@ -508,14 +528,17 @@ class Engine:
 
     async def _heartbeat(self) -> None:
         ttl = self.stopping.heartbeat_ttl
-        period = min(ttl / 3, 1.0)
+        # Twice a second at most: a pause another runner shared, or a runner joining or
+        # leaving, reaches this one within a second (a beat plus its transaction).
+        period = min(ttl / 3, 0.5)
         while True:
-            await asyncio.sleep(period)
+            # The first beat comes at once: the runner learns its share of the rate limits (and
+            # any pause another runner met) before it sends much.
             try:
                 beat = await self.books.beat(ttl)
             except BatchrunError:
-                continue  # a missed beat is retried; expiry leaves slack
-            if not beat.alive:
+                beat = None  # a missed beat is retried; expiry leaves slack
+            if beat is not None and not beat.alive:
                 self.control.stop(
                     RunOutcome.STORE_ERROR,
                     "another batchrun process declared this one dead (it missed its heartbeat)"
@@ -523,4 +546,6 @@ class Engine:
                 )
                 self.control.hard.set()
                 return
-            self.backend.on_beat(beat)
+            if beat is not None:
+                self.backend.on_beat(beat)
+            await asyncio.sleep(period)

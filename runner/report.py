@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from .money import format_exact, format_usd
 from .plan import Estimate, Plan, Totals
 from .pricing import PriceTable
 from .settings import Limits
-from .store import ExportRow, Job, JobStatus
+from .store import ExportRow, Job, JobStatus, RunnerInfo
 
 
 def _duration(seconds: float) -> str:
@@ -159,6 +160,21 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "output_tokens": s.output_tokens,
         "reasoning_tokens": s.reasoning_tokens,
         "errors": s.errors,
+        "runners": [
+            {
+                "id": r.id,
+                "host": r.host,
+                "pid": r.pid,
+                "via": r.via,
+                "started_at": r.started_at,
+                "heartbeat_at": r.heartbeat_at,
+                "seconds_since_heartbeat": round(r.seen_ago, 3),
+                "in_flight": r.in_flight,
+                "claimed": r.holding,
+                "rate_share": r.share if r.holding else 0.0,
+            }
+            for r in s.runners
+        ],
     }
 
 
@@ -184,7 +200,20 @@ def format_status(s: JobStatus) -> str:
         lines.append(
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
+    if s.runners:
+        lines.append(f"  runners    {len(s.runners)} live")
+        lines.extend(f"    {_runner_line(r)}" for r in s.runners)
     return "\n".join(lines)
+
+
+def _runner_line(r: RunnerInfo) -> str:
+    """One live runner: where it runs, since when, its last heartbeat, its load and share."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
+    share = f"rate share 1/{round(1 / r.share)}" if r.holding else "idle (nothing claimed)"
+    return (
+        f"#{r.id} {r.host} pid {r.pid} ({r.via}): started {started}, last heartbeat "
+        f"{r.seen_ago:.1f}s ago, {r.in_flight:,} in flight ({r.holding:,} claimed), {share}"
+    )
 
 
 # -- prices ------------------------------------------------------------------------------------

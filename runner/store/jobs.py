@@ -13,7 +13,10 @@ from .base import StoreBase
 from .records import Job, NewRequest
 from .schema import jobs, requests
 
-INSERT_CHUNK = 2000
+_REQUEST_COLUMNS = (
+    "job_id", "seq", "line", "custom_id", "url", "model", "body", "input_tokens",
+    "output_limit", "worst_pico", "floor_pico", "approximate", "unbounded", "batch_worst_pico",
+)  # fmt: skip
 
 
 def job_from_row(row: Any) -> Job:
@@ -120,32 +123,20 @@ class JobsMixin(StoreBase):
     def _insert_requests(
         self, conn: sa.Connection, job_id: int, rows: Iterable[NewRequest]
     ) -> None:
-        chunk: list[dict[str, Any]] = []
-        insert = requests.insert()
-        for r in rows:
-            chunk.append(
-                {
-                    "job_id": job_id,
-                    "seq": r.seq,
-                    "line": r.line,
-                    "custom_id": r.custom_id,
-                    "url": r.url,
-                    "model": r.model,
-                    "body": r.body,
-                    "input_tokens": r.input_tokens,
-                    "output_limit": r.output_limit,
-                    "worst_pico": r.worst_pico,
-                    "floor_pico": r.floor_pico,
-                    "approximate": r.approximate,
-                    "unbounded": r.unbounded,
-                    "batch_worst_pico": r.batch_worst_pico,
-                }
-            )
-            if len(chunk) >= INSERT_CHUNK:
-                conn.execute(insert, chunk)
-                chunk.clear()
-        if chunk:
-            conn.execute(insert, chunk)
+        """Stream the rows in with the dialect's bulk path (COPY, or raw executemany)."""
+        self.dialect.insert_many(
+            conn,
+            requests,
+            _REQUEST_COLUMNS,
+            (
+                (
+                    job_id, r.seq, r.line, r.custom_id, r.url, r.model, r.body, r.input_tokens,
+                    r.output_limit, r.worst_pico, r.floor_pico, r.approximate, r.unbounded,
+                    r.batch_worst_pico,
+                )
+                for r in rows
+            ),
+        )  # fmt: skip
 
     def set_job(self, job_id: int, **values: Any) -> None:
         """Update a job's cap, state, path or price fingerprint."""

@@ -54,5 +54,8 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
             "`batchrun run` with this --db upgrades it"
         )
     with store.writing() as conn:
+        # Runners starting together on a new database: one migrates, the others find it done
+        # (Alembic reads the version again inside this transaction).
+        store.dialect.lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
