@@ -255,7 +255,7 @@ class Books:
     async def open_elsewhere(self, mine: int) -> int:
         """Requests of the job reserved by other runners (they may still come back), given
         that this runner holds ``mine``."""
-        counts = await self.in_db(self.store.state_counts, self.job.id)
+        counts = await self.in_db(self.store.state_counts, self.job.id, (RequestState.RESERVED,))
         return counts.get(RequestState.RESERVED, 0) - mine
 
     # -- settling (in memory; the writer commits) ----------------------------------------------

@@ -42,6 +42,17 @@ class Dialect(Protocol):
         table: sa.Table,
         columns: Sequence[str],
         rows: Iterable[Sequence[Any]],
+        *,
+        stream: bool = False,
+    ) -> None: ...
+
+    def update_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        same: dict[str, Any] | None = None,
     ) -> None: ...
 
     def describe(self, exc: BaseException) -> str: ...

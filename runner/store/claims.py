@@ -227,24 +227,18 @@ class ClaimsMixin(StoreBase):
             ).all()
             if not rows:
                 return 0, 0
-            conn.execute(
-                ledger.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "request_id": r.id,
-                        "kind": "unknown",
-                        "amount_pico": r.reserved_pico,
-                        "at": now,
-                    }
-                    for r in rows
-                ],
+            self.dialect.insert_many(
+                conn,
+                ledger,
+                _LEDGER_COLUMNS,
+                [(job_id, r.id, "unknown", r.reserved_pico, now) for r in rows],
             )
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(state=RequestState.PENDING, reserved_pico=0, runner_id=None),
-                [{"rid": r.id} for r in rows],
+            self.dialect.update_many(
+                conn,
+                requests,
+                ("id", "state"),
+                [(r.id, RequestState.PENDING.value) for r in rows],
+                {"reserved_pico": 0, "runner_id": None},
             )
             total = sum(int(r.reserved_pico) for r in rows)
             _move_books(conn, job_id, total, -total)
@@ -306,15 +300,12 @@ class ClaimsMixin(StoreBase):
                     )
                 )
             if taken:
-                conn.execute(
-                    requests.update()
-                    .where(requests.c.id == sa.bindparam("rid"))
-                    .values(
-                        state=RequestState.RESERVED,
-                        reserved_pico=sa.bindparam("amount"),
-                        runner_id=runner_id,
-                    ),
-                    [{"rid": r.id, "amount": r.worst_pico} for r in taken],
+                self.dialect.update_many(
+                    conn,
+                    requests,
+                    ("id", "reserved_pico"),
+                    [(r.id, r.worst_pico) for r in taken],
+                    {"state": RequestState.RESERVED.value, "runner_id": runner_id},
                 )
                 spend = _move_books(conn, job_id, 0, sum(r.worst_pico for r in taken))
         return Claim(
@@ -376,104 +367,61 @@ class ClaimsMixin(StoreBase):
                 raise _BadRow(str(getattr(exc, "orig", exc))[:200]) from None
 
     def _record(self, conn: Connection, job_id: int, runner_id: int, out: Outcomes) -> Spend:
+        insert_many, update_many = self.dialect.insert_many, self.dialect.update_many
         settled = reserved = 0
         if out.attempts:
-            conn.execute(
-                attempts.insert(),
+            insert_many(
+                conn,
+                attempts,
+                _ATTEMPT_COLUMNS,
                 [
-                    {
-                        "request_id": a.request_id,
-                        "attempt": a.attempt,
-                        "started_at": a.started_at,
-                        "latency_ms": a.latency_ms,
-                        "status_code": a.status_code,
-                        "error_kind": a.error_kind,
-                    }
+                    (a.request_id, a.attempt, a.started_at, a.latency_ms, a.status_code,
+                     a.error_kind)
                     for a in out.attempts
                 ],
-            )
+            )  # fmt: skip
         if out.charges:
-            conn.execute(
-                ledger.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "request_id": c.request_id,
-                        "kind": "unknown",
-                        "amount_pico": c.amount_pico,
-                        "at": c.at,
-                    }
-                    for c in out.charges
-                ],
+            insert_many(
+                conn,
+                ledger,
+                _LEDGER_COLUMNS,
+                [(job_id, c.request_id, "unknown", c.amount_pico, c.at) for c in out.charges],
             )
             settled += sum(c.amount_pico for c in out.charges)
         if out.results:
-            conn.execute(results.insert(), [_result_row(r) for r in out.results])
+            insert_many(conn, results, _RESULT_COLUMNS, [_result_row(r) for r in out.results])
             billed = [r for r in out.results if r.cost_pico]
             if billed:
-                conn.execute(
-                    ledger.insert(),
-                    [
-                        {
-                            "job_id": job_id,
-                            "request_id": r.request_id,
-                            "kind": "result",
-                            "amount_pico": r.cost_pico,
-                            "at": r.finished_at,
-                        }
-                        for r in billed
-                    ],
+                insert_many(
+                    conn,
+                    ledger,
+                    _LEDGER_COLUMNS,
+                    [(job_id, r.request_id, "result", r.cost_pico, r.finished_at) for r in billed],
                 )
                 settled += sum(r.cost_pico for r in billed)
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(
-                    state=sa.bindparam("new_state"),
-                    attempts=sa.bindparam("n"),
-                    reserved_pico=0,
-                    runner_id=None,
-                    last_error=sa.bindparam("err"),
-                ),
-                [
-                    {
-                        "rid": r.request_id,
-                        "new_state": str(r.state),
-                        "n": r.attempts,
-                        "err": r.error_message,
-                    }
-                    for r in out.results
-                ],
+            update_many(
+                conn,
+                requests,
+                ("id", "state", "attempts", "last_error"),
+                [(r.request_id, str(r.state), r.attempts, r.error_message) for r in out.results],
+                {"reserved_pico": 0, "runner_id": None},
             )
             reserved -= sum(r.reserved_pico for r in out.results)
         if out.releases:
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(
-                    state=RequestState.PENDING,
-                    reserved_pico=0,
-                    runner_id=None,
-                    attempts=sa.bindparam("n"),
-                    last_error=sa.bindparam("err"),
-                ),
-                [{"rid": r.request_id, "n": r.attempts, "err": r.last_error} for r in out.releases],
+            update_many(
+                conn,
+                requests,
+                ("id", "attempts", "last_error"),
+                [(r.request_id, r.attempts, r.last_error) for r in out.releases],
+                {"state": RequestState.PENDING.value, "reserved_pico": 0, "runner_id": None},
             )
             reserved -= sum(r.reserved_pico for r in out.releases)
         if out.events:
-            conn.execute(
-                events.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "runner_id": runner_id,
-                        "at": e.at,
-                        "kind": e.kind,
-                        "seconds": e.seconds,
-                        "detail": e.detail,
-                    }
-                    for e in out.events
-                ],
+            insert_many(
+                conn,
+                events,
+                _EVENT_COLUMNS,
+                [(job_id, runner_id, e.at, e.kind, e.seconds, e.detail) for e in out.events],
             )
         return _move_books(conn, job_id, settled, reserved)
 
@@ -498,21 +446,21 @@ def _bare(r: ResultRecord, reason: str) -> ResultRecord:
     )
 
 
-def _result_row(r: ResultRecord) -> dict[str, Any]:
-    return {
-        "request_id": r.request_id,
-        "status_code": r.status_code,
-        "body": r.body,
-        "response_model": r.response_model,
-        "api_request_id": r.api_request_id,
-        "prompt_tokens": r.prompt_tokens,
-        "cached_tokens": r.cached_tokens,
-        "completion_tokens": r.completion_tokens,
-        "reasoning_tokens": r.reasoning_tokens,
-        "cost_pico": r.cost_pico,
-        "latency_ms": r.latency_ms,
-        "finished_at": r.finished_at,
-        "error_code": r.error_code,
-        "error_message": r.error_message,
-        "flags": _flags(r),
-    }
+_ATTEMPT_COLUMNS = (
+    "request_id", "attempt", "started_at", "latency_ms", "status_code", "error_kind",
+)  # fmt: skip
+_LEDGER_COLUMNS = ("job_id", "request_id", "kind", "amount_pico", "at")
+_EVENT_COLUMNS = ("job_id", "runner_id", "at", "kind", "seconds", "detail")
+_RESULT_COLUMNS = (
+    "request_id", "status_code", "body", "response_model", "api_request_id", "prompt_tokens",
+    "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_pico", "latency_ms",
+    "finished_at", "error_code", "error_message", "flags",
+)  # fmt: skip
+
+
+def _result_row(r: ResultRecord) -> tuple[Any, ...]:
+    return (
+        r.request_id, r.status_code, r.body, r.response_model, r.api_request_id,
+        r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.cost_pico,
+        r.latency_ms, r.finished_at, r.error_code, r.error_message, _flags(r),
+    )  # fmt: skip

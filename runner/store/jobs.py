@@ -136,6 +136,7 @@ class JobsMixin(StoreBase):
                 )
                 for r in rows
             ),
+            stream=True,
         )  # fmt: skip
 
     def set_job(self, job_id: int, **values: Any) -> None:

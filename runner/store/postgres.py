@@ -141,11 +141,14 @@ class PostgreSQL:
         table: sa.Table,
         columns: Sequence[str],
         rows: Iterable[Sequence[Any]],
+        *,
+        stream: bool = False,
     ) -> None:
-        """Stream rows into ``table`` with one binary COPY, in the open transaction.
+        """Copy rows into ``table`` with one binary COPY, in the open transaction.
 
-        A queued writer sends the data from its own thread, so the server inserts while the
-        caller produces the next rows (the server process works on another core).
+        ``stream`` (a job's requests): a queued writer sends the data from its own thread, so
+        the server inserts while the caller produces the next rows (the server process works
+        on another core).
         """
         import psycopg
         from psycopg.copy import QueuedLibpqWriter
@@ -157,13 +160,47 @@ class PostgreSQL:
         try:
             with (
                 raw.cursor() as cur,  # type: ignore[attr-defined]
-                cur.copy(sql, writer=QueuedLibpqWriter(cur)) as copy,
+                cur.copy(sql, writer=QueuedLibpqWriter(cur) if stream else None) as copy,
             ):
                 copy.set_types(types)
                 write = copy.write_row
                 for row in rows:
                     write(row)
         except psycopg.Error as exc:  # the driver's own error: as SQLAlchemy would raise it
+            raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error) from None
+        except (TypeError, ValueError) as exc:  # a value the driver cannot send at all
+            raise sa.exc.StatementError(str(exc), sql, None, exc) from None
+
+    def update_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        same: dict[str, Any] | None = None,
+    ) -> None:
+        """``UPDATE table SET columns[1:] (and ``same``) WHERE columns[0] = ...`` for every
+        row, in one statement: the rows travel as one array per column."""
+        import psycopg
+
+        if not rows:
+            return
+        same = same or {}
+        key = columns[0]
+        sets = [f"{c} = v.{c}" for c in columns[1:]] + [f"{c} = %s" for c in same]
+        arrays = ", ".join(f"%s::{_copy_type(table.c[c])}[]" for c in columns)
+        sql = (
+            f"UPDATE {table.name} AS t SET {', '.join(sets)} FROM unnest({arrays}) "
+            f"AS v({', '.join(columns)}) WHERE t.{key} = v.{key}"
+        )
+        # The SET clause's own values come first in the statement, unnest()'s arrays after.
+        params = [*same.values(), *(list(col) for col in zip(*rows, strict=True))]
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            with raw.cursor() as cur:  # type: ignore[attr-defined]
+                cur.execute(sql, params)
+        except psycopg.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error) from None
 
     # -- errors -------------------------------------------------------------------------------

@@ -150,17 +150,14 @@ class ReadsMixin(StoreBase):
             ).one()
         return Spend(int(row.settled_pico), int(row.reserved_pico))
 
-    def state_counts(self, job_id: int) -> dict[str, int]:
-        """Requests by state: one pass over the (job_id, state, seq) index."""
+    def state_counts(self, job_id: int, only: tuple[str, ...] = ()) -> dict[str, int]:
+        """Requests by state: one pass over the (job_id, state, seq) index (over the part of
+        it in the states ``only``, if given: cheap for the few reserved ones of a big job)."""
+        q = sa.select(requests.c.state, sa.func.count()).where(requests.c.job_id == job_id)
+        if only:
+            q = q.where(requests.c.state.in_(only))
         with self.reading() as conn:
-            return {
-                str(state): int(n)
-                for state, n in conn.execute(
-                    sa.select(requests.c.state, sa.func.count())
-                    .where(requests.c.job_id == job_id)
-                    .group_by(requests.c.state)
-                )
-            }
+            return {str(state): int(n) for state, n in conn.execute(q.group_by(requests.c.state))}
 
     def pending_worst(self, job_id: int) -> int:
         """The worst case of every request not yet sent."""

@@ -164,12 +164,14 @@ class SQLite:
         table: sa.Table,
         columns: Sequence[str],
         rows: Iterable[Sequence[Any]],
+        *,
+        stream: bool = False,
     ) -> None:
         """Insert rows through the raw sqlite3 connection, in the open transaction.
 
-        ``executemany`` runs on a helper thread, fed in chunks: SQLite does its B-tree work
-        without the GIL, so it overlaps with the caller producing the next rows (a job import
-        parses and counts tokens meanwhile).
+        ``stream`` (a job's requests): ``executemany`` runs on a helper thread, fed in chunks;
+        SQLite does its B-tree work without the GIL, so it overlaps with the caller producing
+        the next rows (a job import parses and counts tokens meanwhile).
         """
         raw = conn.connection.dbapi_connection
         assert raw is not None
@@ -182,8 +184,33 @@ class SQLite:
             raw.executemany(sql, itertools.chain.from_iterable(chunks))
 
         try:
-            feed_in_thread(consume, rows)
+            if stream:
+                feed_in_thread(consume, rows)
+            else:
+                raw.executemany(sql, rows)
         except sqlite3.Error as exc:  # the driver's own error: as SQLAlchemy would raise it
+            raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from None
+
+    def update_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        same: dict[str, Any] | None = None,
+    ) -> None:
+        """``UPDATE table SET columns[1:] (and ``same``) WHERE columns[0] = ...`` per row."""
+        if not rows:
+            return
+        same = same or {}
+        sets = [f"{c} = ?" for c in columns[1:]] + [f"{c} = ?" for c in same]
+        sql = f"UPDATE {table.name} SET {', '.join(sets)} WHERE {columns[0]} = ?"
+        tail = tuple(same.values())
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            raw.executemany(sql, [(*r[1:], *tail, r[0]) for r in rows])
+        except sqlite3.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from None
 
     def describe(self, exc: BaseException) -> str:
