@@ -215,6 +215,10 @@ class Books:
         self.stats = RunStats(cap_pico=job.cap_pico)
         self.host = socket.gethostname()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-db")
+        # Heartbeats, recoveries and shared pauses have a thread (and connection) of their own:
+        # a big group commit, or a commit waiting for a lock, must not make this runner miss
+        # its heartbeat or hear of a pause late; nor may a stuck heartbeat delay a commit.
+        self._beats = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-beat")
         self._out = Outcomes()
         self._flush_now = asyncio.Event()
         self._settled = asyncio.Event()  # something settled or was released
@@ -229,6 +233,11 @@ class Books:
         """Run a store call on the store's own thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+
+    async def _in_beats(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a runner-keeping store call on the heartbeat's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._beats, lambda: fn(*args))
 
     def _books_seen(self, spend: Spend) -> None:
         self.stats.settled_pico = spend.settled_pico
@@ -419,7 +428,7 @@ class Books:
 
     async def _share_pause(self, until: float) -> None:
         with contextlib.suppress(BatchrunError):  # best effort: the others meet the 429 too
-            await self.in_db(self.store.share_pause, self.job.id, until)
+            await self._in_beats(self.store.share_pause, self.job.id, until)
 
     def notice(self, text: str) -> None:
         """Something the user should read while the run goes on."""
@@ -476,14 +485,15 @@ class Books:
             await self.flush()
         finally:
             self._db.shutdown(wait=True)
+            self._beats.shutdown(wait=True)
 
     # -- runners ------------------------------------------------------------------------------
 
     async def beat(self, ttl: float) -> Beat:
         """Renew this runner's heartbeat; take over the claims of runners that died."""
-        beat = await self.in_db(self.store.heartbeat, self.runner_id, ttl, self.stats.in_flight)
+        beat = await self._in_beats(self.store.heartbeat, self.runner_id, ttl, self.stats.in_flight)
         if beat.alive:
-            await self.in_db(self.store.recover, self.job.id, self.host, process_alive)
+            await self._in_beats(self.store.recover, self.job.id, self.host, process_alive)
         return beat
 
 

@@ -229,3 +229,39 @@ def test_runners_on_machines_with_different_clocks_agree_on_expiry(
         assert [r.id for r in store.live_runners(job)] == [runner]
     finally:
         store.close()
+
+
+def test_a_database_of_schema_0001_is_upgraded_with_its_books(schema_url: str) -> None:
+    """The migrations run on PostgreSQL too, data and all (0002 computes the books)."""
+    from alembic import command
+
+    from runner.store.migrate import _config
+
+    engine = PostgreSQL(schema_url).create_engine()
+    with engine.begin() as conn:
+        cfg = _config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO jobs VALUES (1, '/x.jsonl', 'x', 0, 0, 1000000000000, 'stopped', 2, "
+            "20, 10, 200, 400, 'host:1:ab', 0)"
+        )
+        for rid, state, reserved in ((1, "done", 0), (2, "reserved", 200)):
+            conn.exec_driver_sql(
+                "INSERT INTO requests VALUES (%s, 1, %s, %s, %s, '/v1/chat/completions', "
+                "'gpt-4o-mini', '{}', 10, 5, 200, 100, false, %s, 1, %s, NULL)",
+                (rid, rid - 1, rid, f"c{rid}", state, reserved),
+            )
+        conn.exec_driver_sql("INSERT INTO ledger VALUES (1, 1, 1, 'result', 500, 0)")
+        for table in ("jobs", "requests", "ledger"):  # as if batchrun had numbered the rows
+            conn.exec_driver_sql(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), MAX(id)) FROM {table}"
+            )
+    engine.dispose()
+    store = open_store(schema_url)
+    try:
+        spend, cap = store.books(1)
+        assert (spend.settled_pico, spend.reserved_pico, cap) == (500, 200, 10**12)
+        assert store.recover(1, "h", lambda pid: True) == (1, 200)
+    finally:
+        store.close()
