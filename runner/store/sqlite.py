@@ -175,13 +175,25 @@ class SQLite:
         """
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        sql = (
-            f"INSERT INTO {table.name} ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})"
-        )
+        row = f"({', '.join('?' * len(columns))})"
+        head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+        sql = head + row
+        many = head + ", ".join([row] * _ROWS_PER_INSERT)
 
         def consume(chunks: Iterator[list[Sequence[Any]]]) -> None:
-            raw.executemany(sql, itertools.chain.from_iterable(chunks))
+            # Many rows per statement: the helper thread takes the GIL back once per statement
+            # (SQLite releases it for each step), not once per row, which would make the
+            # producing thread hand it over a million times.
+            flat = itertools.chain.from_iterable
+            for chunk in chunks:
+                whole = len(chunk) - len(chunk) % _ROWS_PER_INSERT
+                raw.executemany(
+                    many,
+                    (tuple(flat(chunk[i : i + _ROWS_PER_INSERT]))
+                     for i in range(0, whole, _ROWS_PER_INSERT)),
+                )  # fmt: skip
+                if whole < len(chunk):
+                    raw.executemany(sql, chunk[whole:])
 
         try:
             if stream:
@@ -247,6 +259,7 @@ class SQLite:
 
 
 _FEED_CHUNK = 2048  # rows handed over at a time
+_ROWS_PER_INSERT = 64  # rows per INSERT statement of a stream (64 x 14 values: within limits)
 _FEED_DEPTH = 4  # chunks waiting at most (bounds the memory held between the two threads)
 
 
