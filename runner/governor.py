@@ -279,6 +279,7 @@ class Governor:
             later_requests,
             1,
             fresh,
+            len(self._inflight),
         )
         self.tokens = self._learn(
             self.tokens,
@@ -288,6 +289,7 @@ class Governor:
             later_tokens,
             max(1, self._weights // max(self._admitted, 1)),
             fresh,
+            sum(self._inflight.values()) if self.share < 1.0 else 0,
         )
 
     def _learn(
@@ -299,6 +301,7 @@ class Governor:
         inflight: int,
         need: int,
         fresh: bool = True,
+        unanswered: int = 0,
     ) -> _Bucket | None:
         limit = _number(limit_h, 1)
         if limit is None:
@@ -318,9 +321,9 @@ class Governor:
                 # Runners sharing the limits: this one may use its share of what the
                 # organization has left, more or less than its own bucket says (what a runner
                 # that fell behind leaves is not lost to the others), less what the others
-                # may have on their way (counted like this runner's own). Only the newest
-                # answer counts: an older one tells of more room than there is.
-                others = (1 / self.share - 1) * max(1, inflight)
+                # may have on their way (as many as this runner has unanswered). Only the
+                # newest answer counts: an older one tells of more room than there is.
+                others = (1 / self.share - 1) * (unanswered + 2)
                 bucket.set_free(int((remaining - others) * self.share) - inflight)
             if remaining < need:
                 # Nothing left: wait until the bucket has room for one more request, not for

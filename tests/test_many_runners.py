@@ -185,7 +185,7 @@ async def test_three_runners_keep_to_one_rate_limit_together(
 ) -> None:
     """The organization's limit is 100 requests/s and its minute's burst is nearly spent
     (another client used it): three runners together keep to that rate, without 429s."""
-    rpm, requests, left = 6000, 430, 30
+    rpm, requests, left = 6000, 630, 30
     sim = make_simulator(rpm=rpm, latency_ms=20)
     job = tmp_path / "job.jsonl"
     write_job(job, requests, seed=13, prompt_words=4, max_tokens=4)
