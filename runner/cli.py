@@ -163,7 +163,8 @@ db_option = click.option(
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file holding jobs, results and spend.",
+    help="The database holding jobs, results and spend: an SQLite file, or a "
+    "postgresql://user@host/dbname URL.",
 )
 prices_option = click.option(
     "--prices",
@@ -256,15 +257,17 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     default=DEFAULT_DB,
     envvar="BATCHRUN_DB",
     show_default=True,
-    help="The SQLite database file for jobs, results and spend. "
-    "Running the same command again with the same --db resumes the job.",
+    help="The database for jobs, results and spend: an SQLite file, or a "
+    "postgresql://user@host/dbname URL that runners on several machines share. Running the "
+    "same command again with the same --db resumes the job.",
 )
 @click.option(
     "--job",
     "job_id",
     type=click.IntRange(min=1),
     help="Run (or join) this job "
-    "already in --db instead of a JOBFILE: its requests are in the database.",
+    "already in --db instead of a JOBFILE: its requests are in the database, and --cap may "
+    "be left out to keep the job's cap.",
 )
 @click.option(
     "--cap",
@@ -469,7 +472,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     if (o["jobfile"] is None) == (o["job_id"] is None):
         raise UsageError("give a JOBFILE, or --job ID to run a job already in --db")
     cap = o["cap"]
-    if cap is None:
+    if cap is None and o["job_id"] is None:  # joining a job keeps its cap unless given
         if not o["simulate"]:
             raise UsageError("--cap is required: the most this job may spend, e.g. --cap 5.00")
         cap = usd_to_pico(DEMO_CAP_USD)
@@ -596,6 +599,7 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
     from .report import failed_json, format_failed, format_status, status_json
 
     store = _open_readonly(db)
+    name = store.name  # a URL's password is never printed
     try:
         if list_failed:
             job = _job_of(store, job_id)
@@ -605,14 +609,14 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
             return
         jobs = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
         if job_id is not None and not jobs:
-            raise UsageError(f"{db}: no job {job_id}")
+            raise UsageError(f"{name}: no job {job_id}")
         statuses = [store.status(j.id) for j in jobs]
     finally:
         store.close()
     if as_json:
-        _say(json.dumps({"db": str(db), "jobs": [status_json(s) for s in statuses]}, indent=2))
+        _say(json.dumps({"db": name, "jobs": [status_json(s) for s in statuses]}, indent=2))
     else:
-        _say("\n".join(format_status(s) for s in statuses) or f"{db}: no jobs yet")
+        _say("\n".join(format_status(s) for s in statuses) or f"{name}: no jobs yet")
 
 
 @main.command()
@@ -678,7 +682,7 @@ def report_cmd(db: str, job_id: int | None, output: Path) -> None:
         status, timeline = store.status(job.id), store.timeline(job.id)
     finally:
         store.close()
-    page = render(status, timeline, db=str(db), generated_at=time.time())
+    page = render(status, timeline, db=store.name, generated_at=time.time())
     write_lines([page], output, [Path(db)] if "://" not in db else [])
     _say(f"wrote {output}: the report of job {job.id} ({job.path})")
 

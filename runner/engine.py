@@ -216,6 +216,10 @@ class Books:
         self.stats = RunStats(cap_pico=job.cap_pico)
         self.host = socket.gethostname()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-db")
+        # Heartbeats, recoveries and shared pauses have a thread (and connection) of their own:
+        # a big group commit, or a commit waiting for a lock, must not make this runner miss
+        # its heartbeat or hear of a pause late; nor may a stuck heartbeat delay a commit.
+        self._beats = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-beat")
         self._out = Outcomes()
         self._flush_now = asyncio.Event()
         self._settled = asyncio.Event()  # something settled or was released
@@ -224,6 +228,8 @@ class Books:
         self.recheck = False
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
+        self._shared_until = 0.0  # the latest pause told to the other runners
+        self._sharing: set[asyncio.Task[None]] = set()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -231,6 +237,11 @@ class Books:
         """Run a store call on the store's own thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+
+    async def _in_beats(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a runner-keeping store call on the heartbeat's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._beats, lambda: fn(*args))
 
     def _books_seen(self, spend: Spend) -> None:
         self.stats.settled_pico = spend.settled_pico
@@ -257,7 +268,7 @@ class Books:
     async def open_elsewhere(self, mine: int) -> int:
         """Requests of the job reserved by other runners (they may still come back), given
         that this runner holds ``mine``."""
-        counts = await self.in_db(self.store.state_counts, self.job.id)
+        counts = await self.in_db(self.store.state_counts, self.job.id, (RequestState.RESERVED,))
         in_batches = await self.in_db(self.store.in_batches, self.job.id)  # not a runner's
         return counts.get(RequestState.RESERVED, 0) - mine - in_batches
 
@@ -418,6 +429,22 @@ class Books:
     def event(self, kind: str, seconds: float = 0.0, detail: str | None = None) -> None:
         self._out.events.append(EventRecord(time.time(), kind, seconds, detail))
 
+    def share_pause(self, seconds: float) -> None:
+        """Tell the job's other runners (through the database) to hold their requests for
+        ``seconds`` too: a 429 says the organization's limit is exhausted, not this runner's.
+        Does not wait for the write; many workers meeting the same 429 write it once."""
+        until = time.time() + seconds
+        if until <= self._shared_until + 0.05 or self._closing:
+            return
+        self._shared_until = until
+        task = asyncio.ensure_future(self._share_pause(until))
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
+
+    async def _share_pause(self, until: float) -> None:
+        with contextlib.suppress(BatchrunError):  # best effort: the others meet the 429 too
+            await self._in_beats(self.store.share_pause, self.job.id, until)
+
     def notice(self, text: str) -> None:
         """Something the user should read while the run goes on."""
         self.stats.notices.append(text)
@@ -468,17 +495,20 @@ class Books:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         try:
+            if self._sharing:
+                await asyncio.gather(*self._sharing, return_exceptions=True)
             await self.flush()
         finally:
             self._db.shutdown(wait=True)
+            self._beats.shutdown(wait=True)
 
     # -- runners ------------------------------------------------------------------------------
 
     async def beat(self, ttl: float) -> Beat:
         """Renew this runner's heartbeat; take over the claims of runners that died."""
-        beat = await self.in_db(self.store.heartbeat, self.runner_id, ttl, self.stats.in_flight)
+        beat = await self._in_beats(self.store.heartbeat, self.runner_id, ttl, self.stats.in_flight)
         if beat.alive:
-            await self.in_db(self.store.recover, self.job.id, self.host, process_alive)
+            await self._in_beats(self.store.recover, self.job.id, self.host, process_alive)
         return beat
 
 
@@ -528,14 +558,17 @@ class Engine:
 
     async def _heartbeat(self) -> None:
         ttl = self.stopping.heartbeat_ttl
-        period = min(ttl / 3, 1.0)
+        # Twice a second at most: a pause another runner shared, or a runner joining or
+        # leaving, reaches this one within a second (a beat plus its transaction).
+        period = min(ttl / 3, 0.5)
         while True:
-            await asyncio.sleep(period)
+            # The first beat comes at once: the runner learns its share of the rate limits (and
+            # any pause another runner met) before it sends much.
             try:
                 beat = await self.books.beat(ttl)
             except BatchrunError:
-                continue  # a missed beat is retried; expiry leaves slack
-            if not beat.alive:
+                beat = None  # a missed beat is retried; expiry leaves slack
+            if beat is not None and not beat.alive:
                 self.control.stop(
                     RunOutcome.STORE_ERROR,
                     "another batchrun process declared this one dead (it missed its heartbeat)"
@@ -543,4 +576,6 @@ class Engine:
                 )
                 self.control.hard.set()
                 return
-            self.backend.on_beat(beat)
+            if beat is not None:
+                self.backend.on_beat(beat)
+            await asyncio.sleep(period)

@@ -19,6 +19,7 @@ The gate in front of the buckets holds every request:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import re
 import time
@@ -101,6 +102,29 @@ class _Bucket:
         if level > self._level():
             self.limiter._level = level
 
+    def set_free(self, free: int) -> None:
+        """Make ``free`` of the capacity available now (within 0 and the limit)."""
+        self._level()  # leak first
+        self.limiter._level = float(self.limit - min(max(0, free), self.limit))
+
+    def rescale(self, share: float) -> None:
+        """Govern at ``share`` of the organization's limit from now on, in place: the part of
+        the bucket in use stays in use (no burst when the share grows), and requests already
+        waiting wait at the new rate."""
+        limit = max(1, int(self.org_limit * share))
+        if limit == self.limit:
+            return
+        lim = self.limiter
+        if lim._level:
+            lim._level = self._level() * limit / self.limit
+        lim.max_rate = limit
+        lim._rate_per_sec = limit / lim.time_period
+        self.limit = limit
+        if lim._waiters:  # aiolimiter keeps (amount, order, future) in a heap
+            lim._waiters = [(min(a, limit), n, f) for a, n, f in lim._waiters]
+            heapq.heapify(lim._waiters)
+            lim._wake_next()
+
     def seconds_for(self, amount: float) -> float:
         """How long the limit takes to free ``amount`` of capacity."""
         return min(amount, self.limit) / self.limit * 60.0
@@ -125,6 +149,7 @@ class Governor:
         self._probe_started = 0.0
         # Admitted and not yet answered, by admission number (ascending) and weight.
         self._next_ticket = 0
+        self._newest_answer = -1  # the latest admitted request answered so far
         self._inflight: dict[int, int] = {}
         self._weights = 0  # sum of admitted weights, for the average request weight
         self._admitted = 0
@@ -221,10 +246,9 @@ class Governor:
         if share == self.share:
             return
         self.share = share
-        for name in ("requests", "tokens"):
-            bucket = getattr(self, name)
+        for bucket in (self.requests, self.tokens):
             if bucket is not None:
-                setattr(self, name, _Bucket(bucket.org_limit, bucket.learned, share))
+                bucket.rescale(share)
 
     # -- answers --------------------------------------------------------------------------------
 
@@ -245,6 +269,8 @@ class Governor:
                 break
             later_requests += 1
             later_tokens += w
+        fresh = ticket > self._newest_answer
+        self._newest_answer = max(self._newest_answer, ticket)
         self.requests = self._learn(
             self.requests,
             headers.get("x-ratelimit-limit-requests"),
@@ -252,6 +278,8 @@ class Governor:
             headers.get("x-ratelimit-reset-requests"),
             later_requests,
             1,
+            fresh,
+            len(self._inflight),
         )
         self.tokens = self._learn(
             self.tokens,
@@ -260,6 +288,8 @@ class Governor:
             headers.get("x-ratelimit-reset-tokens"),
             later_tokens,
             max(1, self._weights // max(self._admitted, 1)),
+            fresh,
+            sum(self._inflight.values()) if self.share < 1.0 else 0,
         )
 
     def _learn(
@@ -270,6 +300,8 @@ class Governor:
         reset_h: str | None,
         inflight: int,
         need: int,
+        fresh: bool = True,
+        unanswered: int = 0,
     ) -> _Bucket | None:
         limit = _number(limit_h, 1)
         if limit is None:
@@ -283,7 +315,16 @@ class Governor:
             bucket = _Bucket(limit, True, self.share)
         remaining = _number(remaining_h, 0)
         if remaining is not None and remaining <= limit:
-            bucket.align(max(0, remaining - inflight))
+            if self.share >= 1.0:
+                bucket.align(max(0, remaining - inflight))
+            elif fresh:
+                # Runners sharing the limits: this one may use its share of what the
+                # organization has left, more or less than its own bucket says (what a runner
+                # that fell behind leaves is not lost to the others), less what the others
+                # may have on their way (as many as this runner has unanswered). Only the
+                # newest answer counts: an older one tells of more room than there is.
+                others = (1 / self.share - 1) * (unanswered + 2)
+                bucket.set_free(int((remaining - others) * self.share) - inflight)
             if remaining < need:
                 # Nothing left: wait until the bucket has room for one more request, not for
                 # the reset (the time until the bucket is *full* again).

@@ -11,8 +11,10 @@ own for the cap. Both go through the same loop and the same sums.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from .endpoints import endpoint_for
 from .errors import PriceError
@@ -130,9 +132,10 @@ class Estimate:
 class _ModelSums:
     """Running sums for one model."""
 
-    __slots__ = ("batch", "price", "totals")
+    __slots__ = ("batch", "model", "price", "totals")
 
-    def __init__(self, price: Price) -> None:
+    def __init__(self, model: str, price: Price) -> None:
+        self.model = model
         self.price = price
         self.batch = TextBatch()
         self.totals = Totals()
@@ -153,10 +156,26 @@ def _limit_of(path: str, jl: JobLine, price: Price) -> tuple[int, bool]:
     return price.max_output * endpoint.choices(jl.body), True
 
 
-# The dry run sets the plain texts of up to CHUNK_LINES lines aside (tokens.TextBatch) and
-# counts them in one tokenizer call per chunk: exact, and cheaper than one call per text.
+# The plain texts of up to CHUNK_LINES lines are set aside (tokens.TextBatch) and counted in one
+# tokenizer call per model and chunk: exact, and cheaper than one call per text. The import gets
+# each text's count from the same call (split at the separators) and adds them up per line.
 CHUNK_LINES = 4096  # lines whose texts are counted together, at most ...
 CHUNK_CHARS = 1 << 20  # ... and characters of text set aside per model, at most
+
+
+# A line read and priced but for the texts it set aside in its model's batch (its body itself
+# is not kept, only what its row stores): a plain tuple, built once per line on the import path.
+# (line, custom_id, url, body_json, model sums, tokens but those texts, approximate, output
+#  limit, unbounded, first, last): its texts are the model batch's texts[first:last].
+_Held = tuple[int, str, str, str, "_ModelSums", int, bool, int, bool, int, int]
+
+
+class _Chunk(NamedTuple):
+    """Lines whose texts are being counted, and the counting: per model, a total or (the
+    import) each text's count, to come."""
+
+    held: list[_Held]
+    work: list[tuple[_ModelSums, int | Future[list[int]]]]
 
 
 class Planner:
@@ -167,11 +186,12 @@ class Planner:
         self.table = table
         self.plan = Plan(path=reader.display_path)
         self._sums: dict[str, _ModelSums] = {}
+        self._seq = 0  # the next row's place in the file
 
     def _sums_for(self, model: str) -> _ModelSums:
         acc = self._sums.get(model)
         if acc is None:
-            acc = self._sums[model] = _ModelSums(self.table.resolve(model))
+            acc = self._sums[model] = _ModelSums(model, self.table.resolve(model))
         return acc
 
     def _note(self, count: TokenCount) -> None:
@@ -182,66 +202,100 @@ class Planner:
     def rows(self, *, keep_rows: bool) -> Iterator[NewRequest]:
         """Read the whole file, filling ``plan``; yield a priced row per line if ``keep_rows``.
 
-        Raises JobFileError at the end if any line was invalid.
+        Both ways set the plain texts of up to ``CHUNK_LINES`` lines aside and count them in one
+        tokenizer call per model and chunk. The import counts each text (``TextBatch.counts``)
+        on a helper thread while the next chunk is read (the tokenizer runs without the GIL),
+        and yields a chunk's rows, each with the tokens of its own texts, once they are
+        counted. Raises JobFileError at the end if any line was invalid.
         """
         path = self.plan.path
+        held: list[_Held] = []  # the chunk's lines, waiting for their texts' counts
+        counting = ThreadPoolExecutor(1, "batchrun-count") if keep_rows else None
+        previous: _Chunk | None = None  # the chunk being counted meanwhile
         lines = 0
-        seq = 0
-        for jl in self.reader:
-            body = jl.body
-            model = body["model"]
-            acc = self._sums_for(model)
-            count = count_request(jl.url, body, None if keep_rows else acc.batch)
-            limit, unlimited = _limit_of(path, jl, acc.price)
-            unbounded = bool(UNBOUNDED_NOTES.intersection(count.notes))
-            t = acc.totals
-            t.requests += 1
-            t.input_tokens += count.tokens
-            t.output_limit_tokens += limit
-            t.unlimited_requests += unlimited
-            t.approximate_requests += count.approximate
-            t.unbounded_requests += unbounded
-            if count.notes:
-                self._note(count)
-            if keep_rows:
-                floor, worst = acc.price.bounds(count.tokens, limit)
-                if worst > MAX_PICO:
-                    raise PriceError(
-                        f"{path}:{jl.line}: body: its worst case ({format_usd(worst, 2)}) is "
-                        f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); lower its "
-                        "output limit"
-                    )
-                _, batch_worst = acc.price.bounds(count.tokens, limit, batch=True)
-                yield NewRequest(
-                    seq=seq,
-                    line=jl.line,
-                    custom_id=jl.custom_id,
-                    url=jl.url,
-                    model=model,
-                    body=jl.body_json,
-                    input_tokens=count.tokens,
-                    output_limit=limit,
-                    worst_pico=worst,
-                    floor_pico=floor,
-                    approximate=count.approximate,
-                    unbounded=unbounded,
-                    batch_worst_pico=batch_worst,
-                )
-                seq += 1
-            else:
+        try:
+            for jl in self.reader:
+                body = jl.body
+                model = body["model"]
+                acc = self._sums_for(model)
+                first = len(acc.batch.texts)
+                count = count_request(jl.url, body, acc.batch)
+                limit, unlimited = _limit_of(path, jl, acc.price)
+                unbounded = bool(UNBOUNDED_NOTES.intersection(count.notes))
+                t = acc.totals
+                t.requests += 1
+                t.input_tokens += count.tokens
+                t.output_limit_tokens += limit
+                t.unlimited_requests += unlimited
+                t.approximate_requests += count.approximate
+                t.unbounded_requests += unbounded
+                if count.notes:
+                    self._note(count)
+                if keep_rows:
+                    held.append(
+                        (
+                            jl.line, jl.custom_id, jl.url, jl.body_json, acc, count.tokens,
+                            count.approximate, limit, unbounded, first, len(acc.batch.texts),
+                        )
+                    )  # fmt: skip
                 lines += 1
                 if lines >= CHUNK_LINES or acc.batch.chars >= CHUNK_CHARS:
-                    self._count_batches()
+                    chunk = self._close_chunk(held, counting)
+                    held = []
+                    if previous is not None:
+                        yield from self._priced(previous)
+                    previous = chunk
                     lines = 0
-        self.reader.check()
-        self._count_batches()
+            self.reader.check()
+            chunk = self._close_chunk(held, counting)
+            for c in (previous, chunk):
+                if c is not None:
+                    yield from self._priced(c)
+        finally:
+            if counting is not None:
+                counting.shutdown(wait=True, cancel_futures=True)
         self._finish()
 
-    def _count_batches(self) -> None:
+    def _close_chunk(self, held: list[_Held], counting: ThreadPoolExecutor | None) -> _Chunk:
+        """Take the texts set aside (each model starts a new batch) and count them: their
+        total now, or (the import) each one's count on the helper thread."""
+        work: list[tuple[_ModelSums, int | Future[list[int]]]] = []
         for acc in self._sums.values():
             if acc.batch.texts:
-                acc.totals.input_tokens += acc.batch.count()
-                acc.batch = TextBatch()
+                batch, acc.batch = acc.batch, TextBatch()
+                work.append(
+                    (acc, batch.count() if counting is None else counting.submit(batch.counts))
+                )
+        return _Chunk(held, work)
+
+    def _priced(self, chunk: _Chunk) -> Iterator[NewRequest]:
+        """Add a chunk's counts to the totals, then price and yield its held lines."""
+        each: dict[int, list[int]] = {}
+        for acc, counted in chunk.work:
+            if isinstance(counted, int):
+                acc.totals.input_tokens += counted
+            else:
+                counts = each[id(acc)] = counted.result()
+                acc.totals.input_tokens += sum(counts)
+        seq = self._seq
+        for line, cid, url, body, acc, tokens, approx, limit, unbounded, first, last in chunk.held:
+            counts = each.get(id(acc))
+            if counts:
+                tokens += sum(counts[first:last])
+            price = acc.price
+            floor, worst = price.bounds(tokens, limit)
+            if worst > MAX_PICO:
+                raise PriceError(
+                    f"{self.plan.path}:{line}: body: its worst case ({format_usd(worst, 2)}) is "
+                    f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); lower its "
+                    "output limit"
+                )
+            yield NewRequest(
+                seq, line, cid, url, acc.model, body, tokens, limit, worst, floor, approx,
+                unbounded, price.bounds(tokens, limit, batch=True)[1],
+            )  # fmt: skip
+            seq += 1
+        self._seq = seq
 
     def _finish(self) -> None:
         plan = self.plan

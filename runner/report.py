@@ -13,7 +13,7 @@ from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
 from .pricing import PriceTable
 from .settings import Limits
-from .store import BatchInfo, JobStatus
+from .store import BatchInfo, JobStatus, RunnerInfo
 
 
 def _duration(seconds: float) -> str:
@@ -209,15 +209,18 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "usage_missing": s.usage_missing,
         "by_model": {m: _group_json(g) for m, g in s.by_model.items()},
         "by_endpoint": {u: _group_json(g) for u, g in s.by_endpoint.items()},
-        "running": [
+        "runners": [
             {
-                "runner": r.id,
+                "id": r.id,
                 "host": r.host,
                 "pid": r.pid,
                 "via": r.via,
                 "started_at": r.started_at,
                 "heartbeat_at": r.heartbeat_at,
+                "seconds_since_heartbeat": round(r.seen_ago, 3),
                 "in_flight": r.in_flight,
+                "claimed": r.holding,
+                "rate_share": r.share if r.holding else 0.0,
             }
             for r in s.runners
         ],
@@ -334,9 +337,22 @@ def format_status(s: JobStatus) -> str:
         lines.append(
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
+    if s.runners:
+        lines.append(f"  runners    {len(s.runners)} live")
+        lines.extend(f"    {_runner_line(r)}" for r in s.runners)
     if s.batches:
         lines.extend(_batch_lines(s.batches))
     return "\n".join(lines)
+
+
+def _runner_line(r: RunnerInfo) -> str:
+    """One live runner: where it runs, since when, its last heartbeat, its load and share."""
+    started = _when(r.started_at)
+    share = f"rate share 1/{round(1 / r.share)}" if r.holding else "idle (nothing claimed)"
+    return (
+        f"#{r.id} {r.host} pid {r.pid} ({r.via}): started {started}, last heartbeat "
+        f"{r.seen_ago:.1f}s ago, {r.in_flight:,} in flight ({r.holding:,} claimed), {share}"
+    )
 
 
 # -- prices ------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def find_job(
 ) -> tuple[Job, Plan | None]:
     """The job to run: from the job file, or (``--job ID``) one already in the database."""
     if settings.jobfile is not None:
+        if settings.cap_pico is None:
+            raise UsageError("--cap is required to import a job")
         return open_or_import(
             store, settings.jobfile, table, settings.cap_pico, settings.reuse, notes
         )
@@ -283,7 +285,7 @@ async def run_job(
     store = open_store(settings.db)
     try:
         job, plan = find_job(store, settings, table, notes)
-        if job.cap_pico != settings.cap_pico:
+        if settings.cap_pico is not None and job.cap_pico != settings.cap_pico:
             store.set_job(job.id, cap_pico=settings.cap_pico)
             job = store.job_by_id(job.id) or job
         if settings.retry_failed is not None:
@@ -307,6 +309,8 @@ async def run_job(
                 "--allow-unbounded to send them anyway (the run then stops at the cap only "
                 "after they are billed)"
             )
+        from .backends import sync  # noqa: F401 - loaded before the heartbeat starts to count
+
         runner = _Runner(store, job, settings)
     except BaseException:
         store.close()
@@ -320,6 +324,9 @@ async def run_job(
                 f"nothing sent; the job is job {job.id} in {store.name}: run the same command "
                 "again to send it"
             )
+        # Estimating (and a user reading it) may take longer than the heartbeat's TTL: renew
+        # it, or another runner would count this one dead before it has sent anything.
+        store.heartbeat(runner.id, settings.stopping.heartbeat_ttl, 0)
         report = await _drive(store, job, table, settings, runner.id, signals, api_key)
     finally:
         runner.retire()

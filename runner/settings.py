@@ -72,7 +72,7 @@ class Stopping:
 class RunSettings:
     """Everything ``batchrun run`` needs."""
 
-    cap_pico: int
+    cap_pico: int | None  # None (joining with --job): keep the job's cap
     jobfile: Path | None = None  # None: join the job ``job_id`` already in the database
     db: str = DEFAULT_DB
     job_id: int | None = None

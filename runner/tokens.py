@@ -20,10 +20,12 @@ encoding stays small. For whole files, ``count_request(..., batch)`` sets the te
 
 from __future__ import annotations
 
+import array
 import binascii
 import json
 import math
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -41,6 +43,7 @@ __all__ = [
     "count_request",
     "count_responses",
     "count_texts",
+    "count_texts_each",
     "image_tokens",
 ]
 
@@ -733,6 +736,12 @@ class TextBatch:
             return 0
         return count_texts(self.encoding, self.texts)
 
+    def counts(self) -> list[int]:
+        """The exact tokens of each text set aside, in order (see ``count_texts_each``)."""
+        if self.encoding is None:
+            return [0] * len(self.texts)
+        return count_texts_each(self.encoding, self.texts)
+
 
 def count_texts(enc: tiktoken.Encoding, texts: list[str]) -> int:
     """``sum(len(enc.encode_ordinary(t)) for t in texts)``, computed in few tokenizer calls.
@@ -776,3 +785,71 @@ def _encoded_length(enc: tiktoken.Encoding, text: str, sep: str) -> int:
         with memoryview(to_buffer(text, {sep})) as view:
             return view.nbytes // 4  # uint32 token ids
     return len(enc.encode(text, allowed_special={sep}, disallowed_special=()))
+
+
+# Counting each text of a batch: the same joined call, its token ids split at the separator's id.
+# Ids come back as native uint32s. When every id is below 2**24 and the separator id has no zero
+# among its three low bytes, its 4-byte pattern cannot occur across two ids (the high byte of an
+# id is always zero), so a plain bytes split finds exactly the separators.
+
+
+def count_texts_each(enc: tiktoken.Encoding, texts: list[str]) -> list[int]:
+    """``[len(enc.encode_ordinary(t)) for t in texts]``, computed in few tokenizer calls."""
+    sep = _SEPARATOR if _SEPARATOR in enc.special_tokens_set else None
+    out: list[int] = []
+    start, n = 0, len(texts)
+    while start < n:
+        end, size = start, 0
+        while end < n and (size < _BATCH_CALL_CHARS or end == start):
+            size += len(texts[end]) + 13
+            end += 1
+        out += _each_joined(enc, texts[start:end], sep)
+        start = end
+    return out
+
+
+def _each_joined(enc: tiktoken.Encoding, texts: list[str], sep: str | None) -> list[int]:
+    if sep is None or len(texts) < 2:
+        return [len(enc.encode_ordinary(t)) for t in texts]
+    joined = sep.join(texts)
+    if joined.count(sep) != len(texts) - 1:  # some text contains the separator: count it alone
+        inner = [i for i, t in enumerate(texts) if sep not in t]
+        counts = [len(enc.encode_ordinary(t)) if sep in t else 0 for t in texts]
+        for i, c in zip(inner, _each_joined(enc, [texts[i] for i in inner], sep), strict=True):
+            counts[i] = c
+        return counts
+    try:
+        pieces = _split_ids(enc, joined, sep)
+    except UnicodeEncodeError:  # a lone surrogate: encode_ordinary replaces it, as tiktoken does
+        pieces = None
+    if pieces is None or len(pieces) != len(texts):
+        return [len(enc.encode_ordinary(t)) for t in texts]
+    return pieces
+
+
+def _split_ids(enc: tiktoken.Encoding, text: str, sep: str) -> list[int] | None:
+    """Token counts of the pieces of ``text`` between separators (allowed as special)."""
+    sep_id = enc._special_tokens[sep]
+    core = getattr(enc, "_core_bpe", None)
+    to_buffer = getattr(core, "encode_to_tiktoken_buffer", None)
+    if to_buffer is not None:
+        with memoryview(to_buffer(text, {sep})) as view:
+            data = view.tobytes()
+    else:
+        ids = enc.encode(text, allowed_special={sep}, disallowed_special=())
+        data = array.array("I", ids).tobytes()
+    pattern = struct.pack("=I", sep_id)
+    low = pattern if sys.byteorder == "little" else pattern[::-1]
+    if enc.n_vocab <= 1 << 24 and 0 not in low[:3]:
+        return [len(piece) >> 2 for piece in data.split(pattern)]
+    ids_array = array.array("I")
+    ids_array.frombytes(data)
+    counts, last = [], 0
+    try:
+        while True:
+            at = ids_array.index(sep_id, last)
+            counts.append(at - last)
+            last = at + 1
+    except ValueError:
+        counts.append(len(ids_array) - last)
+    return counts

@@ -142,3 +142,34 @@ def test_a_runner_governs_at_its_share_of_the_organizations_limits() -> None:
     assert g.requests is not None and g.requests.limit == 200
     assert g.tokens is not None and g.tokens.limit == 30_000
     assert g.rate() == pytest.approx(200 / 60)
+
+
+async def test_a_new_share_keeps_what_was_used_and_waiters_wait_at_the_new_rate() -> None:
+    g = Governor(rpm=600, probe=False)
+    for _ in range(300):  # half the minute's capacity used
+        await g.acquire(1)
+    assert g.requests is not None
+    g.set_share(1 / 3)  # two more runners joined: 200/min, still half used
+    assert g.requests.limit == 200
+    assert g.requests.limiter.has_capacity(99) and not g.requests.limiter.has_capacity(102)
+    g.set_share(1.0)  # they left: 600/min, still half used (no burst)
+    assert g.requests.limiter.has_capacity(299) and not g.requests.limiter.has_capacity(302)
+
+
+async def test_sharing_runners_count_on_their_share_of_what_the_headers_say_is_left() -> None:
+    g = Governor(rpm=600, probe=False)
+    g.set_share(1 / 3)
+    tickets = [await g.acquire(1) for _ in range(3)]
+    assert g.requests is not None
+    headers = {"x-ratelimit-limit-requests": "600"}
+    # 300 left for three runners: this one counts on a third, less what the two others may
+    # have on their way (as many as this one has unanswered, 2, and a margin of 2 each), less
+    # its own request sent after the answered one.
+    g.done(tickets[1], {**headers, "x-ratelimit-remaining-requests": "300"})
+    assert g.requests.limiter.has_capacity(96) and not g.requests.limiter.has_capacity(97)
+    # An older answer tells of more room than there is now: ignored.
+    g.done(tickets[0], {**headers, "x-ratelimit-remaining-requests": "500"})
+    assert not g.requests.limiter.has_capacity(97)
+    # A newer one with less room left lowers it: (30 - 2 x 2) / 3.
+    g.done(tickets[2], {**headers, "x-ratelimit-remaining-requests": "30"})
+    assert g.requests.limiter.has_capacity(8) and not g.requests.limiter.has_capacity(9)

@@ -431,3 +431,22 @@ def test_requests_that_continue_a_stored_conversation_are_unbounded(
     assert price_job(path, table).total.unbounded_requests == 1
     _, planner = open_job(path, table)
     assert [r.unbounded for r in plan_rows(planner)] == [True, False]
+
+
+@pytest.mark.parametrize("chunk_lines", [1, 7, 4096])
+def test_each_imported_row_counts_exactly_its_own_texts(
+    tmp_path: Path, table: PriceTable, monkeypatch: pytest.MonkeyPatch, chunk_lines: int
+) -> None:
+    """Rows are counted a chunk at a time, and each still gets the tokens of its own line."""
+    from runner.tokens import count_request
+
+    monkeypatch.setattr("runner.plan.CHUNK_LINES", chunk_lines)
+    _, planner = open_job(varied_job(tmp_path), table)
+    rows = list(plan_rows(planner))
+    assert len(rows) == 300 and [r.seq for r in rows] == list(range(300))
+    for r in rows:
+        alone = count_request(r.url, json.loads(r.body)).tokens
+        assert r.input_tokens == alone, r.custom_id
+        price = table.resolve(r.model)
+        assert (r.floor_pico, r.worst_pico) == price.bounds(alone, r.output_limit)
+    assert sum(r.input_tokens for r in rows) == planner.plan.total.input_tokens

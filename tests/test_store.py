@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +63,13 @@ def _result(rid: int, cost: int, reserved: int = WORST, **kw: object) -> ResultR
     return ResultRecord(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = open_store(tmp_path / "b.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A new database of each dialect (PostgreSQL: the session's database, emptied)."""
+    if request.param == "sqlite":
+        s = open_store(tmp_path / "b.db")
+    else:
+        s = open_store(request.getfixturevalue("pg_url"))
     yield s  # type: ignore[misc]
     s.close()
 
@@ -321,3 +327,53 @@ def test_the_schema_head_the_store_knows_is_the_newest_migration() -> None:
     from runner.store.migrate import SCHEMA_HEAD, migration_head
 
     assert migration_head() == SCHEMA_HEAD
+
+
+def test_imported_rows_come_back_exactly_whatever_they_hold(store: Store) -> None:
+    """The bulk import (COPY, raw executemany) stores every value as it was given."""
+    odd = ["tab\there", "new\nline", "back\\slash \\N", "ünïcødé 中文 🙂", 'quote\'s "q"', ""]
+    rows = [
+        NewRequest(i, i + 1, f"id-{i}-{text}", "/v1/chat/completions", "gpt-4o-mini",
+                   json.dumps({"s": text}), 2**31 - 1,
+                   0, 2**40 + i, i, i % 2 == 0, unbounded=i % 3 == 0, batch_worst_pico=7)
+        for i, text in enumerate(odd)
+    ]  # fmt: skip
+    job = store.create_job("/x.jsonl", "a" * 64, 2**50, rows, _Totals(len(rows))).id
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    got = store.claim(runner, 100).requests
+    assert [(r.seq, r.line, r.custom_id, r.body, r.input_tokens, r.worst_pico, r.unbounded)
+            for r in got] == [
+        (r.seq, r.line, r.custom_id, r.body, r.input_tokens, r.worst_pico, r.unbounded)
+        for r in rows
+    ]  # fmt: skip
+
+
+def test_a_pause_one_runner_shares_reaches_the_others_heartbeats(store: Store) -> None:
+    job = _job(store)
+    a = store.register_runner(job, "h", 1, "sync", 30)
+    b = store.register_runner(job, "h", 2, "sync", 30)
+    assert store.heartbeat(b, 30, 0).paused_until == 0
+    until = time.time() + 5
+    store.share_pause(job, until)
+    store.share_pause(job, until - 2)  # an earlier end never shortens a pause
+    assert store.heartbeat(b, 30, 0).paused_until == pytest.approx(until, abs=0.5)
+    assert store.heartbeat(a, 30, 0).live_runners == 2
+
+
+def test_runners_share_the_rate_limits_equally_then_by_what_they_hold(store: Store) -> None:
+    job = _job(store, n=10)
+    a = store.register_runner(job, "h", 1, "sync", 30)
+    b = store.register_runner(job, "h", 2, "sync", 30)
+    c = store.register_runner(job, "h", 3, "sync", 30)
+    store.claim(a, 6)
+    store.claim(b, 2)
+    # Requests wait to be claimed: every live runner has an equal share.
+    assert store.heartbeat(a, 30, 4).share == pytest.approx(1 / 3)
+    store.claim(c, 10)  # the last two: nothing waits any more
+    beats = {r: store.heartbeat(r, 30, 0) for r in (a, b, c)}
+    assert [beats[r].share for r in (a, b, c)] == pytest.approx([0.6, 0.2, 0.2])
+    assert beats[c].others_sending == 2
+    store.record(c, Outcomes(results=[_result(r.id, 1) for r in store.claim(c, 0).requests]))
+    live = {r.id: r for r in store.live_runners(job)}
+    assert (live[a].holding, live[a].in_flight, live[a].share) == (6, 0, pytest.approx(0.6))
+    assert live[a].host == "h" and live[a].pid == 1 and live[a].seen_ago < 5

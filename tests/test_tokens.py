@@ -27,6 +27,7 @@ from runner.tokens import (
     count_request,
     count_responses,
     count_texts,
+    count_texts_each,
     image_tokens,
 )
 from runner.vocab import (
@@ -579,3 +580,24 @@ def test_repeated_prompts_are_cached_within_bounds(
     assert "x" * 101 not in state.prompts
     instructions = count_responses(o200k, {"instructions": "Be brief.", "input": "Hello"})
     assert instructions.tokens == 15 and state.prompts["Be brief."] == 3
+
+
+@pytest.mark.parametrize("split", ["bytes", "ids"])
+@pytest.mark.parametrize("name", sorted(VOCABULARIES))
+def test_count_texts_each_gives_each_texts_own_count(
+    name: str, split: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import splits one joined call's token ids at the separator's id, per text."""
+    if split == "ids":  # the generic way: look for the separator id by id
+        monkeypatch.setattr("runner.tokens.sys.byteorder", "big")
+    enc = get_encoding(name)
+    rng = random.Random(11)
+    for _ in range(200):
+        texts = [
+            "".join(rng.choice(_TRICKY) for _ in range(rng.randint(0, 10)))
+            for _ in range(rng.randint(0, 40))
+        ]
+        assert count_texts_each(enc, texts) == [len(enc.encode_ordinary(t)) for t in texts]
+    texts = ["a <|endoftext|> b", "x", "", "lone \ud800 surrogate", "y" * 50] * 30
+    monkeypatch.setattr("runner.tokens._BATCH_CALL_CHARS", 40)
+    assert count_texts_each(enc, texts) == [len(enc.encode_ordinary(t)) for t in texts]

@@ -42,6 +42,7 @@ _MIN_POOL = 8
 _MAX_PREFETCH = 1024
 _OUTAGE_FIRST_WAIT = 0.25
 _OUTAGE_MAX_WAIT = 5.0
+_JOIN_WAIT = 1.0  # seconds a runner joining busy runners waits for them to rebalance
 
 
 class _Pool:
@@ -197,6 +198,7 @@ class SyncBackend:
         self._books: Books | None = None
         self._control: Control | None = None
         self._failure: Exception | None = None
+        self._joined = False  # the first heartbeat has been seen
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -250,7 +252,7 @@ class SyncBackend:
             # Claims are database round trips: take them in chunks of at least half the
             # queue, refilled when it runs half empty. What is claimed ahead is what a kill -9
             # leaves charged at worst case, so the queue stays near the pool's size.
-            prefetch = min(max(64, 2 * self._pool.size), _MAX_PREFETCH)
+            prefetch = self._prefetch()
             if self._ready.qsize() >= prefetch // 2:
                 self._taken.clear()
                 await self._taken.wait()
@@ -284,6 +286,17 @@ class SyncBackend:
         await books.flush()
         books.recheck = False
 
+    def _prefetch(self) -> int:
+        """How many requests to hold claimed ahead: twice the pool (at least 64), or, under a
+        known rate limit, no more than a second's worth beyond the pool. Runners sharing a job
+        then end together, instead of one sending its last claims at its share of the rate
+        while the others have nothing left."""
+        prefetch = max(64, 2 * self._pool.size)
+        rate = self.governor.rate()
+        if rate is not None:
+            prefetch = min(prefetch, self._pool.size + math.ceil(rate))
+        return max(2, min(prefetch, _MAX_PREFETCH))
+
     async def _sizer(self) -> None:
         books = self._books
         assert books is not None
@@ -294,7 +307,13 @@ class SyncBackend:
             books.stats.paused_for = self.governor.paused_for
 
     def on_beat(self, beat: Beat) -> None:
-        self.governor.set_share(1.0 / max(beat.live_runners, 1))
+        self.governor.set_share(beat.share or 1.0 / max(beat.live_runners, 1))
+        if not self._joined:
+            self._joined = True
+            if beat.others_sending:
+                # Joining runners already at work: hold on until their heartbeats have seen
+                # this one and lowered their shares, or together they would pass the limit.
+                self.governor.pause(_JOIN_WAIT)
         if beat.paused_until > time.time():
             self.governor.pause_until_epoch(beat.paused_until)
 
@@ -416,6 +435,7 @@ class SyncBackend:
             wait = self.governor.rate_limited(out.headers, hint, verdict.limit_kind)
             if self.governor.paused_for > 0:
                 books.event("rate_limit_pause", self.governor.paused_for)
+                books.share_pause(self.governor.paused_for)  # the other runners hold too
         elif verdict.kind == "connect":
             pause = self._outage.failed()
             if self._outage.seconds > self.retry.outage_limit:

@@ -4,7 +4,7 @@
 ``schema`` (the tables, which Alembic's environment imports), ``records`` (the values that cross
 the boundary, and the request states), ``jobs`` (import and lookup), ``claims`` (runners, claims
 under the cap, group-committed outcomes), ``reads`` (what reports read), ``migrate``, and one
-module per dialect (``sqlite``) for everything database-specific.
+module per dialect (``sqlite``, ``postgres``) for everything database-specific.
 
 Every method is synchronous and short; the engine runs them on one dedicated thread so the event
 loop never waits on the database.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
+from . import postgres
 from .base import Dialect
 from .batches import BatchesMixin
 from .claims import ClaimsMixin
@@ -19,7 +21,16 @@ class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin, TimelineMixin):
 
 
 def dialect_for(target: str | Path) -> Dialect:
-    """The dialect for a ``--db`` value: a file path (SQLite) or a database URL."""
+    """The dialect for a ``--db`` value: a file path (SQLite) or a database URL
+    (``postgresql://user@host/dbname``: PostgreSQL)."""
+    if isinstance(target, str) and postgres.is_url(target):
+        return postgres.PostgreSQL(target)
+    if isinstance(target, str) and "://" in target:
+        scheme = target.split("://", 1)[0]
+        raise UsageError(
+            f"--db: unsupported database URL scheme {scheme!r}: give a file path (SQLite) or a "
+            "postgresql://user@host/dbname URL"
+        )
     return SQLite(Path(target))
 
 

@@ -4,8 +4,10 @@ database errors come out as ``StoreError`` with a message a user can act on."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Protocol
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -28,7 +30,59 @@ class Dialect(Protocol):
 
     def is_foreign(self, engine: Engine) -> bool: ...
 
+    def lock_schema(self, conn: Connection) -> None: ...
+
+    def now(self, conn: Connection) -> float: ...
+
+    def retryable(self, exc: BaseException) -> bool: ...
+
+    def insert_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        *,
+        stream: bool = False,
+    ) -> None: ...
+
+    def update_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        same: dict[str, Any] | None = None,
+    ) -> None: ...
+
     def describe(self, exc: BaseException) -> str: ...
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_ATTEMPTS = 4
+
+
+class ConflictError(StoreError):
+    """The database aborted a transaction to resolve a conflict (a deadlock, a serialization
+    failure); it wrote nothing and may simply run again."""
+
+
+def retry_conflicts(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a store call again when its transaction lost a conflict (PostgreSQL), a few times."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in range(_ATTEMPTS):
+            try:
+                return fn(*args, **kwargs)
+            except ConflictError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 class StoreBase:
@@ -44,7 +98,8 @@ class StoreBase:
         return self.dialect.display
 
     def error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"{self.dialect.display}: {self.dialect.describe(exc)}")
+        kind = ConflictError if self.dialect.retryable(exc) else StoreError
+        return kind(f"{self.dialect.display}: {self.dialect.describe(exc)}")
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Connection]:

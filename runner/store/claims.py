@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import RunnerLostError
-from .base import StoreBase
+from .base import StoreBase, retry_conflicts
+from .reads import Sharing
 from .records import (
     Beat,
     Claim,
@@ -34,7 +35,6 @@ from .records import (
     PendingRequest,
     RequestState,
     ResultRecord,
-    RunnerInfo,
     Spend,
 )
 from .schema import attempts, events, jobs, ledger, requests, results, runners
@@ -59,10 +59,12 @@ _PENDING_COLUMNS = (
 
 
 def _books(conn: Connection, job_id: int) -> tuple[Spend, int]:
+    """The job's books, its row locked until the transaction ends (FOR NO KEY UPDATE on
+    PostgreSQL: it serializes claims and settlements, not inserts that merely reference it)."""
     row = conn.execute(
         sa.select(jobs.c.settled_pico, jobs.c.reserved_pico, jobs.c.cap_pico)
         .where(jobs.c.id == job_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     ).one()
     return Spend(int(row.settled_pico), int(row.reserved_pico)), int(row.cap_pico)
 
@@ -86,10 +88,13 @@ def _flags(r: ResultRecord) -> str | None:
 
 class ClaimsMixin(StoreBase):
     # -- runners ------------------------------------------------------------------------------
+    # Times that runners compare with each other (heartbeats, expiry, a shared pause) come from
+    # the database's clock, so runners on machines whose clocks disagree still agree.
 
+    @retry_conflicts
     def register_runner(self, job_id: int, host: str, pid: int, via: str, ttl: float) -> int:
-        now = time.time()
         with self.writing() as conn:
+            now = self.dialect.now(conn)
             return int(
                 conn.execute(
                     runners.insert().values(
@@ -120,10 +125,12 @@ class ClaimsMixin(StoreBase):
             )
         return int(row.job_id)
 
+    @retry_conflicts
     def heartbeat(self, runner_id: int, ttl: float, in_flight: int) -> Beat:
-        """Renew this runner's claim on life; learn the live runners and any shared pause."""
-        now = time.time()
+        """Renew this runner's claim on life; learn the live runners, how many of them share
+        the rate limits now, and any shared pause."""
         with self.writing() as conn:
+            now = self.dialect.now(conn)
             n = conn.execute(
                 runners.update()
                 .where(runners.c.id == runner_id, runners.c.state == LIVE)
@@ -132,68 +139,64 @@ class ClaimsMixin(StoreBase):
             job_id = conn.execute(
                 sa.select(runners.c.job_id).where(runners.c.id == runner_id)
             ).scalar()
-            live = conn.execute(
-                sa.select(sa.func.count()).where(
-                    runners.c.job_id == job_id, runners.c.state == LIVE
-                )
-            ).scalar_one()
+            sharing = Sharing(conn, job_id)
             paused = conn.execute(
                 sa.select(jobs.c.paused_until).where(jobs.c.id == job_id)
             ).scalar()
-        return Beat(alive=n == 1, live_runners=int(live), paused_until=float(paused or 0))
+        # The pause on this machine's clock: the same number of seconds from now.
+        paused_until = time.time() + (float(paused) - now) if paused and paused > now else 0.0
+        return Beat(
+            alive=n == 1,
+            live_runners=sharing.live,
+            paused_until=paused_until,
+            share=sharing.share(runner_id),
+            others_sending=len(sharing.holding.keys() - {runner_id}),
+        )
 
+    @retry_conflicts
     def retire_runner(self, runner_id: int) -> None:
         """This runner stops: it holds no claims any more (the engine handed them back)."""
         with self.writing() as conn:
             conn.execute(
                 runners.update()
                 .where(runners.c.id == runner_id, runners.c.state == LIVE)
-                .values(state=STOPPED, in_flight=0, heartbeat_at=time.time())
+                .values(state=STOPPED, in_flight=0, heartbeat_at=self.dialect.now(conn))
             )
 
+    @retry_conflicts
     def share_pause(self, job_id: int, until: float) -> None:
-        """Tell every runner of the job to hold its requests until ``until`` (epoch seconds)."""
+        """Tell every runner of the job to hold its requests until ``until`` (epoch seconds on
+        this machine's clock; stored on the database's)."""
+        seconds = until - time.time()
+        if seconds <= 0:
+            return
         with self.writing() as conn:
+            until_db = self.dialect.now(conn) + seconds
             conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.paused_until < until)
-                .values(paused_until=until)
+                .where(jobs.c.id == job_id, jobs.c.paused_until < until_db)
+                .values(paused_until=until_db)
             )
 
-    def live_runners(self, job_id: int) -> list[RunnerInfo]:
-        with self.reading() as conn:
-            rows = conn.execute(
-                sa.select(runners)
-                .where(runners.c.job_id == job_id, runners.c.state == LIVE)
-                .order_by(runners.c.id)
-            ).all()
-        return [
-            RunnerInfo(
-                id=r.id,
-                host=r.host,
-                pid=r.pid,
-                started_at=r.started_at,
-                heartbeat_at=r.heartbeat_at,
-                expires_at=r.expires_at,
-                in_flight=r.in_flight,
-                state=r.state,
-                via=r.via,
-            )
-            for r in rows
-        ]
-
+    @retry_conflicts
     def recover(
         self, job_id: int, host: str, process_alive: Callable[[int], bool]
     ) -> tuple[int, int]:
         """Declare dead the job's runners whose heartbeat expired (or, on this host, whose
         process is gone), charge their claims at worst case (their fate is unknown) and queue
-        them again. Also recovers claims no live runner holds. Returns (requests, pico)."""
-        now = time.time()
+        them again. Also recovers claims no live runner holds. Returns (requests, pico).
+
+        Several runners may recover at once (PostgreSQL): a runner is declared dead by one
+        guarded update, and the claims taken back are those whose runner is not live when the
+        statement runs, locked, so each is charged once and a runner that registered meanwhile
+        keeps its own.
+        """
         with self.writing() as conn:
+            now = self.dialect.now(conn)
             live = conn.execute(
-                sa.select(runners.c.id, runners.c.host, runners.c.pid, runners.c.expires_at).where(
-                    runners.c.job_id == job_id, runners.c.state == LIVE
-                )
+                sa.select(runners.c.id, runners.c.host, runners.c.pid, runners.c.expires_at)
+                .where(runners.c.job_id == job_id, runners.c.state == LIVE)
+                .order_by(runners.c.id)
             ).all()
             dead = [
                 r.id
@@ -206,40 +209,40 @@ class ClaimsMixin(StoreBase):
                     .where(runners.c.id.in_(dead), runners.c.state == LIVE)
                     .values(state=DEAD, in_flight=0)
                 )
-            alive = [r.id for r in live if r.id not in dead]
-            # Requests an open Batch API batch holds (no runner, a chunk) are the batch's: it
-            # may still be running at OpenAI, so they are re-attached, never re-queued.
-            orphaned = sa.and_(
-                requests.c.job_id == job_id,
-                requests.c.state == RequestState.RESERVED,
-                sa.or_(requests.c.runner_id.is_not(None), requests.c.chunk_id.is_(None)),
-                sa.or_(requests.c.runner_id.is_(None), requests.c.runner_id.not_in(alive))
-                if alive
-                else sa.true(),
+            still_live = sa.select(runners.c.id).where(
+                runners.c.job_id == job_id, runners.c.state == LIVE
             )
             rows = conn.execute(
-                sa.select(requests.c.id, requests.c.reserved_pico).where(orphaned)
+                sa.select(requests.c.id, requests.c.reserved_pico)
+                .where(
+                    requests.c.job_id == job_id,
+                    requests.c.state == RequestState.RESERVED,
+                    # Requests an open Batch API batch holds (no runner, a chunk) are the
+                    # batch's: it may still run at OpenAI, so they are re-attached, never
+                    # re-queued.
+                    sa.or_(requests.c.runner_id.is_not(None), requests.c.chunk_id.is_(None)),
+                    sa.or_(
+                        requests.c.runner_id.is_(None),
+                        requests.c.runner_id.not_in(still_live.scalar_subquery()),
+                    ),
+                )
+                .order_by(requests.c.id)
+                .with_for_update()
             ).all()
             if not rows:
                 return 0, 0
-            conn.execute(
-                ledger.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "request_id": r.id,
-                        "kind": "unknown",
-                        "amount_pico": r.reserved_pico,
-                        "at": now,
-                    }
-                    for r in rows
-                ],
+            self.dialect.insert_many(
+                conn,
+                ledger,
+                _LEDGER_COLUMNS,
+                [(job_id, r.id, "unknown", r.reserved_pico, now) for r in rows],
             )
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(state=RequestState.PENDING, reserved_pico=0, runner_id=None),
-                [{"rid": r.id} for r in rows],
+            self.dialect.update_many(
+                conn,
+                requests,
+                ("id", "state"),
+                [(r.id, RequestState.PENDING.value) for r in rows],
+                {"reserved_pico": 0, "runner_id": None},
             )
             total = sum(int(r.reserved_pico) for r in rows)
             _move_books(conn, job_id, total, -total)
@@ -247,6 +250,7 @@ class ClaimsMixin(StoreBase):
 
     # -- claims -------------------------------------------------------------------------------
 
+    @retry_conflicts
     def claim(
         self,
         runner_id: int,
@@ -300,15 +304,12 @@ class ClaimsMixin(StoreBase):
                     )
                 )
             if taken:
-                conn.execute(
-                    requests.update()
-                    .where(requests.c.id == sa.bindparam("rid"))
-                    .values(
-                        state=RequestState.RESERVED,
-                        reserved_pico=sa.bindparam("amount"),
-                        runner_id=runner_id,
-                    ),
-                    [{"rid": r.id, "amount": r.worst_pico} for r in taken],
+                self.dialect.update_many(
+                    conn,
+                    requests,
+                    ("id", "reserved_pico"),
+                    [(r.id, r.worst_pico) for r in taken],
+                    {"state": RequestState.RESERVED.value, "runner_id": runner_id},
                 )
                 spend = _move_books(conn, job_id, 0, sum(r.worst_pico for r in taken))
         return Claim(
@@ -358,6 +359,7 @@ class ClaimsMixin(StoreBase):
             ).scalar_one()
         return self.books(job_id)[0]
 
+    @retry_conflicts
     def _record_once(self, runner_id: int, out: Outcomes) -> Spend:
         with self.writing() as conn:
             job_id = self._fence(conn, runner_id)
@@ -369,104 +371,61 @@ class ClaimsMixin(StoreBase):
                 raise _BadRow(str(getattr(exc, "orig", exc))[:200]) from None
 
     def _record(self, conn: Connection, job_id: int, runner_id: int, out: Outcomes) -> Spend:
+        insert_many, update_many = self.dialect.insert_many, self.dialect.update_many
         settled = reserved = 0
         if out.attempts:
-            conn.execute(
-                attempts.insert(),
+            insert_many(
+                conn,
+                attempts,
+                _ATTEMPT_COLUMNS,
                 [
-                    {
-                        "request_id": a.request_id,
-                        "attempt": a.attempt,
-                        "started_at": a.started_at,
-                        "latency_ms": a.latency_ms,
-                        "status_code": a.status_code,
-                        "error_kind": a.error_kind,
-                    }
+                    (a.request_id, a.attempt, a.started_at, a.latency_ms, a.status_code,
+                     a.error_kind)
                     for a in out.attempts
                 ],
-            )
+            )  # fmt: skip
         if out.charges:
-            conn.execute(
-                ledger.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "request_id": c.request_id,
-                        "kind": "unknown",
-                        "amount_pico": c.amount_pico,
-                        "at": c.at,
-                    }
-                    for c in out.charges
-                ],
+            insert_many(
+                conn,
+                ledger,
+                _LEDGER_COLUMNS,
+                [(job_id, c.request_id, "unknown", c.amount_pico, c.at) for c in out.charges],
             )
             settled += sum(c.amount_pico for c in out.charges)
         if out.results:
-            conn.execute(results.insert(), [_result_row(r) for r in out.results])
+            insert_many(conn, results, _RESULT_COLUMNS, [_result_row(r) for r in out.results])
             billed = [r for r in out.results if r.cost_pico]
             if billed:
-                conn.execute(
-                    ledger.insert(),
-                    [
-                        {
-                            "job_id": job_id,
-                            "request_id": r.request_id,
-                            "kind": "result",
-                            "amount_pico": r.cost_pico,
-                            "at": r.finished_at,
-                        }
-                        for r in billed
-                    ],
+                insert_many(
+                    conn,
+                    ledger,
+                    _LEDGER_COLUMNS,
+                    [(job_id, r.request_id, "result", r.cost_pico, r.finished_at) for r in billed],
                 )
                 settled += sum(r.cost_pico for r in billed)
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(
-                    state=sa.bindparam("new_state"),
-                    attempts=sa.bindparam("n"),
-                    reserved_pico=0,
-                    runner_id=None,
-                    last_error=sa.bindparam("err"),
-                ),
-                [
-                    {
-                        "rid": r.request_id,
-                        "new_state": str(r.state),
-                        "n": r.attempts,
-                        "err": r.error_message,
-                    }
-                    for r in out.results
-                ],
+            update_many(
+                conn,
+                requests,
+                ("id", "state", "attempts", "last_error"),
+                [(r.request_id, str(r.state), r.attempts, r.error_message) for r in out.results],
+                {"reserved_pico": 0, "runner_id": None},
             )
             reserved -= sum(r.reserved_pico for r in out.results)
         if out.releases:
-            conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("rid"))
-                .values(
-                    state=RequestState.PENDING,
-                    reserved_pico=0,
-                    runner_id=None,
-                    attempts=sa.bindparam("n"),
-                    last_error=sa.bindparam("err"),
-                ),
-                [{"rid": r.request_id, "n": r.attempts, "err": r.last_error} for r in out.releases],
+            update_many(
+                conn,
+                requests,
+                ("id", "attempts", "last_error"),
+                [(r.request_id, r.attempts, r.last_error) for r in out.releases],
+                {"state": RequestState.PENDING.value, "reserved_pico": 0, "runner_id": None},
             )
             reserved -= sum(r.reserved_pico for r in out.releases)
         if out.events:
-            conn.execute(
-                events.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "runner_id": runner_id,
-                        "at": e.at,
-                        "kind": e.kind,
-                        "seconds": e.seconds,
-                        "detail": e.detail,
-                    }
-                    for e in out.events
-                ],
+            insert_many(
+                conn,
+                events,
+                _EVENT_COLUMNS,
+                [(job_id, runner_id, e.at, e.kind, e.seconds, e.detail) for e in out.events],
             )
         return _move_books(conn, job_id, settled, reserved)
 
@@ -491,21 +450,21 @@ def _bare(r: ResultRecord, reason: str) -> ResultRecord:
     )
 
 
-def _result_row(r: ResultRecord) -> dict[str, Any]:
-    return {
-        "request_id": r.request_id,
-        "status_code": r.status_code,
-        "body": r.body,
-        "response_model": r.response_model,
-        "api_request_id": r.api_request_id,
-        "prompt_tokens": r.prompt_tokens,
-        "cached_tokens": r.cached_tokens,
-        "completion_tokens": r.completion_tokens,
-        "reasoning_tokens": r.reasoning_tokens,
-        "cost_pico": r.cost_pico,
-        "latency_ms": r.latency_ms,
-        "finished_at": r.finished_at,
-        "error_code": r.error_code,
-        "error_message": r.error_message,
-        "flags": _flags(r),
-    }
+_ATTEMPT_COLUMNS = (
+    "request_id", "attempt", "started_at", "latency_ms", "status_code", "error_kind",
+)  # fmt: skip
+_LEDGER_COLUMNS = ("job_id", "request_id", "kind", "amount_pico", "at")
+_EVENT_COLUMNS = ("job_id", "runner_id", "at", "kind", "seconds", "detail")
+_RESULT_COLUMNS = (
+    "request_id", "status_code", "body", "response_model", "api_request_id", "prompt_tokens",
+    "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_pico", "latency_ms",
+    "finished_at", "error_code", "error_message", "flags",
+)  # fmt: skip
+
+
+def _result_row(r: ResultRecord) -> tuple[Any, ...]:
+    return (
+        r.request_id, r.status_code, r.body, r.response_model, r.api_request_id,
+        r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.cost_pico,
+        r.latency_ms, r.finished_at, r.error_code, r.error_message, _flags(r),
+    )  # fmt: skip

@@ -13,7 +13,12 @@ from .base import StoreBase
 from .records import Job, NewRequest, RequestState, ResultFlag
 from .schema import jobs, requests, results
 
-INSERT_CHUNK = 2000
+IDS_PER_STATEMENT = 2000  # ids in one IN (...) or one executemany
+
+_REQUEST_COLUMNS = (
+    "job_id", "seq", "line", "custom_id", "url", "model", "body", "input_tokens",
+    "output_limit", "worst_pico", "floor_pico", "approximate", "unbounded", "batch_worst_pico",
+)  # fmt: skip
 
 
 def _add_flag(flags: str | None, flag: ResultFlag) -> str:
@@ -125,32 +130,21 @@ class JobsMixin(StoreBase):
     def _insert_requests(
         self, conn: sa.Connection, job_id: int, rows: Iterable[NewRequest]
     ) -> None:
-        chunk: list[dict[str, Any]] = []
-        insert = requests.insert()
-        for r in rows:
-            chunk.append(
-                {
-                    "job_id": job_id,
-                    "seq": r.seq,
-                    "line": r.line,
-                    "custom_id": r.custom_id,
-                    "url": r.url,
-                    "model": r.model,
-                    "body": r.body,
-                    "input_tokens": r.input_tokens,
-                    "output_limit": r.output_limit,
-                    "worst_pico": r.worst_pico,
-                    "floor_pico": r.floor_pico,
-                    "approximate": r.approximate,
-                    "unbounded": r.unbounded,
-                    "batch_worst_pico": r.batch_worst_pico,
-                }
-            )
-            if len(chunk) >= INSERT_CHUNK:
-                conn.execute(insert, chunk)
-                chunk.clear()
-        if chunk:
-            conn.execute(insert, chunk)
+        """Stream the rows in with the dialect's bulk path (COPY, or raw executemany)."""
+        self.dialect.insert_many(
+            conn,
+            requests,
+            _REQUEST_COLUMNS,
+            (
+                (
+                    job_id, r.seq, r.line, r.custom_id, r.url, r.model, r.body, r.input_tokens,
+                    r.output_limit, r.worst_pico, r.floor_pico, r.approximate, r.unbounded,
+                    r.batch_worst_pico,
+                )
+                for r in rows
+            ),
+            stream=True,
+        )  # fmt: skip
 
     def set_job(self, job_id: int, **values: Any) -> None:
         """Update a job's cap, state, path or price fingerprint."""
@@ -207,8 +201,8 @@ class JobsMixin(StoreBase):
         copied = 0
         with self.writing() as conn:
             pairs = conn.execute(same).all()
-            for start in range(0, len(pairs), INSERT_CHUNK):
-                chunk = pairs[start : start + INSERT_CHUNK]
+            for start in range(0, len(pairs), IDS_PER_STATEMENT):
+                chunk = pairs[start : start + IDS_PER_STATEMENT]
                 by_old = {p.oid: p for p in chunk}
                 rows = conn.execute(
                     sa.select(results).where(results.c.request_id.in_(list(by_old)))
@@ -250,8 +244,8 @@ class JobsMixin(StoreBase):
             failed = failed.where(requests.c.id.in_(matching))
         with self.writing() as conn:
             ids = [r.id for r in conn.execute(failed)]
-            for start in range(0, len(ids), INSERT_CHUNK):
-                chunk = ids[start : start + INSERT_CHUNK]
+            for start in range(0, len(ids), IDS_PER_STATEMENT):
+                chunk = ids[start : start + IDS_PER_STATEMENT]
                 conn.execute(results.delete().where(results.c.request_id.in_(chunk)))
                 conn.execute(
                     requests.update()

@@ -77,6 +77,9 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
             f"`batchrun upgrade --db {name}` brings it up to date"
         )
     with store.writing() as conn:
+        # Runners starting together on a new database: one migrates, the others find it done
+        # (Alembic reads the version again inside this transaction).
+        store.dialect.lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

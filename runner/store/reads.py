@@ -11,6 +11,8 @@ from .jobs import job_from_row
 from .records import ExportRow, JobStatus, RequestState, ResultFlag, RunnerInfo, Spend
 from .schema import attempts, jobs, ledger, requests, results, runners
 
+LIVE = "live"
+
 _SUM_KEYS = (
     "requests",
     "input_tokens",
@@ -64,7 +66,83 @@ def _done_sums(
     return {str(r[0]): dict(zip(_SUM_KEYS, map(int, r[1:]), strict=True)) for r in rows}
 
 
+class Sharing:
+    """How the job's live runners share its rate limits now: equally while requests wait to be
+    claimed; once none is left, in proportion to what each still holds, so that they finish
+    together (one with nothing left to send leaves its share to the others)."""
+
+    def __init__(self, conn: sa.Connection, job_id: int | None) -> None:
+        self.live = int(
+            conn.execute(
+                sa.select(sa.func.count()).where(
+                    runners.c.job_id == job_id, runners.c.state == LIVE
+                )
+            ).scalar_one()
+        )
+        self.holding = holding(conn, job_id)
+        self.waiting = (
+            conn.execute(
+                sa.select(requests.c.id)
+                .where(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
+                .limit(1)
+            ).first()
+            is not None
+        )
+
+    def share(self, runner_id: int) -> float:
+        """Runner ``runner_id``'s share of the limits."""
+        if self.waiting or not self.holding:
+            return 1.0 / max(self.live, 1)
+        mine = self.holding.get(runner_id, 0)
+        total = sum(self.holding.values())
+        return max(mine, 1) / (total + (0 if mine else 1))
+
+
+def holding(conn: sa.Connection, job_id: int | None) -> dict[int, int]:
+    """Live runners of the job that hold claims, and how many each holds."""
+    rows = conn.execute(
+        sa.select(requests.c.runner_id, sa.func.count())
+        .select_from(requests.join(runners, runners.c.id == requests.c.runner_id))
+        .where(
+            requests.c.job_id == job_id,
+            requests.c.state == RequestState.RESERVED,
+            runners.c.state == LIVE,
+        )
+        .group_by(requests.c.runner_id)
+    ).all()
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
 class ReadsMixin(StoreBase):
+    def live_runners(self, job_id: int) -> list[RunnerInfo]:
+        """The job's live runners, with the requests each holds, its share of the rate limits
+        (the rule their heartbeats apply) and how long ago it last beat (database clock)."""
+        with self.reading() as conn:
+            now = self.dialect.now(conn)
+            rows = conn.execute(
+                sa.select(runners)
+                .where(runners.c.job_id == job_id, runners.c.state == LIVE)
+                .order_by(runners.c.id)
+            ).all()
+            sharing = Sharing(conn, job_id)
+        return [
+            RunnerInfo(
+                id=r.id,
+                host=r.host,
+                pid=r.pid,
+                started_at=r.started_at,
+                heartbeat_at=r.heartbeat_at,
+                expires_at=r.expires_at,
+                in_flight=r.in_flight,
+                state=r.state,
+                via=r.via,
+                holding=sharing.holding.get(r.id, 0),
+                share=sharing.share(r.id),
+                seen_ago=max(0.0, now - r.heartbeat_at),
+            )
+            for r in rows
+        ]
+
     def spend(self, job_id: int) -> Spend:
         with self.reading() as conn:
             row = conn.execute(
@@ -72,17 +150,14 @@ class ReadsMixin(StoreBase):
             ).one()
         return Spend(int(row.settled_pico), int(row.reserved_pico))
 
-    def state_counts(self, job_id: int) -> dict[str, int]:
-        """Requests by state: one pass over the (job_id, state, seq) index."""
+    def state_counts(self, job_id: int, only: tuple[str, ...] = ()) -> dict[str, int]:
+        """Requests by state: one pass over the (job_id, state, seq) index (over the part of
+        it in the states ``only``, if given: cheap for the few reserved ones of a big job)."""
+        q = sa.select(requests.c.state, sa.func.count()).where(requests.c.job_id == job_id)
+        if only:
+            q = q.where(requests.c.state.in_(only))
         with self.reading() as conn:
-            return {
-                str(state): int(n)
-                for state, n in conn.execute(
-                    sa.select(requests.c.state, sa.func.count())
-                    .where(requests.c.job_id == job_id)
-                    .group_by(requests.c.state)
-                )
-            }
+            return {str(state): int(n) for state, n in conn.execute(q.group_by(requests.c.state))}
 
     def pending_worst(self, job_id: int) -> int:
         """The worst case of every request not yet sent."""
@@ -174,11 +249,12 @@ class ReadsMixin(StoreBase):
                     ledger.c.job_id == job_id, ledger.c.kind == "unknown"
                 )
             ).scalar_one()
+            code = sa.func.coalesce(results.c.error_code, "error")  # one bind for both uses
             failed_kinds = conn.execute(
-                sa.select(sa.func.coalesce(results.c.error_code, "error"), sa.func.count())
+                sa.select(code, sa.func.count())
                 .select_from(joined)
                 .where(requests.c.job_id == job_id, requests.c.state == RequestState.FAILED)
-                .group_by(sa.func.coalesce(results.c.error_code, "error"))
+                .group_by(code)
             ).all()
             retried = conn.execute(
                 sa.select(attempts.c.error_kind, sa.func.count())
@@ -198,11 +274,6 @@ class ReadsMixin(StoreBase):
             books = conn.execute(
                 sa.select(jobs.c.settled_pico, jobs.c.reserved_pico).where(jobs.c.id == job_id)
             ).one()
-            live = conn.execute(
-                sa.select(runners)
-                .where(runners.c.job_id == job_id, runners.c.state == "live")
-                .order_by(runners.c.id)
-            ).all()
         errors: dict[str, int] = {f"failed: {k}": int(n) for k, n in failed_kinds}
         errors.update({f"attempts: {k}": int(n) for k, n in retried})
         return JobStatus(
@@ -223,20 +294,7 @@ class ReadsMixin(StoreBase):
             usage_missing=tot["usage_missing"],
             by_model=by_model,
             by_endpoint=by_endpoint,
-            runners=[
-                RunnerInfo(
-                    id=r.id,
-                    host=r.host,
-                    pid=r.pid,
-                    started_at=r.started_at,
-                    heartbeat_at=r.heartbeat_at,
-                    expires_at=r.expires_at,
-                    in_flight=r.in_flight,
-                    state=r.state,
-                    via=r.via,
-                )
-                for r in live
-            ],
+            runners=self.live_runners(job_id),
         )
 
     def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:

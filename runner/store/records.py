@@ -195,9 +195,12 @@ class RunnerInfo:
     started_at: float
     heartbeat_at: float
     expires_at: float
-    in_flight: int
+    in_flight: int  # requests on the wire at its last heartbeat
     state: str
     via: str
+    holding: int = 0  # requests it has claimed (reserved) and not settled
+    share: float = 1.0  # its share of the rate limits (see reads.Sharing)
+    seen_ago: float = 0.0  # seconds since its last heartbeat (database clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +210,8 @@ class Beat:
     alive: bool  # False: this runner was declared dead and its claims recovered
     live_runners: int
     paused_until: float  # a rate-limit pause another runner shared (epoch seconds)
+    share: float = 0.0  # this runner's share of the rate limits now (see reads.Sharing)
+    others_sending: int = 0  # other live runners that hold claims (are sending)
 
 
 @dataclass(slots=True)

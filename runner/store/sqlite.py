@@ -8,9 +8,13 @@ timeout instead of deadlocking; readers begin deferred and, in WAL mode, never w
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import queue
 import sqlite3
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +148,83 @@ class SQLite:
             names = set(sa.inspect(conn).get_table_names())
         return bool(names) and "alembic_version" not in names
 
+    def lock_schema(self, conn: Connection) -> None:
+        """Migrations already run one at a time: a write transaction holds the file's lock."""
+
+    def now(self, conn: Connection) -> float:
+        """Every runner of an SQLite job is on this machine: its clock is the shared one."""
+        return time.time()
+
+    def retryable(self, exc: BaseException) -> bool:
+        return False  # writers queue on the busy timeout instead of conflicting
+
+    def insert_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        *,
+        stream: bool = False,
+    ) -> None:
+        """Insert rows through the raw sqlite3 connection, in the open transaction.
+
+        ``stream`` (a job's requests): ``executemany`` runs on a helper thread, fed in chunks;
+        SQLite does its B-tree work without the GIL, so it overlaps with the caller producing
+        the next rows (a job import parses and counts tokens meanwhile).
+        """
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        row = f"({', '.join('?' * len(columns))})"
+        head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+        sql = head + row
+        many = head + ", ".join([row] * _ROWS_PER_INSERT)
+
+        def consume(chunks: Iterator[list[Sequence[Any]]]) -> None:
+            # Many rows per statement: the helper thread takes the GIL back once per statement
+            # (SQLite releases it for each step), not once per row, which would make the
+            # producing thread hand it over a million times.
+            flat = itertools.chain.from_iterable
+            for chunk in chunks:
+                whole = len(chunk) - len(chunk) % _ROWS_PER_INSERT
+                raw.executemany(
+                    many,
+                    (tuple(flat(chunk[i : i + _ROWS_PER_INSERT]))
+                     for i in range(0, whole, _ROWS_PER_INSERT)),
+                )  # fmt: skip
+                if whole < len(chunk):
+                    raw.executemany(sql, chunk[whole:])
+
+        try:
+            if stream:
+                feed_in_thread(consume, rows)
+            else:
+                raw.executemany(sql, rows)
+        except sqlite3.Error as exc:  # the driver's own error: as SQLAlchemy would raise it
+            raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from None
+
+    def update_many(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        same: dict[str, Any] | None = None,
+    ) -> None:
+        """``UPDATE table SET columns[1:] (and ``same``) WHERE columns[0] = ...`` per row."""
+        if not rows:
+            return
+        same = same or {}
+        sets = [f"{c} = ?" for c in columns[1:]] + [f"{c} = ?" for c in same]
+        sql = f"UPDATE {table.name} SET {', '.join(sets)} WHERE {columns[0]} = ?"
+        tail = tuple(same.values())
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            raw.executemany(sql, [(*r[1:], *tail, r[0]) for r in rows])
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from None
+
     def describe(self, exc: BaseException) -> str:
         """An SQLite error in words a user can act on."""
         orig = getattr(exc, "orig", None) or exc
@@ -175,3 +256,67 @@ class SQLite:
         if "no such table" in text or "no such column" in text:
             return f"the database is damaged ({text}); restore it from a copy or start a new one"
         return text
+
+
+_FEED_CHUNK = 2048  # rows handed over at a time
+_ROWS_PER_INSERT = 64  # rows per INSERT statement of a stream (64 x 14 values: within limits)
+_FEED_DEPTH = 4  # chunks waiting at most (bounds the memory held between the two threads)
+
+
+def feed_in_thread(
+    consume: Callable[[Iterator[list[Any]]], None], rows: Iterable[Any], chunk: int = _FEED_CHUNK
+) -> None:
+    """Run ``consume(chunks)`` on a helper thread while this thread produces ``rows``.
+
+    An error on either side stops both and is raised here; the producer's error wins, so a job
+    file's own problems are what the caller sees.
+    """
+    handoff: queue.Queue[list[Any] | None] = queue.Queue(maxsize=_FEED_DEPTH)
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def chunks() -> Iterator[list[Any]]:
+        while (item := handoff.get()) is not None:
+            yield item
+
+    def work() -> None:
+        try:
+            consume(chunks())
+        except BaseException as exc:  # handed to the producer, which raises it
+            failed.append(exc)
+            stop.set()
+
+    def put(item: list[Any] | None) -> None:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    worker = threading.Thread(target=work, name="batchrun-insert", daemon=True)
+    worker.start()
+    try:
+        buf: list[Any] = []
+        for row in rows:
+            buf.append(row)
+            if len(buf) >= chunk:
+                put(buf)
+                buf = []
+                if stop.is_set():
+                    break
+        if buf:
+            put(buf)
+    except BaseException:
+        stop.set()  # the worker may be waiting for a chunk: the sentinel below ends it
+        with contextlib.suppress(queue.Empty):
+            while True:
+                handoff.get_nowait()
+        handoff.put(None)
+        worker.join()
+        raise
+    if not stop.is_set():
+        handoff.put(None)
+    worker.join()
+    if failed:
+        raise failed[0]
