@@ -61,7 +61,12 @@ def _sha256_or_problem(path: Path) -> str:
 
 
 def open_or_import(
-    store: Store, path: Path, table: PriceTable, cap_pico: int, reuse: bool, notes: list[str]
+    store: Store,
+    path: Path,
+    table: PriceTable,
+    cap_pico: int,
+    reuse: bool,
+    notes: list[str] | None = None,
 ) -> tuple[Job, Plan | None]:
     """The job for ``path``: found by content, or priced and imported in one transaction.
 
@@ -107,7 +112,8 @@ def open_or_import(
             )
         else:
             note += ": every request is sent again (--no-reuse)"
-        notes.append(note)
+        if notes is not None:
+            notes.append(note)
     return job, planner.plan
 
 

@@ -252,9 +252,10 @@ async def test_embeddings_batches_keep_to_the_inputs_per_batch_limit(
 async def test_requests_of_a_submitted_batch_belong_to_it_not_to_a_dead_runner(
     tmp_path: Path,
 ) -> None:
-    """Recovery charges and re-queues a dead runner's claims, but never the requests of an
-    open batch: they may still run at OpenAI, so the next runner re-attaches them."""
-    from tests.test_store import _job  # a small job of 12 requests
+    """Recovery re-queues a dead runner's claims, but never the requests of an open batch:
+    they may still run at OpenAI, so the next runner re-attaches them. A Batch API runner's
+    claims outside a chunk were never sent (only a chunk's file is), so they cost nothing."""
+    from tests.test_store import _job  # a small job of 10 requests
 
     store = open_store(tmp_path / "b.db")
     try:
@@ -267,7 +268,12 @@ async def test_requests_of_a_submitted_batch_belong_to_it_not_to_a_dead_runner(
         )  # fmt: skip
         store.update_chunk(dead, chunk.id, state="submitted", batch_id="batch_1")
         live = store.register_runner(job, "h", 2, "batch", ttl=30)
-        assert store.recover(job, "h", lambda pid: True)[0] == 2  # only the 2 outside the chunk
+        before = store.spend(job)
+        assert store.recover(job, "h", lambda pid: True) == (0, 0)  # nothing charged
+        after = store.spend(job)
+        assert after.settled_pico == before.settled_pico == 0
+        assert before.reserved_pico - after.reserved_pico == sum(r.worst_pico for r in claimed[3:])
+        assert store.status(job).states["pending"] == 10 - 3  # the 2 outside the chunk are back
         assert store.in_batches(job) == 3
         attached = store.attach_chunks(live)
         assert [c.batch_id for c in attached] == ["batch_1"]

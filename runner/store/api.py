@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from . import postgres
 from .base import Dialect
 from .batches import BatchesMixin
 from .claims import ClaimsMixin
 from .jobs import JobsMixin
 from .migrate import check_schema
+from .postgres import PostgreSQL, is_url
 from .reads import ReadsMixin
 from .sqlite import SQLite
 from .timeline import TimelineMixin
@@ -23,8 +23,8 @@ class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin, TimelineMixin):
 def dialect_for(target: str | Path) -> Dialect:
     """The dialect for a ``--db`` value: a file path (SQLite) or a database URL
     (``postgresql://user@host/dbname``: PostgreSQL)."""
-    if isinstance(target, str) and postgres.is_url(target):
-        return postgres.PostgreSQL(target)
+    if isinstance(target, str) and is_url(target):
+        return PostgreSQL(target)
     if isinstance(target, str) and "://" in target:
         scheme = target.split("://", 1)[0]
         raise UsageError(

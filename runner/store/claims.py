@@ -184,7 +184,8 @@ class ClaimsMixin(StoreBase):
     ) -> tuple[int, int]:
         """Declare dead the job's runners whose heartbeat expired (or, on this host, whose
         process is gone), charge their claims at worst case (their fate is unknown) and queue
-        them again. Also recovers claims no live runner holds. Returns (requests, pico).
+        them again. Also recovers claims no live runner holds. Returns (requests, pico)
+        charged; a Batch API runner's claims that never reached a chunk go back uncharged.
 
         Several runners may recover at once (PostgreSQL): a runner is declared dead by one
         guarded update, and the claims taken back are those whose runner is not live when the
@@ -212,8 +213,14 @@ class ClaimsMixin(StoreBase):
             still_live = sa.select(runners.c.id).where(
                 runners.c.job_id == job_id, runners.c.state == LIVE
             )
+            via = (
+                sa.select(runners.c.via)
+                .where(runners.c.id == requests.c.runner_id)
+                .scalar_subquery()
+                .label("via")
+            )
             rows = conn.execute(
-                sa.select(requests.c.id, requests.c.reserved_pico)
+                sa.select(requests.c.id, requests.c.reserved_pico, via)
                 .where(
                     requests.c.job_id == job_id,
                     requests.c.state == RequestState.RESERVED,
@@ -231,12 +238,17 @@ class ClaimsMixin(StoreBase):
             ).all()
             if not rows:
                 return 0, 0
-            self.dialect.insert_many(
-                conn,
-                ledger,
-                _LEDGER_COLUMNS,
-                [(job_id, r.id, "unknown", r.reserved_pico, now) for r in rows],
-            )
+            # A Batch API runner sends a request only in a recorded chunk's file: what it
+            # claimed but never handed to a chunk was never sent, so it goes back uncharged.
+            unsent = [r for r in rows if r.via == "batch"]
+            unknown = [r for r in rows if r.via != "batch"]
+            if unknown:
+                self.dialect.insert_many(
+                    conn,
+                    ledger,
+                    _LEDGER_COLUMNS,
+                    [(job_id, r.id, "unknown", r.reserved_pico, now) for r in unknown],
+                )
             self.dialect.update_many(
                 conn,
                 requests,
@@ -244,9 +256,9 @@ class ClaimsMixin(StoreBase):
                 [(r.id, RequestState.PENDING.value) for r in rows],
                 {"reserved_pico": 0, "runner_id": None},
             )
-            total = sum(int(r.reserved_pico) for r in rows)
-            _move_books(conn, job_id, total, -total)
-        return len(rows), total
+            charged = sum(int(r.reserved_pico) for r in unknown)
+            _move_books(conn, job_id, charged, -sum(int(r.reserved_pico) for r in rows))
+        return len(unknown), charged
 
     # -- claims -------------------------------------------------------------------------------
 
