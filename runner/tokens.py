@@ -26,7 +26,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -749,17 +749,20 @@ def count_texts(enc: tiktoken.Encoding, texts: list[str]) -> int:
     Releases the GIL while tokenizing. Texts that contain the separator, or that cannot be
     encoded as UTF-8 (lone surrogates), are counted one by one with ``encode_ordinary``.
     """
-    total = 0
     sep = _SEPARATOR if _SEPARATOR in enc.special_tokens_set else None
+    return sum(_count_joined(enc, part, sep) for part in _calls(texts))
+
+
+def _calls(texts: list[str]) -> Iterator[list[str]]:
+    """``texts`` in runs of about ``_BATCH_CALL_CHARS`` characters: one tokenizer call each."""
     start, n = 0, len(texts)
     while start < n:
         end, size = start, 0
         while end < n and (size < _BATCH_CALL_CHARS or end == start):
             size += len(texts[end]) + 13
             end += 1
-        total += _count_joined(enc, texts[start:end], sep)
+        yield texts[start:end]
         start = end
-    return total
 
 
 def _count_joined(enc: tiktoken.Encoding, texts: list[str], sep: str | None) -> int:
@@ -797,14 +800,8 @@ def count_texts_each(enc: tiktoken.Encoding, texts: list[str]) -> list[int]:
     """``[len(enc.encode_ordinary(t)) for t in texts]``, computed in few tokenizer calls."""
     sep = _SEPARATOR if _SEPARATOR in enc.special_tokens_set else None
     out: list[int] = []
-    start, n = 0, len(texts)
-    while start < n:
-        end, size = start, 0
-        while end < n and (size < _BATCH_CALL_CHARS or end == start):
-            size += len(texts[end]) + 13
-            end += 1
-        out += _each_joined(enc, texts[start:end], sep)
-        start = end
+    for part in _calls(texts):
+        out += _each_joined(enc, part, sep)
     return out
 
 

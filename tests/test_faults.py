@@ -418,3 +418,17 @@ async def test_a_name_that_does_not_resolve_is_an_outage_not_a_charge(tmp_path: 
     )
     assert ran.report.outcome is RunOutcome.UNREACHABLE and ran.exit_code == 5
     assert ran.status.states == {"pending": 10} and ledger_total(db) == 0
+
+
+async def test_a_tls_handshake_that_fails_is_an_outage_not_a_charge(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """https:// to a server that speaks plain HTTP: no connection is ever established, so
+    nothing was sent and nothing is charged."""
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 10, seed=18)
+    url = simulator.base_url.replace("http://", "https://")
+    ran = await run_in_process(job, db, url, retry=Retry(outage_limit=1.0))
+    assert ran.report.outcome is RunOutcome.UNREACHABLE and ran.exit_code == 5
+    assert ran.status.states == {"pending": 10} and ledger_total(db) == 0
+    assert simulator.ledger_snapshot()["billed_pico"] == 0

@@ -240,7 +240,6 @@ class ClaimsMixin(StoreBase):
                 return 0, 0
             # A Batch API runner sends a request only in a recorded chunk's file: what it
             # claimed but never handed to a chunk was never sent, so it goes back uncharged.
-            unsent = [r for r in rows if r.via == "batch"]
             unknown = [r for r in rows if r.via != "batch"]
             if unknown:
                 self.dialect.insert_many(
