@@ -189,7 +189,7 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "job": j.id,
         "path": j.path,
         "sha256": j.sha256,
-        "state": j.state,
+        "state": "running" if s.runners else j.state,  # who runs it: "runners"
         "requests": j.requests,
         "by_state": s.states,
         "cap_usd": format_exact(j.cap_pico),

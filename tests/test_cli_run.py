@@ -70,6 +70,27 @@ def test_status_json_reports_spend_tokens_errors_and_a_projection(
     assert "capped" in text and "projected total" in text
 
 
+def test_status_shows_running_with_pid_and_since_when_while_a_runner_holds_the_job(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    from runner.store import open_store
+
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 10)
+    ran = _invoke("run", job, "--db", db, "--cap", "5", "--base-url", simulator.base_url, "-q")
+    assert ran.exit_code == 0
+    store = open_store(db)
+    try:
+        store.register_runner(1, "worker-7", 4242, "sync", 600)
+    finally:
+        store.close()
+    text = _invoke("status", "--db", db).stdout
+    assert "running (pid 4242 on worker-7 since " in text
+    status = json.loads(_invoke("status", "--db", db, "--json").stdout)["jobs"][0]
+    assert status["state"] == "running"
+    assert [(r["pid"], r["host"]) for r in status["runners"]] == [(4242, "worker-7")]
+
+
 def test_export_marks_requests_never_sent_with_an_error_and_keeps_file_order(
     tmp_path: Path, make_simulator: SimFactory
 ) -> None:

@@ -377,3 +377,36 @@ def test_runners_share_the_rate_limits_equally_then_by_what_they_hold(store: Sto
     live = {r.id: r for r in store.live_runners(job)}
     assert (live[a].holding, live[a].in_flight, live[a].share) == (6, 0, pytest.approx(0.6))
     assert live[a].host == "h" and live[a].pid == 1 and live[a].seen_ago < 5
+
+
+def test_a_status_reads_one_snapshot_while_a_runner_commits(
+    store: Store, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result committed between two of status's queries shows in none of them: the counts
+    by state, by model and the books agree (PostgreSQL's READ COMMITTED would mix them)."""
+    from runner.store import reads
+
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    first, second = store.claim(runner, 2).requests
+    store.record(runner, Outcomes(results=[_result(first.id, 40)]))
+    sqlite = request.node.callspec.params["store"] == "sqlite"
+    other = open_store(tmp_path / "b.db" if sqlite else request.getfixturevalue("pg_url"))
+    real, committed = reads._done_sums, []
+
+    def commit_then_sum(conn, job_id, column):  # type: ignore[no-untyped-def]
+        if not committed:  # another runner commits after status counted the states
+            other.record(runner, Outcomes(results=[_result(second.id, 30)]))
+            committed.append(True)
+        return real(conn, job_id, column)
+
+    monkeypatch.setattr(reads, "_done_sums", commit_then_sum)
+    try:
+        status = store.status(job)
+    finally:
+        other.close()
+    assert committed
+    assert status.states["done"] == 1
+    assert sum(g["requests"] for g in status.by_model.values()) == 1
+    assert status.spend.settled_pico == 40 and status.spend.reserved_pico == WORST
+    assert store.status(job).states["done"] == 2  # the next status sees it

@@ -26,6 +26,8 @@ class Dialect(Protocol):
 
     def writing(self, engine: Engine) -> contextlib.AbstractContextManager[Connection]: ...
 
+    def reading(self, engine: Engine) -> contextlib.AbstractContextManager[Connection]: ...
+
     def check_present(self) -> None: ...
 
     def is_foreign(self, engine: Engine) -> bool: ...
@@ -114,9 +116,10 @@ class StoreBase:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Connection]:
-        """A read-only connection; database errors become StoreErrors."""
+        """One read transaction: its queries see one snapshot, however busy the writers;
+        database errors become StoreErrors."""
         try:
-            with self.engine.connect() as conn:
+            with self.dialect.reading(self.engine) as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             raise self.error(exc) from None

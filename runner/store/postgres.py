@@ -112,6 +112,14 @@ class PostgreSQL:
         with engine.begin() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def reading(self, engine: Engine) -> Iterator[Connection]:
+        """A REPEATABLE READ transaction: every query of a status or an export sees the same
+        snapshot while runners commit (READ COMMITTED gives each statement its own)."""
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="REPEATABLE READ")
+            yield conn
+
     def check_present(self) -> None:
         """A server database cannot vanish under an open connection unnoticed."""
 

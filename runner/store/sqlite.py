@@ -115,6 +115,13 @@ class SQLite:
             with conn.begin():
                 yield conn
 
+    @contextlib.contextmanager
+    def reading(self, engine: Engine) -> Iterator[Connection]:
+        """A deferred transaction (begun by the first query): in WAL mode it reads one
+        snapshot until it ends."""
+        with engine.connect() as conn:
+            yield conn
+
     def check_present(self) -> None:
         """Refuse to write when the file we opened was deleted or replaced: SQLite would go on
         writing into the unlinked file, and every result would be lost with it."""
