@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import socket
 from collections.abc import Callable
 from decimal import Decimal
@@ -274,3 +275,23 @@ def test_a_key_the_api_rejects_stops_before_anything_is_imported(
     result = _invoke("run", job, "--db", db, "--cap", "1", "--base-url", host_url)
     assert result.exit_code == 4 and "rejected the API key" in result.output
     assert not db.exists() and sim.ledger_snapshot()["requests_billed"] == 0
+
+
+def test_a_cap_too_small_says_what_it_covers_and_the_cap_that_finishes_the_job(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """Up front: how many requests the cap covers. At the stop: the cap that finishes the job
+    at worst case; run with that cap, the job finishes."""
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 200, max_tokens=64)
+    args = ("run", job, "--db", db, "--base-url", simulator.base_url)
+    first = _invoke(*args, "--cap", "0.003")
+    assert first.exit_code == 3
+    covers = re.search(r"the cap covers ~([\d,]+) of 200 requests at worst case", first.stdout)
+    assert covers is not None and 0 < int(covers[1].replace(",", "")) < 200
+    said = re.search(r"A cap of \$([\d.]+) finishes the job at worst case", first.stderr)
+    assert said is not None, first.stderr
+    assert Decimal(said[1]) > Decimal("0.003")
+    second = _invoke(*args, "--cap", said[1])
+    assert second.exit_code == 0, second.stderr
+    assert "the cap covers" not in second.stdout

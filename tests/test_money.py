@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from runner.money import format_exact, format_usd, pico_to_decimal, usd_to_pico
+from runner.money import format_exact, format_money, format_usd, pico_to_decimal, usd_to_pico
 from runner.pricing import load_price_table
 
 # -- exact money -------------------------------------------------------------------------------
@@ -81,3 +81,18 @@ def test_usd_to_pico_refuses_fractions_of_a_picodollar(value: str) -> None:
 def test_usd_to_pico_refuses_non_amounts(value: str) -> None:
     with pytest.raises(ValueError, match="not a dollar amount"):
         usd_to_pico(value)
+
+
+def test_shown_amounts_keep_their_digits_and_never_round_down() -> None:
+    shown = {
+        v: format_money(usd_to_pico(v))
+        for v in ("0.005", "0.0047", "0.00651", "0.000002", "1.234", "12")
+    }
+    assert shown == {
+        "0.005": "$0.005",  # a $0.005 cap is never shown as $0.01
+        "0.0047": "$0.0047",
+        "0.00651": "$0.0066",  # two significant digits, rounded up
+        "0.000002": "$0.000002",
+        "1.234": "$1.24",  # cents from a dollar up, rounded up
+        "12": "$12.00",
+    }
