@@ -8,9 +8,11 @@ input or usage; 3 stopped at the spend cap; 4 stopped by a fatal API error (auth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,27 @@ prices_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
+# Set by a command that leaves nothing open (no database, no file, no thread): the console
+# script may then end the process without freeing what it built. Freeing the tokenizer's tables
+# at interpreter exit costs more than pricing a small job.
+_nothing_open = False
+
+
+def entry() -> None:
+    """The ``batchrun`` console script: :func:`main`, then a quick exit when nothing is open."""
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if _nothing_open and (code is None or isinstance(code, int)):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a closed pipe (``| head``): nothing to add
+                stream.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchrun")
 def main() -> None:
@@ -230,6 +253,8 @@ def price(
         click.echo(json.dumps(plan_json(plan, table, rpm, tpm, via=via), indent=2))
     else:
         click.echo(format_plan(plan, table, rpm, tpm, via=via))
+    global _nothing_open
+    _nothing_open = True
 
 
 @main.command(name="prices")

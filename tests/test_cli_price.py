@@ -336,3 +336,42 @@ def test_every_bad_corpus_file_exits_2_with_its_located_problem(tmp_path: Path) 
             path.name,
             lines,
         )
+
+
+class _Ended(Exception):
+    def __init__(self, how: str, code: object) -> None:
+        super().__init__(how, code)
+        self.how, self.code = how, code
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["price", str(EXAMPLE)], ("quick", 0)),  # priced and printed: nothing left to free
+        (["price", "/nonexistent.jsonl"], ("normal", 2)),  # an error ends the usual way
+        (["prices"], ("normal", 0)),  # a command that did not say it left nothing open
+    ],
+)
+def test_the_console_script_skips_freeing_the_tokenizer_only_after_a_price(
+    args: list[str],
+    expected: tuple[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import runner.cli as cli
+
+    def quick(code: int) -> None:
+        raise _Ended("quick", code)
+
+    def normal(code: object = 0) -> None:
+        raise _Ended("normal", code)
+
+    monkeypatch.setattr(cli, "_nothing_open", False)
+    monkeypatch.setattr(cli.os, "_exit", quick)
+    monkeypatch.setattr(cli.sys, "exit", normal)
+    monkeypatch.setattr(cli.sys, "argv", ["batchrun", *args])
+    with pytest.raises(_Ended) as ended:
+        cli.entry()
+    assert (ended.value.how, ended.value.code) == expected
+    if expected[0] == "quick":
+        assert "worst case" in capsys.readouterr().out  # the output was written first
