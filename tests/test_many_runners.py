@@ -165,7 +165,7 @@ async def test_runners_on_one_job_never_pass_its_cap_and_fill_it(
     sim = make_simulator(latency_ms=20)
     job = tmp_path / "job.jsonl"
     write_job(job, 300, seed=12, prompt_words=8, max_tokens=40)
-    job_id = _import(job, pg_url, cap_usd="0.002")  # a tenth of the job's worst case, about
+    job_id = _import(job, pg_url, cap_usd="0.002")  # about a tenth of the job's worst case
     codes = await _run_together(
         pg_url, job_id, sim, 3, limits=Limits(concurrency=16), stopping=Stopping(grace=5)
     )
