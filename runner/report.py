@@ -16,6 +16,11 @@ from .settings import Limits
 from .store import BatchInfo, JobStatus, RunnerInfo
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 request``, ``2,000 requests``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
@@ -54,7 +59,7 @@ def format_plan(
         rows.append(row(model, plan.by_model[model]))
     rows.append(row("total", plan.total))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"{plan.path}: {plan.total.requests:,} requests, prices as of {table.as_of}"]
+    lines = [f"{plan.path}: {_count(plan.total.requests, 'request')}, prices as of {table.as_of}"]
     for i, r in enumerate(rows):
         cells = [r[0].ljust(widths[0])]
         cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
@@ -143,7 +148,7 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
         lines.append(f"imported as job {est.job_id} into {est.db}")
     else:
         lines.append(
-            f"resuming job {est.job_id} ({est.requests:,} requests, floor "
+            f"resuming job {est.job_id} ({_count(est.requests, 'request')}, floor "
             f"{format_money(est.floor_pico)}, worst case {format_money(est.worst_pico)}) from "
             f"{est.db}"
         )
@@ -175,7 +180,7 @@ def confirm_question(est: Estimate) -> str:
     worst = min(est.pending_worst_pico, est.cap_pico - est.spent_pico)
     send = f"{est.pending:,}" if est.finishes else f"up to {est.fits:,} of {est.pending:,}"
     return (
-        f"Send {send} requests, worst case {format_money(worst)} of cap "
+        f"Send {send} request{'' if send == '1' else 's'}, worst case {format_money(worst)} of cap "
         f"{format_money(est.cap_pico)}?"
     )
 
