@@ -247,6 +247,13 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
     if outcome is RunOutcome.DETACHED:
         return Conclusion(128 + (report.signal or 2), report.message)
     if outcome is RunOutcome.COMPLETE and pending and pending == status.in_batches:
+        watchers = [f"pid {r.pid} on {r.host}" for r in status.runners if r.via == "batch"]
+        if watchers:
+            return Conclusion(
+                1,
+                f"{pending:,} request(s) are in Batch API batches still open at OpenAI, watched "
+                f"by another runner ({', '.join(watchers)}): it records their results.",
+            )
         return Conclusion(
             1,
             f"{pending:,} request(s) are in Batch API batches still open at OpenAI; run the job "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Callable
@@ -305,3 +306,32 @@ async def test_a_job_capped_on_the_batch_api_goes_on_synchronously_with_its_pend
     assert_billed_once(db, bills)
     assert books(db).ledger_pico == ledger["billed_pico"]
     assert_consistent(db)
+
+
+async def test_runners_joining_a_job_whose_batches_another_runner_watches(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """A synchronous runner that joins says who watches the open batches; a second Batch API
+    runner waits for them (it would submit what they hand back, and take them over if their
+    watcher died) and ends when the job does. Nothing is submitted or billed twice."""
+    sim = make_simulator(batch_lines_per_s=60)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 120, seed=21, prompt_words=8)
+    per_batch = {"requests_per_batch": 60}
+    first = asyncio.ensure_future(run_batch(job, db, sim, batching=per_batch))
+    while sim.ledger_snapshot()["batches_created"] < 2:
+        assert not first.done(), first.result()
+        await asyncio.sleep(0.01)
+    joined_sync = await run_in_process(None, db, sim.base_url, job_id=1)
+    assert joined_sync.exit_code == 1
+    assert "watched by another runner (pid " in (joined_sync.message or "")
+    joined_batch = await run_batch(None, db, sim, job_id=1, batching=per_batch)
+    assert not first.done() or first.result().exit_code == 0
+    assert joined_batch.exit_code == 0, joined_batch.message
+    assert (await first).exit_code == 0
+    b = books(db)
+    assert (b.done, b.pending, b.reserved, b.failed) == (120, 0, 0, 0)
+    assert sim.ledger_snapshot()["batches_created"] == 2
+    assert b.ledger_pico == sim.ledger_snapshot()["billed_pico"]
+    assert all(n == 1 for n in bills.times.values())
