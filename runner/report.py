@@ -353,10 +353,12 @@ def format_status(s: JobStatus) -> str:
 def _runner_line(r: RunnerInfo) -> str:
     """One live runner: where it runs, since when, its last heartbeat, its load and share."""
     started = _when(r.started_at)
+    head = f"#{r.id} {r.host} pid {r.pid} ({r.via}): started {started}, last heartbeat "
+    if r.via == "batch":  # no rate to share: its requests wait in batches at OpenAI
+        return f"{head}{r.seen_ago:.1f}s ago, watching {r.in_flight:,} request(s) in open batches"
     share = f"rate share 1/{round(1 / r.share)}" if r.holding else "idle (nothing claimed)"
     return (
-        f"#{r.id} {r.host} pid {r.pid} ({r.via}): started {started}, last heartbeat "
-        f"{r.seen_ago:.1f}s ago, {r.in_flight:,} in flight ({r.holding:,} claimed), {share}"
+        f"{head}{r.seen_ago:.1f}s ago, {r.in_flight:,} in flight ({r.holding:,} claimed), {share}"
     )
 
 

@@ -83,13 +83,20 @@ def test_status_shows_running_with_pid_and_since_when_while_a_runner_holds_the_j
     store = open_store(db)
     try:
         store.register_runner(1, "worker-7", 4242, "sync", 600)
+        batch = store.register_runner(1, "worker-8", 4343, "batch", 600)
+        store.heartbeat(batch, 600, 40)  # 40 requests in the batches it watches
     finally:
         store.close()
     text = _invoke("status", "--db", db).stdout
     assert "running (pid 4242 on worker-7 since " in text
+    assert "pid 4343 (batch): started " in text
+    assert "watching 40 request(s) in open batches" in text
     status = json.loads(_invoke("status", "--db", db, "--json").stdout)["jobs"][0]
     assert status["state"] == "running"
-    assert [(r["pid"], r["host"]) for r in status["runners"]] == [(4242, "worker-7")]
+    assert [(r["pid"], r["host"]) for r in status["runners"]] == [
+        (4242, "worker-7"),
+        (4343, "worker-8"),
+    ]
 
 
 def test_export_marks_requests_never_sent_with_an_error_and_keeps_file_order(
