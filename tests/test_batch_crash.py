@@ -6,6 +6,7 @@ same chunk tag, no request body billed twice) and must record every result exact
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import random
@@ -253,3 +254,33 @@ def test_run_help_documents_the_batch_options() -> None:
         assert option in out.stdout
     cancel = batchrun("cancel", "--help")
     assert cancel.returncode == 0 and cancel.stdout.count("Example:") == 1
+
+
+async def test_a_waiting_batch_runner_takes_over_the_batches_of_one_killed(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """A Batch API runner joins a job whose batches a runner process watches; that process is
+    killed with SIGKILL; the one left re-attaches its batches and records every result once."""
+    sim = make_simulator(batch_lines_per_s=20)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 80, seed=23, prompt_words=8)
+    victim = _start(_args(job, db, sim, "--batch-requests", "40"))
+    _wait_for(victim, lambda: sim.ledger_snapshot()["batches_created"] >= 2)
+    joined = asyncio.ensure_future(
+        run_in_process(
+            None, db, sim.base_url, job_id=1, via="batch",
+            batching=Batching(poll_first=0.01, poll_interval=0.05),
+        )
+    )  # fmt: skip
+    while scalar(db, "SELECT COUNT(*) FROM runners WHERE state = 'live'") < 2:
+        assert not joined.done(), joined.result().message
+        await asyncio.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    ran = await asyncio.wait_for(joined, 60)
+    assert ran.exit_code == 0, ran.message
+    (joined_id,) = rows(db, "SELECT id FROM runners WHERE pid = ?", os.getpid())[0]
+    assert rows(db, "SELECT DISTINCT watcher FROM batches") == [(joined_id,)]  # taken over
+    _wait_idle(sim)
+    _assert_each_chunk_once_and_every_result_once(db, sim, bills, 80)
