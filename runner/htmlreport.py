@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import __version__
-from .money import PICO_PER_USD, format_usd
+from .money import PICO_PER_USD, format_money, format_usd
 from .report import status_json
 from .store import JobStatus
 
@@ -133,7 +133,7 @@ def _spend(status: JobStatus, t: Timeline) -> go.Figure:
     cap = status.job.cap_pico
     spent = status.spend.settled_pico
     share = f" ({100 * spent / cap:.3g}%)" if cap else ""
-    title = f"Spent {format_usd(spent)} of cap {format_usd(cap, 2)}{share}"
+    title = f"Spent {format_usd(spent)} of cap {format_money(cap)}{share}"
     fig = go.Figure()
     b = t.buckets
     if b is None:
@@ -155,15 +155,15 @@ def _spend(status: JobStatus, t: Timeline) -> go.Figure:
             customdata=[format_usd(p) for p in unknown], hovertemplate="%{customdata}",
         )  # fmt: skip
     fig.add_scatter(
-        x=[edges[0], edges[-1]], y=[_usd(cap)] * 2, name=f"cap {format_usd(cap, 2)}",
+        x=[edges[0], edges[-1]], y=[_usd(cap)] * 2, name=f"cap {format_money(cap)}",
         mode="lines", line={"color": "#d62728", "dash": "dash", "width": 2},
-        hovertemplate=f"cap {format_usd(cap, 2)}",
+        hovertemplate=f"cap {format_money(cap)}",
     )  # fmt: skip
     yaxis: dict[str, Any] = {"title": {"text": "USD"}, "rangemode": "tozero", **_DOLLARS}
     if cap > 5 * spent:  # the cap would flatten the spend: the cap line stays, off the top
         yaxis["range"] = [0, _usd(max(spent, 1)) * 1.15]
         fig.add_annotation(
-            text=f"cap {format_usd(cap, 2)} is above this chart", showarrow=False, xref="paper",
+            text=f"cap {format_money(cap)} is above this chart", showarrow=False, xref="paper",
             yref="paper", x=0, y=1, xanchor="left", yanchor="bottom", font={"color": "#d62728"},
         )  # fmt: skip
     return _layout(fig, title, b, yaxis=yaxis)
@@ -330,7 +330,7 @@ def _cards(status: JobStatus, t: Timeline) -> str:
         (
             "spent",
             f"{format_usd(status.spend.settled_pico)}",
-            f"of cap {format_usd(job.cap_pico, 2)}",
+            f"of cap {format_money(job.cap_pico)}",
         ),
         (
             "requests",

@@ -19,7 +19,7 @@ from typing import NamedTuple
 from .endpoints import endpoint_for
 from .errors import PriceError
 from .jobfile import JobLine, JobReader
-from .money import MAX_PICO, format_usd
+from .money import MAX_PICO, format_money, format_usd
 from .pricing import Price, PriceTable
 from .store import JobStatus, NewRequest
 from .tokens import TextBatch, TokenCount, count_request
@@ -286,7 +286,7 @@ class Planner:
             floor, worst = price.bounds(tokens, limit)
             if worst > MAX_PICO:
                 raise PriceError(
-                    f"{self.plan.path}:{line}: body: its worst case ({format_usd(worst, 2)}) is "
+                    f"{self.plan.path}:{line}: body: its worst case ({format_money(worst)}) is "
                     f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); lower its "
                     "output limit"
                 )
@@ -310,7 +310,7 @@ class Planner:
             plan.total.add(t)
         if plan.total.worst_pico > MAX_PICO:
             raise PriceError(
-                f"{plan.path}: the job's worst case ({format_usd(plan.total.worst_pico, 2)}) is "
+                f"{plan.path}: the job's worst case ({format_money(plan.total.worst_pico)}) is "
                 f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); split the job or lower "
                 "its output limits"
             )

@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 
 from runner.cli import main
 from runner.htmlreport import CHARTS, cell_text, render
-from runner.money import format_usd, usd_to_pico
+from runner.money import format_money, format_usd, usd_to_pico
 from runner.settings import Retry
 from runner.simulator import SimConfig, SimulatorThread
 from runner.store import open_store
@@ -324,7 +324,7 @@ async def test_the_report_opens_offline_with_every_chart_and_the_numbers_of_stat
         assert seen["table"] == [[key, cell_text(value)] for key, value in _flatten(status)]
         spent = usd_to_pico(status["spent_usd"])
         cap = usd_to_pico(status["cap_usd"])
-        assert seen["cards"]["spent"] == f"{format_usd(spent)} | of cap {format_usd(cap, 2)}"
+        assert seen["cards"]["spent"] == f"{format_usd(spent)} | of cap {format_money(cap)}"
         states = status["by_state"]
         assert seen["cards"]["requests"].startswith(
             f"{states['done']:,} done | {states['failed']:,} failed"

@@ -45,7 +45,7 @@ from openai.types import Batch
 
 from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
-from ..money import format_usd
+from ..money import format_money, format_usd
 from ..retry import QUOTA_CODES, RETRY_STATUSES, Backoff
 from ..settings import Batching, Retry
 from ..store import Beat, PendingRequest
@@ -699,8 +699,8 @@ class BatchBackend:
         total = sum(i.total or i.requests for i in self._open.values())
         books.notice(
             f"{len(self._open)} open batch(es) ({states}): {done:,} of {total:,} requests "
-            f"completed; spend {format_usd(stats.settled_pico, 4)} + "
-            f"{format_usd(stats.reserved_pico, 4)} reserved of cap {format_usd(stats.cap_pico, 2)}"
+            f"completed; spend {format_money(stats.settled_pico)} + "
+            f"{format_money(stats.reserved_pico)} reserved of cap {format_money(stats.cap_pico)}"
         )
 
     # -- results --------------------------------------------------------------------------------
