@@ -314,7 +314,7 @@ async def test_runners_joining_a_job_whose_batches_another_runner_watches(
     """A synchronous runner that joins says who watches the open batches; a second Batch API
     runner waits for them (it would submit what they hand back, and take them over if their
     watcher died) and ends when the job does. Nothing is submitted or billed twice."""
-    sim = make_simulator(batch_lines_per_s=60)
+    sim = make_simulator(batch_lines_per_s=15)  # each batch runs ~4 s
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
     write_job(job, 120, seed=21, prompt_words=8)

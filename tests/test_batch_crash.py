@@ -261,7 +261,7 @@ async def test_a_waiting_batch_runner_takes_over_the_batches_of_one_killed(
 ) -> None:
     """A Batch API runner joins a job whose batches a runner process watches; that process is
     killed with SIGKILL; the one left re-attaches its batches and records every result once."""
-    sim = make_simulator(batch_lines_per_s=20)
+    sim = make_simulator(batch_lines_per_s=8)  # each batch runs ~5 s: the kill comes first
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
     write_job(job, 80, seed=23, prompt_words=8)
