@@ -673,9 +673,13 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
         rows = store.iter_export(job.id, only)
         lines = csv_lines(rows) if fmt == "csv" else export_lines(job, rows)
         protect = [Path(db)] if "://" not in db else []
-        write_lines(lines, output, protect)
+        written = write_lines(lines, output, protect)
     finally:
         store.close()
+    if output is not None:  # on standard output, the lines alone
+        n = written - 1 if fmt == "csv" else written  # less the CSV header
+        which = f" ({only} only)" if only else ""
+        _say(f"wrote {output}: {n:,} request(s) of job {job.id}{which}")
 
 
 @main.command(name="report")

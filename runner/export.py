@@ -111,12 +111,11 @@ def csv_lines(rows: Iterable[ExportRow]) -> Iterator[str]:
         )
 
 
-def write_lines(lines: Iterable[str], output: Path | None, protect: Iterable[Path] = ()) -> None:
+def write_lines(lines: Iterable[str], output: Path | None, protect: Iterable[Path] = ()) -> int:
     """Write ``lines`` to ``output`` atomically (a partial file is renamed over it at the end),
-    or to standard output. ``protect``: files that must never be overwritten (the database)."""
+    or to standard output; how many. ``protect``: files never to overwrite (the database)."""
     if output is None:
-        _write(lines, sys.stdout)
-        return
+        return _write(lines, sys.stdout)
     target = output.resolve()
     for path in protect:
         for guarded in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
@@ -129,16 +128,20 @@ def write_lines(lines: Iterable[str], output: Path | None, protect: Iterable[Pat
     tmp = target.with_name(target.name + ".partial")
     try:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
-            _write(lines, fh)
+            written = _write(lines, fh)
         tmp.replace(target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise UsageError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    return written
 
 
-def _write(lines: Iterable[str], fh: TextIO) -> None:
+def _write(lines: Iterable[str], fh: TextIO) -> int:
+    n = 0
     for line in lines:
         fh.write(line)
         fh.write("\n")
+        n += 1
     fh.flush()
+    return n

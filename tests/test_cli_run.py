@@ -211,7 +211,8 @@ def test_csv_export_and_only_ok_or_failed(tmp_path: Path, make_simulator: SimFac
     job.write_text("\n".join(lines) + "\n")
     assert _invoke("run", job, "--db", db, "--cap", "1", "--base-url", sim.base_url).exit_code == 1
     out = tmp_path / "out.csv"
-    assert _invoke("export", "--db", db, "--format", "csv", "-o", out).exit_code == 0
+    exported = _invoke("export", "--db", db, "--format", "csv", "-o", out)
+    assert exported.exit_code == 0 and exported.output == f"wrote {out}: 6 request(s) of job 1\n"
     rows = list(csv.DictReader(out.open()))
     assert [r["custom_id"] for r in rows] == [f"r{i}" for i in range(6)]
     ok = [r for r in rows if r["status"] == "done"]
