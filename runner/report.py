@@ -158,10 +158,14 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
             f"{format_money(est.orphan_pico)} at worst case (their outcome is unknown) and "
             "queued again"
         )
-    lines.append(
-        f"cap {format_money(est.cap_pico)}: spent so far {format_money(est.spent_pico)};"
-        f" {est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
+    left = (
+        f"{est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
         f" ({format_money(est.pending_worst_pico)} for all of them)"
+        if est.pending
+        else "nothing is left to send"
+    )
+    lines.append(
+        f"cap {format_money(est.cap_pico)}: spent so far {format_money(est.spent_pico)}; {left}"
     )
     if not est.finishes:
         projected = (

@@ -55,7 +55,7 @@ async def test_resuming_a_finished_job_sends_nothing(
     first = sim.ledger_snapshot()["requests_received"]
     again = await run_in_process(job, db, sim.base_url)
     assert again.exit_code == 0
-    assert "resuming job 1" in again.output
+    assert "resuming job 1" in again.output and "nothing is left to send" in again.output
     assert sim.ledger_snapshot()["requests_received"] == first
 
 
