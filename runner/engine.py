@@ -265,12 +265,15 @@ class Books:
         self.stats.cap_pico = claim.cap_pico
         return claim
 
-    async def open_elsewhere(self, mine: int) -> int:
+    async def open_elsewhere(self, mine: int, *, batches: bool = False) -> int:
         """Requests of the job reserved by other runners (they may still come back), given
-        that this runner holds ``mine``."""
+        that this runner holds ``mine``; with ``batches``, also those that open Batch API
+        batches hold (a batch runner waits for them, a synchronous one cannot collect them)."""
         counts = await self.in_db(self.store.state_counts, self.job.id, (RequestState.RESERVED,))
-        in_batches = await self.in_db(self.store.in_batches, self.job.id)  # not a runner's
-        return counts.get(RequestState.RESERVED, 0) - mine - in_batches
+        reserved = counts.get(RequestState.RESERVED, 0) - mine
+        if batches:
+            return reserved
+        return reserved - await self.in_db(self.store.in_batches, self.job.id)
 
     # -- settling (in memory; the writer commits) ----------------------------------------------
 

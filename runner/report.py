@@ -182,11 +182,10 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
 def confirm_question(est: Estimate) -> str:
     """The question ``run`` asks on a terminal before its first request."""
     worst = min(est.pending_worst_pico, est.cap_pico - est.spent_pico)
-    send = f"{est.pending:,}" if est.finishes else f"up to {est.fits:,} of {est.pending:,}"
-    return (
-        f"Send {send} request{'' if send == '1' else 's'}, worst case {format_money(worst)} of cap "
-        f"{format_money(est.cap_pico)}?"
-    )
+    send = _count(est.pending, "request")
+    if not est.finishes:
+        send = f"up to {est.fits:,} of {send}"
+    return f"Send {send}, worst case {format_money(worst)} of cap {format_money(est.cap_pico)}?"
 
 
 # -- status ------------------------------------------------------------------------------------

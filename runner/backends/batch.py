@@ -250,9 +250,10 @@ class BatchBackend:
                 if changed:
                     continue  # a batch just ended: what it handed back may be submitted again
                 if why in ("blocked", "exhausted"):
-                    if await books.open_elsewhere(0) > 0 or await self._watched_elsewhere():
-                        # Other runners hold requests, or watch batches: what they hand back
-                        # is submitted here, and a watcher that dies is taken over (_attach).
+                    if await books.open_elsewhere(0, batches=True) > 0:
+                        # Other runners hold requests, or watch batches (_attach took every
+                        # batch nobody watches): what they hand back is submitted here, and a
+                        # watcher that dies is taken over.
                         await books.wait_settlement(1.0)
                         continue
                     return RunOutcome.CAPPED if why == "blocked" else RunOutcome.COMPLETE
@@ -262,12 +263,6 @@ class BatchBackend:
             await self._nap(self._interval)
             self._interval = min(self._interval * 2, self.batching.poll_interval)
         return RunOutcome.COMPLETE
-
-    async def _watched_elsewhere(self) -> bool:
-        """Whether open batches of the job are watched by other runners (``_attach`` took over
-        every batch nobody watches, so when this runner watches none, the rest are theirs)."""
-        books = self.books
-        return await books.in_db(books.store.in_batches, books.job.id) > 0
 
     async def _nap(self, seconds: float) -> None:
         """Wait, or less when the run is told to stop."""
