@@ -728,7 +728,7 @@ def upgrade(db: str) -> None:
     """
     from .store import open_store
 
-    open_store(db).close()
+    open_store(db, create=False).close()
     _say(f"{db}: up to date")
 
 

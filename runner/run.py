@@ -295,7 +295,7 @@ async def run_job(
     table = load_price_table(settings.prices)
     notes: list[str] = []
     api_key = await _api_key(settings, notes)
-    store = open_store(settings.db)
+    store = open_store(settings.db, create=settings.jobfile is not None)
     try:
         job, plan = find_job(store, settings, table, notes)
         if settings.cap_pico is not None and job.cap_pico != settings.cap_pico:
@@ -375,10 +375,10 @@ async def cancel_job(
     from dataclasses import replace
 
     table = load_price_table(settings.prices)
-    api_key = await _api_key(settings, [])
-    store = open_store(settings.db)
+    store = open_store(settings.db, create=False)
     try:
         job = _existing_job(store, settings)
+        api_key = await _api_key(settings, [])
         settings = replace(
             settings,
             cap_pico=job.cap_pico,

@@ -198,3 +198,26 @@ def test_two_imports_of_the_same_file_at_once_make_one_job(
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
     assert sim.ledger_snapshot()["duplicate_bodies"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--job", "1", "--simulate"),
+        ("cancel", "--job", "1"),
+        ("upgrade",),
+        ("status",),
+        ("export",),
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_mistyped_db_for_a_job_already_in_it_is_an_error_not_a_new_database(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Only a run that imports a job file creates a database; a command that names a job in
+    --db must not leave an empty database behind at a mistyped path."""
+    db = tmp_path / "typo.db"
+    code, out = invoke(*args, "--db", db)
+    assert code == 2
+    assert f"{db}: no such database" in out
+    assert list(tmp_path.iterdir()) == []

@@ -34,11 +34,12 @@ def dialect_for(target: str | Path) -> Dialect:
     return SQLite(Path(target))
 
 
-def open_store(target: str | Path, *, readonly: bool = False) -> Store:
-    """Open a database. Writers create and migrate it; ``readonly`` opens an existing batchrun
-    database without changing anything (and refuses one that would need migrating)."""
+def open_store(target: str | Path, *, readonly: bool = False, create: bool = True) -> Store:
+    """Open a database. Writers create (unless ``create=False``) and migrate it; ``readonly``
+    opens an existing batchrun database without changing anything (and refuses one that would
+    need migrating)."""
     dialect = dialect_for(target)
-    engine = dialect.create_engine(readonly=readonly)
+    engine = dialect.create_engine(readonly=readonly, create=create)
     store = Store(engine, dialect, readonly=readonly)
     try:
         check_schema(store, upgrade=not readonly)

@@ -22,7 +22,10 @@ class Dialect(Protocol):
     display: str  # how the database is named in messages (a path, or a URL without password)
     multi_host: bool  # whether runners on other machines can share it
 
-    def create_engine(self, *, readonly: bool = False) -> Engine: ...
+    def create_engine(self, *, readonly: bool = False, create: bool = True) -> Engine:
+        """``create=False``: the database must exist already (commands that name a job in
+        it); a mistyped path is an error, not a new empty database."""
+        ...
 
     def writing(self, engine: Engine) -> contextlib.AbstractContextManager[Connection]: ...
 

@@ -82,7 +82,8 @@ class PostgreSQL:
 
     # -- connecting -------------------------------------------------------------------------
 
-    def create_engine(self, *, readonly: bool = False) -> Engine:
+    def create_engine(self, *, readonly: bool = False, create: bool = True) -> Engine:
+        # ``create`` changes nothing here: batchrun never creates a PostgreSQL database.
         if importlib.util.find_spec("psycopg") is None:
             raise UsageError(
                 f"--db {self.display}: PostgreSQL support is an extra; install it with: {EXTRA}"

@@ -81,13 +81,13 @@ class SQLite:
         self.display = str(path)
         self._identity: tuple[int, int] | None = None
 
-    def create_engine(self, *, readonly: bool = False) -> Engine:
+    def create_engine(self, *, readonly: bool = False, create: bool = True) -> Engine:
         path = self.path
         if path.is_dir():
             raise StoreError(f"{path}: is a directory, not a database file")
+        if (readonly or not create) and not path.exists():
+            raise StoreError(f"{path}: no such database (run a job first, or pass --db)")
         if readonly:
-            if not path.exists():
-                raise StoreError(f"{path}: no such database (run a job first, or pass --db)")
             url = f"sqlite+pysqlite:///file:{path}?mode=ro&uri=true"
             engine = sa.create_engine(url, connect_args={"check_same_thread": False})
             sa.event.listen(engine, "connect", _on_connect_readonly)
