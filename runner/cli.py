@@ -160,6 +160,20 @@ def _path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Pa
     return Path(value) if value is not None else None
 
 
+def _file_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """A job file that is a file: a job is found again by its file's content."""
+    from .jobfile import STDIN
+
+    if value == STDIN:
+        raise click.BadParameter(
+            "standard input cannot be run: a job is found again (to resume it) by its file's "
+            "content, so save it to a file first (`batchrun price -` does read standard input)",
+            ctx,
+            param,
+        )
+    return _path(ctx, param, value)
+
+
 db_option = click.option(
     "--db",
     default=DEFAULT_DB,
@@ -239,7 +253,8 @@ def price(
 
     Counts every request's input tokens exactly (offline) and prints, per model and in total:
     requests, input tokens, the sum of output limits, requests without an output limit, the
-    cost floor (input only) and the worst case (input plus every output limit).
+    cost floor (input only) and the worst case (input plus every output limit). JOBFILE may be
+    - (standard input), e.g. to price a compressed file: zcat job.jsonl.gz | batchrun price -
 
     Example: batchrun price jobs/example.jsonl --rpm 500 --tpm 200000
     """
@@ -276,7 +291,7 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("jobfile", required=False, callback=_path)
+@click.argument("jobfile", required=False, callback=_file_path)
 @click.option(
     "--db",
     default=DEFAULT_DB,
@@ -539,7 +554,7 @@ def _batching(o: dict[str, Any], **extra: Any) -> Batching:
 
 
 @main.command()
-@click.argument("jobfile", required=False, callback=_path)
+@click.argument("jobfile", required=False, callback=_file_path)
 @db_option
 @click.option(
     "--job", "job_id", type=click.IntRange(min=1),

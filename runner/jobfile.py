@@ -28,6 +28,7 @@ from .errors import JobFileError, Problem
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is a problem; never read more than this at once
 MAX_EMBEDDING_INPUTS = 2048  # the embeddings endpoint's documented limit on inputs per request
 READ_BUFFER = 1024 * 1024
+STDIN = "-"  # the job file argument that means standard input (``price`` only)
 
 _BOM = b"\xef\xbb\xbf"
 # Files that are clearly not UTF-8 JSONL, recognised by their first bytes: one clear problem
@@ -246,7 +247,8 @@ class JobReader:
         accepted and the problems reported are the same either way."""
         self.path = Path(path)
         self.keep_body_json = keep_body_json
-        self.display_path = display_path if display_path is not None else str(path)
+        stdin = str(path) == STDIN
+        self.display_path = display_path or ("<stdin>" if stdin else str(path))
         self.known_model = known_model
         self.max_problems = max_problems
         self.problems: list[Problem] = []
@@ -280,6 +282,8 @@ class JobReader:
         return True
 
     def _open(self) -> _HashingRaw | None:
+        if str(self.path) == STDIN:  # a file named "-" is "./-"
+            return _HashingRaw(io.FileIO(0, "rb", closefd=False))
         try:
             if self.path.is_dir():
                 self._add(0, "file", "is a directory, not a job file")

@@ -284,6 +284,37 @@ def test_missing_job_file_is_a_located_problem(tmp_path: Path) -> None:
     assert f"{tmp_path / 'nope.jsonl'}:0: file: no such file" in result.stderr
 
 
+def test_price_reads_standard_input_given_a_dash() -> None:
+    """`zcat job.jsonl.gz | batchrun price -`: the same numbers as from the file."""
+    from_file = batchrun("price", "jobs/example.jsonl", "--json")
+    env = {"PATH": str(BATCHRUN.parent), "LC_ALL": "C.UTF-8"}
+    piped = subprocess.run(
+        [str(BATCHRUN), "price", "-", "--json"],
+        input=EXAMPLE.read_bytes(),
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert piped.returncode == 0, piped.stderr
+    expected = json.loads(from_file.stdout)
+    got = json.loads(piped.stdout)
+    assert got.pop("file") == "<stdin>"
+    expected.pop("file")
+    assert got == expected
+    bad = subprocess.run(
+        [str(BATCHRUN), "price", "-"], input=b'{"custom_id": "a"}\n', capture_output=True,
+        env=env, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert '<stdin>:1: method: missing (must be "POST")' in bad.stderr.decode()
+
+
+def test_run_refuses_standard_input_because_a_job_is_found_again_by_its_file() -> None:
+    result = CliRunner().invoke(main, ["run", "-", "--simulate"])
+    assert result.exit_code == 2
+    assert "standard input cannot be run" in result.output + result.stderr
+
+
 # In-process from here on: the same command object and error handling, without a process each.
 
 
