@@ -3,13 +3,15 @@
 Option defaults come from ``runner.settings``; exit statuses from ``errors`` and
 ``engine.RunOutcome``: 0 every request succeeded; 1 finished, some failed permanently; 2 bad
 input or usage; 3 stopped at the spend cap; 4 stopped by a fatal API error (auth, quota);
-5 the API was unreachable; 130 / 143 stopped by SIGINT / SIGTERM.
+5 the API was unreachable; 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
@@ -197,8 +199,63 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 _nothing_open = False
 
 
+class _Outlet(io.RawIOBase):
+    """A standard stream's file descriptor whose reader may go away: once a write meets a
+    closed pipe (``| head``) or a hung-up terminal, later output is dropped. A run goes on (or
+    stops in order) and its exit status says how the job went, not what became of its output."""
+
+    _GONE = (errno.EPIPE, errno.EIO, errno.ENXIO)
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.gone = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return not self.gone and os.isatty(self.fd)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n = len(view)
+        if self.gone:
+            return n
+        try:
+            while view:  # whole writes, as an unbuffered stream (python -u) writes directly
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            if exc.errno not in self._GONE:
+                raise
+            self.gone = True
+        return n
+
+
+def _outlet(stream: Any) -> Any:
+    """``stream`` (sys.stdout or sys.stderr) rebuilt on an :class:`_Outlet`, same settings."""
+    try:
+        fd = stream.fileno()
+        buffered = isinstance(stream.buffer, io.BufferedWriter)  # not under python -u
+        stream.flush()
+    except (AttributeError, OSError, ValueError):
+        return stream  # not a file descriptor (embedded, redirected in-process): leave it
+    outlet = _Outlet(fd)
+    return io.TextIOWrapper(
+        io.BufferedWriter(outlet) if buffered else outlet,  # type: ignore[arg-type]
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=stream.line_buffering,
+        write_through=getattr(stream, "write_through", False),
+    )
+
+
 def entry() -> None:
     """The ``batchrun`` console script: :func:`main`, then a quick exit when nothing is open."""
+    sys.stdout, sys.stderr = _outlet(sys.stdout), _outlet(sys.stderr)
     try:
         main()
         code: object = 0

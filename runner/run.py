@@ -462,7 +462,8 @@ async def _drive(
 
     control.listeners.append(acknowledge)
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    # SIGHUP: the terminal went away (a closed ssh session); stop in order as for SIGTERM.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, control.interrupt, int(sig), sig.name)
     progress.start()

@@ -1,11 +1,17 @@
 """Ctrl-C and SIGTERM on a real ``batchrun run``: stop sending, give in-flight requests the grace
 period, record what finished, say where the job stands and how to resume, exit 130 / 143. A
-second Ctrl-C stops at once and the database is still consistent."""
+second Ctrl-C stops at once and the database is still consistent. A terminal that hangs up
+stops a run the same way, and output nobody reads any more never changes how a run ends."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
 import signal
 import subprocess
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +21,7 @@ import pytest
 from runner.simulator import SimulatorThread
 
 from .books import assert_consistent, assert_covers_bill, books, scalar, wait_quiet, watch_bills
-from .helpers import start_run, wait_received, write_job
+from .helpers import BATCHRUN, batchrun_env, start_run, wait_received, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 
@@ -131,3 +137,64 @@ def test_ctrl_c_while_the_job_is_imported_leaves_no_half_imported_job(
     assert imported in (0, 20_000)
     assert scalar(db, "SELECT COUNT(*) FROM jobs") == (imported > 0)
     assert sim.ledger_snapshot()["requests_received"] == 0
+
+
+def test_a_terminal_that_hangs_up_stops_the_run_in_order(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    """The ssh session of a run started without nohup closes: the kernel sends SIGHUP and
+    later writes to the terminal fail. The run stops as for SIGTERM (in-flight requests are
+    recorded, none is left to be charged at worst case) and exits 129."""
+    sim = make_simulator(latency_ms=300)
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 300, seed=6)
+    master, slave = pty.openpty()
+
+    def take_the_terminal() -> None:  # the run's controlling terminal, as a login shell's
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
+         "--concurrency", "16", "--yes"],
+        stdin=slave, stdout=slave, stderr=slave, env=batchrun_env(), start_new_session=True,
+        preexec_fn=take_the_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 20
+        while sim.ledger_snapshot()["requests_received"] < 16:
+            assert proc.poll() is None and time.monotonic() < deadline
+            if select.select([master], [], [], 0.01)[0]:
+                os.read(master, 65536)  # keep the terminal drained
+    finally:
+        os.close(master)  # the hang-up
+    assert proc.wait(timeout=30) == 128 + signal.SIGHUP
+    wait_quiet(sim)
+    ledger = sim.ledger_snapshot()
+    b = books(db)
+    assert 16 <= b.done < 300 and b.reserved == 0
+    assert ledger["requests_received"] == ledger["requests_billed"] == b.done
+    assert b.ledger_pico == ledger["billed_pico"]  # no unknown outcome: the books are exact
+    assert scalar(db, "SELECT COUNT(*) FROM runners WHERE state = 'live'") == 0
+    assert_consistent(db)
+
+
+def test_a_closed_output_pipe_neither_stops_the_run_nor_changes_its_exit_status(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """``batchrun run ... | head -1``: the reader goes away after one line."""
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 200, seed=7)
+    proc = subprocess.Popen(
+        [BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url",
+         simulator.base_url],
+        env=batchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert books(db).done == 200
+    assert_consistent(db)
