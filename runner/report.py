@@ -197,7 +197,7 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "job": j.id,
         "path": j.path,
         "sha256": j.sha256,
-        "state": "running" if s.runners else j.state,  # who runs it: "runners"
+        "state": _state(s),  # who runs it: "runners"
         "requests": j.requests,
         "by_state": s.states,
         "cap_usd": format_exact(j.cap_pico),
@@ -228,7 +228,8 @@ def status_json(s: JobStatus) -> dict[str, Any]:
                 "seconds_since_heartbeat": round(r.seen_ago, 3),
                 "in_flight": r.in_flight,
                 "claimed": r.holding,
-                "rate_share": r.share if r.holding else 0.0,
+                "rate_share": r.share if r.holding and not r.expired else 0.0,
+                "heartbeat_expired": r.expired,
             }
             for r in s.runners
         ],
@@ -251,11 +252,27 @@ def _when(epoch: float | None) -> str:
     return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(sep=" ", timespec="seconds")
 
 
+def _live(s: JobStatus) -> list[RunnerInfo]:
+    """The runners at work: registered and still beating."""
+    return [r for r in s.runners if not r.expired]
+
+
+def _state(s: JobStatus) -> str:
+    """``running`` while a live runner holds the job; ``interrupted`` when its runners are gone
+    (killed, cut off) and none took over yet; else the state its last run left."""
+    if _live(s):
+        return "running"
+    return "interrupted" if s.runners else s.job.state
+
+
 def _running(s: JobStatus) -> str:
-    """``running`` and who runs it, while a live runner holds the job; its last state else."""
-    if not s.runners:
+    """The job's state, and who runs it or what to do."""
+    live = _live(s)
+    if not live:
+        if s.runners:
+            return "interrupted (its runner is gone: run the same command again to resume)"
         return s.job.state
-    who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in s.runners)
+    who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in live)
     return f"running ({who})"
 
 
@@ -346,7 +363,10 @@ def format_status(s: JobStatus) -> str:
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
     if s.runners:
-        lines.append(f"  runners    {len(s.runners)} live")
+        live, gone = len(_live(s)), len(s.runners) - len(_live(s))
+        lines.append(
+            f"  runners    {live} live" + (f", {gone} gone (heartbeat expired)" if gone else "")
+        )
         lines.extend(f"    {_runner_line(r)}" for r in s.runners)
     if s.batches:
         lines.extend(_batch_lines(s.batches))
@@ -357,6 +377,9 @@ def _runner_line(r: RunnerInfo) -> str:
     """One live runner: where it runs, since when, its last heartbeat, its load and share."""
     started = _when(r.started_at)
     head = f"#{r.id} {r.host} pid {r.pid} ({r.via}): started {started}, last heartbeat "
+    if r.expired:
+        held = f"; the next run takes over its {r.holding:,} claimed request(s)" * bool(r.holding)
+        return f"{head}{r.seen_ago:.1f}s ago: gone (killed or cut off){held}"
     if r.via == "batch":  # no rate to share: its requests wait in batches at OpenAI
         return f"{head}{r.seen_ago:.1f}s ago, watching {r.in_flight:,} request(s) in open batches"
     share = f"rate share 1/{round(1 / r.share)}" if r.holding else "idle (nothing claimed)"

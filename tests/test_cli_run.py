@@ -303,3 +303,31 @@ def test_a_cap_too_small_says_what_it_covers_and_the_cap_that_finishes_the_job(
     second = _invoke(*args, "--cap", said[1])
     assert second.exit_code == 0, second.stderr
     assert "the cap covers" not in second.stdout
+
+
+def test_status_of_a_job_whose_runner_was_killed_says_interrupted_not_running(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    """After kill -9, and once the runner's heartbeat has expired, ``status`` must not claim
+    the job is running: it names the runner as gone and says how to resume."""
+    import signal
+    import time
+
+    from .helpers import start_run, wait_received
+
+    sim = make_simulator(latency_ms=2000)
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 50)
+    proc = start_run(job, db, sim, "--heartbeat-ttl", "1", "--concurrency", "4")
+    wait_received(sim, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.2)  # past its heartbeat's expiry
+    out = _invoke("status", "--db", db)
+    assert out.exit_code == 0, out.output
+    assert "interrupted (its runner is gone: run the same command again to resume)" in out.stdout
+    assert "0 live, 1 gone (heartbeat expired)" in out.stdout
+    assert f"pid {proc.pid} (sync)" in out.stdout and "gone (killed or cut off)" in out.stdout
+    (status,) = json.loads(_invoke("status", "--db", db, "--json").stdout)["jobs"]
+    assert status["state"] == "interrupted"
+    assert [r["heartbeat_expired"] for r in status["runners"]] == [True]

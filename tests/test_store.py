@@ -231,6 +231,21 @@ def test_a_runner_whose_process_is_gone_on_this_host_is_dead_at_once(store: Stor
     assert [r.id for r in store.live_runners(job)] == [elsewhere]  # not judged by our pids
 
 
+def test_a_runner_whose_heartbeat_expired_shows_as_expired_until_it_is_taken_over(
+    store: Store,
+) -> None:
+    job = _job(store)
+    gone = store.register_runner(job, "far", 1, "sync", ttl=0.05)
+    store.claim(gone, 2)
+    here = store.register_runner(job, "h", 2, "sync", ttl=3600)
+    time.sleep(0.1)  # past the first one's heartbeat
+    runners = {r.id: r for r in store.status(job).runners}
+    assert (runners[gone].expired, runners[gone].holding) == (True, 2)
+    assert runners[here].expired is False
+    store.recover(job, "h", lambda pid: True)
+    assert [r.id for r in store.status(job).runners] == [here]
+
+
 def test_fits_under_counts_pending_requests_in_file_order(store: Store) -> None:
     job = _job(store)
     assert store.fits_under(job, 0) == 0

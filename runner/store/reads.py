@@ -115,8 +115,9 @@ def holding(conn: sa.Connection, job_id: int | None) -> dict[int, int]:
 
 class ReadsMixin(StoreBase):
     def live_runners(self, job_id: int) -> list[RunnerInfo]:
-        """The job's live runners, with the requests each holds, its share of the rate limits
-        (the rule their heartbeats apply) and how long ago it last beat (database clock)."""
+        """The job's runners registered as live, with the requests each holds, its share of the
+        rate limits (the rule their heartbeats apply), how long ago it last beat and whether
+        that heartbeat expired (database clock)."""
         with self.reading() as conn:
             now = self.dialect.now(conn)
             rows = conn.execute(
@@ -139,6 +140,7 @@ class ReadsMixin(StoreBase):
                 holding=sharing.holding.get(r.id, 0),
                 share=sharing.share(r.id),
                 seen_ago=max(0.0, now - r.heartbeat_at),
+                expired=r.expires_at < now,
             )
             for r in rows
         ]

@@ -201,6 +201,9 @@ class RunnerInfo:
     holding: int = 0  # requests it has claimed (reserved) and not settled
     share: float = 1.0  # its share of the rate limits (see reads.Sharing)
     seen_ago: float = 0.0  # seconds since its last heartbeat (database clock)
+    # Its heartbeat expired: killed or cut off, not yet declared dead by another runner (the
+    # next run or runner takes over what it holds).
+    expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
