@@ -22,6 +22,7 @@ from runner.store import open_store
 from .books import (
     BillsByBody,
     assert_consistent,
+    assert_covers_bill,
     body_digest,
     books,
     rows,
@@ -140,6 +141,34 @@ async def test_expired_and_failed_lines_go_into_later_batches_and_the_job_finish
     kinds = dict(rows(db, "SELECT error_kind, COUNT(*) FROM attempts GROUP BY error_kind"))
     assert kinds.get("batch_expired", 0) > 0 and kinds.get("server", 0) > 0
     assert scalar(db, "SELECT MAX(attempts) FROM requests") > 1
+    assert_consistent(db)
+
+
+async def test_an_unreadable_output_line_is_charged_at_worst_case_and_its_request_sent_again(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """A result line cut short cannot be matched to its request, yet it was billed: the
+    request that has no readable line is charged its worst case (never below the bill) and
+    goes into a later batch."""
+    sim = make_simulator(batch_lines_per_s=20_000, batch_p_garbled=0.1, seed=4)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 120, seed=8)
+    ran = await run_batch(job, db, sim)
+    assert ran.exit_code == 0, ran.message
+    assert ran.status.states == {"done": 120}
+    twice = {d for d, n in bills.times.items() if n > 1}
+    assert twice, "no line was garbled: the test proves nothing"
+    unknown = {
+        body_digest(body)
+        for (body,) in rows(
+            db,
+            "SELECT r.body FROM requests r JOIN ledger l ON l.request_id = r.id "
+            "WHERE l.kind = 'unknown'",
+        )
+    }
+    assert twice <= unknown  # each request billed twice was charged for the unread line
+    assert_covers_bill(db, sim, bills)
     assert_consistent(db)
 
 
@@ -335,3 +364,31 @@ async def test_runners_joining_a_job_whose_batches_another_runner_watches(
     assert sim.ledger_snapshot()["batches_created"] == 2
     assert b.ledger_pico == sim.ledger_snapshot()["billed_pico"]
     assert all(n == 1 for n in bills.times.values())
+
+
+async def test_result_lines_are_split_exactly_whatever_the_download_pieces() -> None:
+    """Lines cut anywhere by the download (a long embeddings line over many pieces, a newline
+    at a piece's end, a last line without one) reach the settling code whole and in order."""
+    from runner.backends.batch import BatchBackend, _Failpoints
+
+    lines = [b'{"a": 1}', b"x" * 300_000, b"", b'{"b": 2}', b"y" * 7, b'{"c": 3}']
+    data = b"\n".join(lines)
+    seen: list[bytes] = []
+
+    class Books:
+        async def flush(self) -> None:
+            pass
+
+    backend = BatchBackend.__new__(BatchBackend)
+    backend._fail = _Failpoints()
+    backend._books = Books()  # type: ignore[assignment]
+    backend._line = lambda raw, by_id, tally: seen.append(bytes(raw))  # type: ignore[method-assign]
+
+    async def pieces(size: int) -> Any:
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    for size in (1, 5, 8, 9, 4096, len(data)):
+        seen.clear()
+        await backend._lines(pieces(size), {}, {})
+        assert seen == [line for line in lines if line], size

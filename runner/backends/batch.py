@@ -704,7 +704,7 @@ class BatchBackend:
         """Record an ended batch: every line of its output and error files, or (failed) why."""
         books = self.books
         held = await books.in_db(books.store.chunk_requests, info.id)
-        tally = {"done": 0, "failed": 0, "again": 0}
+        tally = {"done": 0, "failed": 0, "again": 0, "unreadable": 0}
         error: str | None = None
         if batch.status == "failed":
             errors = list(batch.errors.data or []) if batch.errors else []
@@ -718,6 +718,7 @@ class BatchBackend:
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if file_id and not await self._read(file_id, by_id, tally):
                     lost = True
+            lost = lost or tally["unreadable"] > 0
             for req in by_id.values():
                 if lost:  # it may be among the lines we could not read, and billed
                     books.charge_unknown(req)
@@ -738,6 +739,12 @@ class BatchBackend:
         books.notice(
             f"batch {info.batch_id} {batch.status}: {tally['done']:,} result(s) recorded, "
             f"{tally['failed']:,} failed, {tally['again']:,} back to pending"
+            + (
+                f" ({tally['unreadable']:,} unreadable result line(s): the requests left "
+                "without a result were charged at worst case)"
+                if tally["unreadable"]
+                else ""
+            )
         )
 
     def _again(self, req: PendingRequest, code: str, message: str, tally: dict[str, int]) -> None:
@@ -854,12 +861,17 @@ class BatchBackend:
     ) -> None:
         """Settle the lines of a byte stream, committing as it goes (never the whole file in
         memory, and a bounded backlog of outcomes)."""
-        rest = b""
+        rest = bytearray()  # the line being received: appended to, never copied whole
         n = 0
         committing: asyncio.Task[Any] | None = None
         async for piece in chunks:
-            lines = (rest + piece).split(b"\n")
-            rest = lines.pop()
+            seen = len(rest)
+            rest += piece
+            end = rest.rfind(b"\n", seen)
+            if end < 0:
+                continue
+            lines = rest[:end].split(b"\n")
+            del rest[: end + 1]
             for raw in lines:
                 if raw.strip():
                     self._line(raw, by_id, tally)
@@ -883,13 +895,15 @@ class BatchBackend:
         try:
             record = json.loads(raw)
         except ValueError:
+            record = None
+        custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        if not isinstance(custom_id, str):
+            # Whose result it was cannot be known: the requests left without one are charged
+            # their worst case when the batch is settled (this line may have been billed).
             books.stats.error("unreadable_line")
+            tally["unreadable"] += 1
             return
-        if not isinstance(record, dict):
-            return
-        req = by_id.pop(record.get("custom_id"), None) if isinstance(
-            record.get("custom_id"), str
-        ) else None  # fmt: skip
+        req = by_id.pop(custom_id, None)
         if req is None:  # settled already (a download read again), or not ours
             return
         req.attempts += 1

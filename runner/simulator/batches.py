@@ -125,11 +125,13 @@ class _ResultFile:
         self._path: Path | None = None
         self._out: IO[bytes] | None = None
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], garbled: bool = False) -> None:
+        """Append one line; ``garbled``: only its first half (a storage fault)."""
         if self._out is None:
             self._path = self._files.new_path()
             self._out = self._path.open("wb")
-        self._out.write(json.dumps(record).encode() + b"\n")
+        line = json.dumps(record).encode()
+        self._out.write((line[: len(line) // 2] if garbled else line) + b"\n")
 
     def publish(self) -> str | None:
         """Close the file and store it; None when no line was written."""
@@ -173,11 +175,13 @@ class _Batches:
         answers: _Answers,
         answer_line: _AnswerLine,
         ledger: Callable[[], Ledger],
+        garbled: Callable[[], bool] = lambda: False,
     ) -> None:
         self._config = config
         self._files = files
         self._answers = answers
         self._answer_line = answer_line
+        self._garbled = garbled  # whether the next billed line is written cut short
         self._ledger = ledger
         self._batches: dict[str, _Batch] = {}
 
@@ -373,7 +377,7 @@ class _Batches:
             for i, value in enumerate((tokens.input, tokens.cached, tokens.output)):
                 batch.usage[i] += value
             batch.usage[3] += tokens.reasoning
-            output.write(record)
+            output.write(record, garbled=self._garbled())
         return expired
 
     @staticmethod

@@ -124,6 +124,9 @@ class SimConfig:
         None, "Enqueued-token limit per model over validating and in-progress batches."
     )
     batch_p_500: float = _setting(0.0, "Share of batch lines answered 500 (the error file).")
+    batch_p_garbled: float = _setting(
+        0.0, "Share of billed batch lines written to the output file cut short (unreadable)."
+    )
     batch_validate_s: float = _setting(0.0, "Seconds a batch spends validating.")
     batch_finalize_s: float = _setting(0.0, "Seconds a batch spends finalizing or cancelling.")
     batch_max_requests: int = _setting(50_000, "Most requests one batch input file may hold.")
@@ -156,8 +159,9 @@ class SimConfig:
         probs = [getattr(self, f"p_{name}") for name in _FAULTS]
         if any(not 0 <= p <= 1 for p in probs) or sum(probs) > 1 + 1e-9:
             raise ValueError("fault probabilities must be in [0, 1] and sum to at most 1")
-        if not 0 <= self.batch_p_500 <= 1:
-            raise ValueError("batch_p_500 must be in [0, 1]")
+        for name in ("batch_p_500", "batch_p_garbled"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]")
         for name in (
             "latency_ms",
             "latency_jitter",

@@ -58,6 +58,11 @@ class _Dice:
         self._follow(config)
         return bool(config.batch_p_500) and self._batch.random() < config.batch_p_500
 
+    def batch_line_garbled(self, config: SimConfig) -> bool:
+        """Whether the next billed batch line is written to the output file cut short."""
+        self._follow(config)
+        return bool(config.batch_p_garbled) and self._batch.random() < config.batch_p_garbled
+
 
 def _spoil(payload: dict[str, Any], fault: str | None, endpoint: Endpoint) -> None:
     """Apply a body fault to a billed 200 body in place (other faults leave it alone)."""

@@ -73,7 +73,12 @@ class Simulator:
         self._answers = _Answers(self.config, self.prices)
         self._files = _FileStore(lambda: self.ledger)
         self._batches = _Batches(
-            self.config, self._files, self._answers, self._answer_line, lambda: self.ledger
+            self.config,
+            self._files,
+            self._answers,
+            self._answer_line,
+            lambda: self.ledger,
+            lambda: self._dice.batch_line_garbled(self.config),
         )
         self._quota: tuple[str, int] | None = None
         self._server: web.Server | None = None
