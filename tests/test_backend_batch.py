@@ -172,6 +172,23 @@ async def test_an_unreadable_output_line_is_charged_at_worst_case_and_its_reques
     assert_consistent(db)
 
 
+async def test_a_completed_batch_without_its_output_file_charges_what_it_billed(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """The API says the lines completed (billed) but no output file comes back: those
+    requests are charged their worst case before they are sent again."""
+    sim = make_simulator(batch_lines_per_s=20_000, batch_lose_output=True)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 30, seed=9)
+    ran = await run_batch(job, db, sim, retry=Retry(max_attempts=2, backoff_base=0.01))
+    assert ran.exit_code == 1, ran.message  # nothing ever comes back: out of attempts
+    assert sim.ledger_snapshot()["batch_lines_billed"] == 60  # each sent twice, billed twice
+    assert scalar(db, "SELECT COUNT(*) FROM ledger WHERE kind = 'unknown'") == 60
+    assert_covers_bill(db, sim, bills)
+    assert_consistent(db)
+
+
 async def test_lines_out_of_attempts_fail_with_the_apis_message(
     tmp_path: Path, make_simulator: MakeSim
 ) -> None:

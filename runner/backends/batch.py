@@ -718,12 +718,20 @@ class BatchBackend:
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if file_id and not await self._read(file_id, by_id, tally):
                     lost = True
-            lost = lost or tally["unreadable"] > 0
+            # Lines the API counts as completed were billed: fewer results than that (an output
+            # file missing or cut short; those settled before a restart count) leaves billed
+            # requests unread.
+            completed = batch.request_counts.completed if batch.request_counts else 0
+            settled = info.requests - len(held) + tally["done"]
+            lost = lost or tally["unreadable"] > 0 or completed > settled
             for req in by_id.values():
                 if lost:  # it may be among the lines we could not read, and billed
                     books.charge_unknown(req)
-                books.release(req, "the batch returned no result for it")
-                tally["again"] += 1
+                # An attempt like any other: a batch that never answers a request must not
+                # send (and maybe bill) it again without end.
+                req.attempts += 1
+                books.attempt(req, req.attempts, time.time(), 0.0, None, "no_result")
+                self._again(req, "no_result", "the batch returned no result for it", tally)
         await books.flush()
         await books.in_db(
             books.store.close_chunk,

@@ -297,6 +297,8 @@ class _Batches:
                 batch.enter("finalizing")
             if batch.status in ("finalizing", "cancelling"):
                 await asyncio.sleep(self._config.batch_finalize_s)
+            if self._config.batch_lose_output:
+                output.discard()
             batch.output_file_id = output.publish()
             batch.error_file_id = errors.publish()
             final = {"finalizing": "completed", "cancelling": "cancelled"}

@@ -127,6 +127,9 @@ class SimConfig:
     batch_p_garbled: float = _setting(
         0.0, "Share of billed batch lines written to the output file cut short (unreadable)."
     )
+    batch_lose_output: bool = _setting(
+        False, "End batches without their output file (a storage fault): lines billed, no results."
+    )
     batch_validate_s: float = _setting(0.0, "Seconds a batch spends validating.")
     batch_finalize_s: float = _setting(0.0, "Seconds a batch spends finalizing or cancelling.")
     batch_max_requests: int = _setting(50_000, "Most requests one batch input file may hold.")
