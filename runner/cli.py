@@ -317,10 +317,15 @@ def price(
     """
     from .plan import price_job
     from .pricing import load_price_table
+    from .progress import Reading
     from .report import format_plan, plan_json
 
     table = load_price_table(prices)
-    plan = price_job(jobfile, table)
+    reading = Reading(jobfile)
+    try:
+        plan = price_job(jobfile, table, reading)
+    finally:
+        reading.close()
     if as_json:
         click.echo(json.dumps(plan_json(plan, table, rpm, tpm, via=via), indent=2))
     else:

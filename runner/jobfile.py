@@ -259,7 +259,13 @@ class JobReader:
         self.requests = 0
         self._ids = _IdIndex()
         self._model_ok: dict[str, bool] = {}
+        self._hashing: _HashingRaw | None = None
         self._stream = self._read()
+
+    @property
+    def position(self) -> int:
+        """Bytes read from the file so far (for progress while it is read)."""
+        return self._hashing.nbytes if self._hashing is not None else self.bytes_read
 
     def __iter__(self) -> Iterator[JobLine]:
         return self._stream  # the same generator every time: a second loop yields nothing
@@ -301,7 +307,7 @@ class JobReader:
         return _HashingRaw(raw)
 
     def _read(self) -> Iterator[JobLine]:
-        hashing = self._open()
+        hashing = self._hashing = self._open()
         if hashing is None:
             return
         f = io.BufferedReader(hashing, buffer_size=READ_BUFFER)

@@ -10,7 +10,7 @@ own for the cap. Both go through the same loop and the same sums.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +27,8 @@ from .tokens import TextBatch, TokenCount, count_request
 # A request whose input the counter cannot bound: earlier turns stored at OpenAI are billed as
 # input but are not in the job file, so its actual cost may exceed any worst case.
 UNBOUNDED_NOTES = frozenset({"conversation"})
+# Told the requests and bytes read so far while a job file is read (see progress.Reading).
+ReadProgress = Callable[[int, int], None]
 
 
 @dataclass(slots=True)
@@ -181,9 +183,12 @@ class _Chunk(NamedTuple):
 class Planner:
     """Prices the lines of one job file into a ``Plan``; see ``plan_job``."""
 
-    def __init__(self, reader: JobReader, table: PriceTable) -> None:
+    def __init__(
+        self, reader: JobReader, table: PriceTable, progress: ReadProgress | None = None
+    ) -> None:
         self.reader = reader
         self.table = table
+        self.progress = progress  # told (requests, bytes) read so far, once per chunk
         self.plan = Plan(path=reader.display_path)
         self._sums: dict[str, _ModelSums] = {}
         self._seq = 0  # the next row's place in the file
@@ -240,6 +245,8 @@ class Planner:
                     )  # fmt: skip
                 lines += 1
                 if lines >= CHUNK_LINES or acc.batch.chars >= CHUNK_CHARS:
+                    if self.progress is not None:
+                        self.progress(self.reader.requests, self.reader.position)
                     chunk = self._close_chunk(held, counting)
                     held = []
                     if previous is not None:
@@ -317,13 +324,17 @@ class Planner:
 
 
 def open_job(
-    path: str | Path, table: PriceTable, *, keep_body_json: bool = True
+    path: str | Path,
+    table: PriceTable,
+    *,
+    keep_body_json: bool = True,
+    progress: ReadProgress | None = None,
 ) -> tuple[JobReader, Planner]:
     """A reader for ``path`` that knows which models have prices, and its planner."""
     reader = JobReader(
         path, known_model=lambda m: table.lookup(m) is not None, keep_body_json=keep_body_json
     )
-    return reader, Planner(reader, table)
+    return reader, Planner(reader, table, progress)
 
 
 def plan_rows(planner: Planner) -> Iterator[NewRequest]:
@@ -331,9 +342,9 @@ def plan_rows(planner: Planner) -> Iterator[NewRequest]:
     return planner.rows(keep_rows=True)
 
 
-def price_job(path: str | Path, table: PriceTable) -> Plan:
+def price_job(path: str | Path, table: PriceTable, progress: ReadProgress | None = None) -> Plan:
     """Price a whole job file without sending or storing anything."""
-    _, planner = open_job(path, table, keep_body_json=False)
+    _, planner = open_job(path, table, keep_body_json=False, progress=progress)
     for _ in planner.rows(keep_rows=False):
         pass
     return planner.plan

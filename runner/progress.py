@@ -1,25 +1,30 @@
-"""Progress of a running job: a tqdm bar on a terminal, timestamped log lines otherwise.
+"""Progress of a running job, and of reading a large job file: a tqdm bar on a terminal,
+timestamped log lines otherwise.
 
-It samples the engine's counters on a timer instead of being told about every result, so a run
-of 500 requests/s does not pay for 500 redraws a second. Rate, ETA and tokens/min come from a
-recent window, not the whole run: a run that slowed down says so at once.
+A run's progress samples the engine's counters on a timer instead of being told about every
+result, so a run of 500 requests/s does not pay for 500 redraws a second. Rate, ETA and
+tokens/min come from a recent window, not the whole run: a run that slowed down says so at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
+import os
 import shutil
 import sys
 import time
 from collections import deque
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
-
-from .engine import RunStats
 from .money import format_money
+
+if TYPE_CHECKING:  # asyncio, tqdm and the engine load with a run, not with `price`
+    import asyncio
+
+    from tqdm import tqdm
+
+    from .engine import RunStats
 
 WINDOW = 45.0  # seconds of samples behind the rate, the ETA and tokens/min
 NARROW = 80  # columns: below this the bar is dropped, never the spend, the cap or the failures
@@ -109,6 +114,8 @@ class Progress:
             return
         self._sample()
         if self.tty:
+            from tqdm import tqdm
+
             width = shutil.get_terminal_size((100, 24)).columns
             narrow = width < NARROW
             self._bar = tqdm(
@@ -119,6 +126,8 @@ class Progress:
                 ncols=width,
                 bar_format="{desc}" if narrow else "{bar:20}| {desc}",
             )
+        import asyncio
+
         self._task = asyncio.create_task(self._tick())
 
     def say(self, text: str) -> None:
@@ -129,6 +138,8 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     async def _tick(self) -> None:
+        import asyncio  # a run has it loaded already; `price` never does
+
         while True:
             await asyncio.sleep(0.5)
             self.refresh()
@@ -151,6 +162,8 @@ class Progress:
                 print(f"{stamp} batchrun: {self.line()}", file=self.stream, flush=True)
 
     async def close(self) -> None:
+        import asyncio
+
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -161,3 +174,77 @@ class Progress:
         elif not self.quiet and self._task is not None:
             self._last_log = 0.0  # a log always ends with where the run stopped
             self.refresh()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Reading:
+    """Progress of reading a job file (pricing, importing) on standard error, as a
+    ``plan.ReadProgress``: nothing for a file read within ``after`` seconds; then a bar on a
+    terminal, or a log line every ``log_every`` seconds. :meth:`close` clears the bar."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        after: float = 1.0,
+        log_every: float = 10.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        try:  # standard input and pipes have no size: then no percentage
+            st = os.stat(path)
+            self.total: int | None = st.st_size if st.st_size and os.path.isfile(path) else None
+        except (OSError, ValueError):
+            self.total = None
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self.after = after
+        self.log_every = log_every
+        self._start = time.monotonic()
+        self._last_log = self._start
+        self._bar: tqdm | None = None
+
+    def __call__(self, requests: int, nbytes: int) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if now - self._start < self.after:
+            return
+        if self.tty:
+            read = f"{requests:,} requests"
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=self.total, initial=nbytes, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"reading {self.path}", postfix=read, file=self.stream, leave=False,
+                    dynamic_ncols=True, mininterval=0.25,
+                )  # fmt: skip
+                return
+            self._bar.set_postfix_str(read, refresh=False)
+            self._bar.update(nbytes - self._bar.n)
+        elif now - self._last_log >= self.log_every:
+            self._last_log = now
+            stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+            done = _size(nbytes)
+            if self.total:
+                done += f" of {_size(self.total)} ({min(nbytes / self.total, 1):.0%})"
+            print(
+                f"{stamp} batchrun: reading {self.path}: {done}, {requests:,} requests",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -21,9 +21,17 @@ from .engine import Backend, Books, Control, Engine, RunOutcome, RunReport, proc
 from .errors import ApiKeyError, Declined, JobFileError, Problem, UsageError
 from .jobfile import file_sha256
 from .money import format_money, format_usd
-from .plan import Estimate, Plan, least_seconds, open_job, plan_rows, projected_pico
+from .plan import (
+    Estimate,
+    Plan,
+    ReadProgress,
+    least_seconds,
+    open_job,
+    plan_rows,
+    projected_pico,
+)
 from .pricing import PriceTable, load_price_table
-from .progress import Progress
+from .progress import Progress, Reading
 from .report import format_estimate
 from .settings import RunSettings
 from .store import Job, JobStatus, Store, open_store
@@ -67,6 +75,7 @@ def open_or_import(
     cap_pico: int,
     reuse: bool,
     notes: list[str] | None = None,
+    progress: ReadProgress | None = None,
 ) -> tuple[Job, Plan | None]:
     """The job for ``path``: found by content, or priced and imported in one transaction.
 
@@ -81,7 +90,7 @@ def open_or_import(
             store.set_job(job.id, path=abspath)
         return job, None
     previous = [j for j in store.jobs_for_path(abspath) if j.sha256 != sha]
-    reader, planner = open_job(path, table)
+    reader, planner = open_job(path, table, progress=progress)
 
     def unchanged() -> None:
         # The job is committed only if the bytes read are the bytes hashed at the start.
@@ -165,9 +174,13 @@ def find_job(
     if settings.jobfile is not None:
         if settings.cap_pico is None:
             raise UsageError("--cap is required to import a job")
-        return open_or_import(
-            store, settings.jobfile, table, settings.cap_pico, settings.reuse, notes
-        )
+        reading = Reading(settings.jobfile, quiet=settings.quiet)
+        try:
+            return open_or_import(
+                store, settings.jobfile, table, settings.cap_pico, settings.reuse, notes, reading
+            )
+        finally:
+            reading.close()
     assert settings.job_id is not None
     job = store.job_by_id(settings.job_id)
     if job is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,58 @@ def test_a_narrow_line_keeps_the_counts_failures_spend_and_cap(
     line = bar.line(width=60)
     assert len(line) <= 60
     assert "39/100" in line and "31 failed" in line and "$0.0012 of $0.005" in line
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _job(tmp_path: Path, n: int) -> Path:
+    from .jobgen import write_job
+
+    path = tmp_path / "job.jsonl"
+    write_job(path, n)
+    return path
+
+
+def test_reading_a_large_job_shows_a_bar_of_bytes_and_requests_then_clears_it(
+    tmp_path: Path,
+) -> None:
+    from runner.plan import price_job
+    from runner.pricing import load_price_table
+    from runner.progress import Reading
+
+    path = _job(tmp_path, 20_000)
+    screen = _Terminal()
+    reading = Reading(path, stream=screen, after=0)
+    plan = price_job(path, load_price_table(), reading)
+    reading.close()
+    assert plan.total.requests == 20_000
+    shown = screen.getvalue()
+    assert f"reading {path}:" in shown and "4,096 requests" in shown
+    assert "%|" in shown  # a bar against the file's size
+    assert shown.endswith("\r")  # cleared at the end: the price table takes its place
+
+
+def test_reading_in_a_log_says_how_far_every_so_often_and_nothing_for_a_quick_file(
+    tmp_path: Path,
+) -> None:
+    from runner.plan import price_job
+    from runner.pricing import load_price_table
+    from runner.progress import Reading
+
+    path = _job(tmp_path, 9_000)
+    size = path.stat().st_size
+    log = io.StringIO()
+    price_job(path, load_price_table(), Reading(path, stream=log, after=0, log_every=0))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2  # one a chunk of 4,096 requests
+    assert re.fullmatch(
+        rf"\S+ batchrun: reading {re.escape(str(path))}: [\d.,]+ MiB of "
+        rf"{size / 2**20:,.1f} MiB \(\d+%\), 8,192 requests",
+        lines[-1],
+    ), lines[-1]
+    quiet = io.StringIO()
+    price_job(path, load_price_table(), Reading(path, stream=quiet))  # read within a second
+    assert quiet.getvalue() == ""
