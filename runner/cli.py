@@ -202,7 +202,8 @@ _nothing_open = False
 class _Outlet(io.RawIOBase):
     """A standard stream's file descriptor whose reader may go away: once a write meets a
     closed pipe (``| head``) or a hung-up terminal, later output is dropped. A run goes on (or
-    stops in order) and its exit status says how the job went, not what became of its output."""
+    stops in order) and its exit status says how the job went, not what became of its output.
+    A command whose output is the product (``export``) sets ``strict``: it stops instead."""
 
     _GONE = (errno.EPIPE, errno.EIO, errno.ENXIO)
 
@@ -210,6 +211,7 @@ class _Outlet(io.RawIOBase):
         super().__init__()
         self.fd = fd
         self.gone = False
+        self.strict = False
 
     def writable(self) -> bool:
         return True
@@ -223,16 +225,27 @@ class _Outlet(io.RawIOBase):
     def write(self, data: Any) -> int:
         view = memoryview(data)
         n = len(view)
-        if self.gone:
-            return n
-        try:
-            while view:  # whole writes, as an unbuffered stream (python -u) writes directly
-                view = view[os.write(self.fd, view) :]
-        except OSError as exc:
-            if exc.errno not in self._GONE:
-                raise
-            self.gone = True
+        if not self.gone:
+            try:
+                while view:  # whole writes, as an unbuffered stream (python -u) writes directly
+                    view = view[os.write(self.fd, view) :]
+            except OSError as exc:
+                if exc.errno not in self._GONE:
+                    raise
+                self.gone = True
+        if self.gone and self.strict:
+            self.strict = False  # once: the flush at exit must not raise again
+            raise BrokenPipeError(errno.EPIPE, "nobody reads the output any more")
         return n
+
+
+_stdout: _Outlet | None = None  # standard output's outlet, when the console script made one
+
+
+def _stop_when_unread() -> None:
+    """This command's output is the product: stop when nobody reads it (click then exits 1)."""
+    if _stdout is not None:
+        _stdout.strict = True
 
 
 def _outlet(stream: Any) -> Any:
@@ -244,6 +257,9 @@ def _outlet(stream: Any) -> Any:
     except (AttributeError, OSError, ValueError):
         return stream  # not a file descriptor (embedded, redirected in-process): leave it
     outlet = _Outlet(fd)
+    if fd == 1:
+        global _stdout
+        _stdout = outlet
     return io.TextIOWrapper(
         io.BufferedWriter(outlet) if buffered else outlet,  # type: ignore[arg-type]
         encoding=stream.encoding,
@@ -744,6 +760,8 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
     """
     from .export import csv_lines, export_lines, write_lines
 
+    if output is None:
+        _stop_when_unread()
     store = _open_readonly(db)
     try:
         job = _job_of(store, job_id)

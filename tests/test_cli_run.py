@@ -331,3 +331,42 @@ def test_status_of_a_job_whose_runner_was_killed_says_interrupted_not_running(
     (status,) = json.loads(_invoke("status", "--db", db, "--json").stdout)["jobs"]
     assert status["state"] == "interrupted"
     assert [r["heartbeat_expired"] for r in status["runners"]] == [True]
+
+
+def test_export_to_a_reader_that_goes_away_stops_at_once_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """``batchrun export | head -1``: the rest of a large export is not read for nobody."""
+    import sqlite3
+    import subprocess
+
+    from runner.money import usd_to_pico
+    from runner.pricing import load_price_table
+    from runner.run import open_or_import
+    from runner.store import open_store
+
+    from .helpers import BATCHRUN, batchrun_env
+
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 3000)
+    store = open_store(db)
+    open_or_import(store, job, load_price_table(), usd_to_pico("5"), False)
+    store.close()
+    with sqlite3.connect(db) as conn:  # every request done, with a 1 KB answer
+        conn.execute(
+            "INSERT INTO results (request_id, status_code, body, finished_at) "
+            "SELECT id, 200, ?, 0 FROM requests",
+            (json.dumps({"choices": [{"message": {"content": "x" * 1000}}]}),),
+        )
+        conn.execute("UPDATE requests SET state = 'done'")
+    proc = subprocess.Popen(
+        [BATCHRUN, "export", "--db", str(db)], env=batchrun_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["custom_id"]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    # 1 (click's status for a closed pipe), not 0: it stopped, it did not write to nobody
+    assert proc.wait(timeout=60) == 1
+    assert err == ""
