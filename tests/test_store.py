@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -244,6 +248,103 @@ def test_a_runner_whose_heartbeat_expired_shows_as_expired_until_it_is_taken_ove
     assert runners[here].expired is False
     store.recover(job, "h", lambda pid: True)
     assert [r.id for r in store.status(job).runners] == [here]
+
+
+def _lost_connection() -> Exception:
+    return sa.exc.OperationalError(
+        "COMMIT", {}, Exception("server closed the connection unexpectedly"),
+        connection_invalidated=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "not-written"])
+def test_a_group_commit_whose_commit_lost_the_connection_is_recorded_exactly_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch, written: bool
+) -> None:
+    """The server went away while the COMMIT was on its way: the store looks whether the
+    group was written and writes it only if it was not. The books count each result once."""
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    first, second = store.claim(runner, 2).requests
+    real, lost = store.dialect.writing, []
+
+    @contextlib.contextmanager
+    def commit_lost_once(engine: Any) -> Iterator[Any]:
+        if lost:
+            with real(engine) as conn:
+                yield conn
+            return
+        lost.append(True)
+        try:
+            with real(engine) as conn:
+                yield conn
+                if not written:
+                    raise _RolledBack  # the COMMIT never reached the server
+        except _RolledBack:
+            pass
+        raise _lost_connection()
+
+    monkeypatch.setattr(store.dialect, "writing", commit_lost_once)
+    out = Outcomes(
+        results=[_result(first.id, 40)],
+        releases=[ReleaseRecord(second.id, 1, "again later", WORST)],
+    )
+    spend = store.record(runner, out)
+    assert lost == [True]
+    assert spend.settled_pico == 40 and spend.reserved_pico == 0
+    assert store.status(job).states == {"done": 1, "pending": 9}
+    with store.engine.connect() as conn:
+        counts = conn.execute(
+            sa.text("SELECT (SELECT COUNT(*) FROM ledger), (SELECT COUNT(*) FROM results)")
+        ).one()
+    assert tuple(counts) == (1, 1)
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def test_a_connection_lost_before_the_commit_is_retried_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """PostgreSQL: the server kills the runner's connection while its group commit waits for
+    a lock (an administrator, a failover); the store reconnects and writes the group."""
+    import threading
+
+    import psycopg
+
+    store = open_store(pg_url)
+    try:
+        job = _job(store, sha="k")
+        runner = store.register_runner(job, "h", 1, "sync", 30)
+        (req,) = store.claim(runner, 1).requests
+        with psycopg.connect(pg_url) as admin:
+            admin.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job,))  # books wait
+            done: list[Any] = []
+            writer = threading.Thread(
+                target=lambda: done.append(
+                    store.record(runner, Outcomes(results=[_result(req.id, 40)]))
+                )
+            )
+            writer.start()
+            deadline = time.monotonic() + 10
+            while True:  # the writer's backend, waiting for the job's row
+                (pids,) = admin.execute(
+                    "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if pids:
+                    break
+                assert time.monotonic() < deadline, "the writer never waited for the lock"
+                time.sleep(0.01)
+            admin.execute("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) p", (pids,))
+            admin.rollback()  # the lock goes; the writer's new connection gets it
+        writer.join(20)
+        assert not writer.is_alive() and done, "the group commit was not retried"
+        assert done[0].settled_pico == 40
+        assert store.status(job).states == {"done": 1, "pending": 9}
+    finally:
+        store.close()
 
 
 def test_fits_under_counts_pending_requests_in_file_order(store: Store) -> None:

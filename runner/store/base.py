@@ -66,6 +66,9 @@ class Dialect(Protocol):
 P = ParamSpec("P")
 R = TypeVar("R")
 _ATTEMPTS = 4
+# How long a store call waits for a database server that dropped its connection (restarted,
+# failed over, an administrator's kill) before the run stops: about a server restart.
+RECONNECT_SECONDS = 30.0
 
 
 class ConflictError(StoreError):
@@ -73,19 +76,56 @@ class ConflictError(StoreError):
     failure); it wrote nothing and may simply run again."""
 
 
-def retry_conflicts(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run a store call again when its transaction lost a conflict (PostgreSQL), a few times."""
+class DisconnectedError(StoreError):
+    """The connection to the database server was lost before the transaction's COMMIT was
+    sent: the server rolled it back, so it wrote nothing and may run again on a new
+    connection. (Lost during the COMMIT, whether it was written is unknown: a plain
+    StoreError, and the run stops.)"""
+
+
+class AmbiguousCommitError(StoreError):
+    """The connection to the database server was lost while the COMMIT was on its way: the
+    transaction may or may not have been written. Only a caller that can look (``record``)
+    goes on; for the others the run stops."""
+
+
+def idempotent(fn: Callable[P, R]) -> Callable[P, R]:
+    """A store call that may run twice (a heartbeat, a retirement): when its COMMIT lost the
+    connection it simply runs again, under ``retry_conflicts`` (put that one outside)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        for attempt in range(_ATTEMPTS):
+        try:
+            return fn(*args, **kwargs)
+        except AmbiguousCommitError as exc:
+            raise DisconnectedError(str(exc)) from None
+
+    return wrapper
+
+
+def retry_conflicts(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a store call again when its transaction lost a conflict (PostgreSQL), a few times,
+    or lost its connection before committing, for up to ``RECONNECT_SECONDS``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        attempt = 0
+        deadline: float | None = None
+        while True:
             try:
                 return fn(*args, **kwargs)
             except ConflictError:
-                if attempt == _ATTEMPTS - 1:
+                attempt += 1
+                if attempt == _ATTEMPTS:
                     raise
                 time.sleep(0.01 * 2**attempt)
-        raise AssertionError("unreachable")
+            except DisconnectedError:
+                now = time.monotonic()
+                deadline = deadline or now + RECONNECT_SECONDS
+                if now >= deadline:
+                    raise
+                time.sleep(min(0.05 * 2 ** min(attempt, 6), 2.0, deadline - now))
+                attempt += 1
 
     return wrapper
 
@@ -102,8 +142,12 @@ class StoreBase:
     def name(self) -> str:
         return self.dialect.display
 
-    def error(self, exc: BaseException) -> StoreError:
-        kind = ConflictError if self.dialect.retryable(exc) else StoreError
+    def error(self, exc: BaseException, committing: bool = True) -> StoreError:
+        kind = StoreError
+        if self.dialect.retryable(exc):
+            kind = ConflictError
+        elif getattr(exc, "connection_invalidated", False):
+            kind = AmbiguousCommitError if committing else DisconnectedError
         return kind(f"{self.dialect.display}: {self.dialect.describe(exc)}")
 
     @contextlib.contextmanager
@@ -111,11 +155,13 @@ class StoreBase:
         """One write transaction; database errors become StoreErrors, nothing half-written."""
         if self.readonly:
             raise StoreError(f"{self.dialect.display}: opened read-only")
+        committing = False
         try:
             with self.dialect.writing(self.engine) as conn:
                 yield conn
+                committing = True  # the body is done: what fails now may have committed
         except sa.exc.SQLAlchemyError as exc:
-            raise self.error(exc) from None
+            raise self.error(exc, committing) from None
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Connection]:

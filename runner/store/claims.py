@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import RunnerLostError
-from .base import StoreBase, retry_conflicts
+from .base import AmbiguousCommitError, StoreBase, idempotent, retry_conflicts
 from .reads import Sharing
 from .records import (
     Beat,
@@ -126,6 +126,7 @@ class ClaimsMixin(StoreBase):
         return int(row.job_id)
 
     @retry_conflicts
+    @idempotent  # run twice, it changes nothing more
     def heartbeat(self, runner_id: int, ttl: float, in_flight: int) -> Beat:
         """Renew this runner's claim on life; learn the live runners, how many of them share
         the rate limits now, and any shared pause."""
@@ -154,6 +155,7 @@ class ClaimsMixin(StoreBase):
         )
 
     @retry_conflicts
+    @idempotent  # run twice, it changes nothing more
     def retire_runner(self, runner_id: int) -> None:
         """This runner stops: it holds no claims any more (the engine handed them back)."""
         with self.writing() as conn:
@@ -164,6 +166,7 @@ class ClaimsMixin(StoreBase):
             )
 
     @retry_conflicts
+    @idempotent  # run twice, it changes nothing more
     def share_pause(self, job_id: int, until: float) -> None:
         """Tell every runner of the job to hold its requests until ``until`` (epoch seconds on
         this machine's clock; stored on the database's)."""
@@ -179,6 +182,7 @@ class ClaimsMixin(StoreBase):
             )
 
     @retry_conflicts
+    @idempotent  # run twice, it changes nothing more
     def recover(
         self, job_id: int, host: str, process_alive: Callable[[int], bool]
     ) -> tuple[int, int]:
@@ -354,6 +358,10 @@ class ClaimsMixin(StoreBase):
             return self._record_once(runner_id, out)
         except _BadRow:
             pass
+        except AmbiguousCommitError:
+            if not self._landed(runner_id, out):
+                return self.record(runner_id, out)
+            return self.books_of_runner(runner_id)
         rest = Outcomes(out.attempts, out.charges, [], out.releases, out.events)
         spend = self._record_once(runner_id, rest) if rest else self.books_of_runner(runner_id)
         for r in out.results:
@@ -362,6 +370,25 @@ class ClaimsMixin(StoreBase):
             except _BadRow as exc:
                 spend = self._record_once(runner_id, Outcomes(results=[_bare(r, exc.reason)]))
         return spend
+
+    @retry_conflicts
+    def _landed(self, runner_id: int, out: Outcomes) -> bool:
+        """Whether a group commit whose COMMIT lost its connection was written: one request it
+        settles or releases is then no longer held by this runner (a group commits whole, and
+        nobody else takes a live runner's requests). A group with no such request cannot
+        tell, and the run stops as for any database failure."""
+        marks = [r.request_id for r in out.results] + [r.request_id for r in out.releases]
+        if not marks:
+            raise AmbiguousCommitError(
+                f"{self.name}: the connection to the database was lost while committing, and "
+                "whether it was written cannot be told; run the same command again to resume"
+            )
+        with self.writing() as conn:
+            self._fence(conn, runner_id)
+            row = conn.execute(
+                sa.select(requests.c.state, requests.c.runner_id).where(requests.c.id == marks[0])
+            ).one()
+        return not (row.state == RequestState.RESERVED and row.runner_id == runner_id)
 
     def books_of_runner(self, runner_id: int) -> Spend:
         with self.reading() as conn:
