@@ -300,6 +300,39 @@ def test_a_group_commit_whose_commit_lost_the_connection_is_recorded_exactly_onc
     assert tuple(counts) == (1, 1)
 
 
+@pytest.mark.parametrize("written", [True, False], ids=["written", "not-written"])
+def test_a_claim_whose_commit_lost_the_connection_hands_out_its_requests_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch, written: bool
+) -> None:
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    real, lost = store.dialect.writing, []
+
+    @contextlib.contextmanager
+    def commit_lost_once(engine: Any) -> Iterator[Any]:
+        if lost:
+            with real(engine) as conn:
+                yield conn
+            return
+        lost.append(True)
+        try:
+            with real(engine) as conn:
+                yield conn
+                if not written:
+                    raise _RolledBack
+        except _RolledBack:
+            pass
+        raise _lost_connection()
+
+    monkeypatch.setattr(store.dialect, "writing", commit_lost_once)
+    claim = store.claim(runner, 3)
+    assert lost == [True]
+    assert [r.seq for r in claim.requests] == [0, 1, 2]  # the same three, either way
+    assert claim.spend.reserved_pico == 3 * WORST
+    assert store.status(job).states == {"reserved": 3, "pending": 7}
+    assert [r.seq for r in store.claim(runner, 2).requests] == [3, 4]
+
+
 class _RolledBack(Exception):
     pass
 

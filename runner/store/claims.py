@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import RunnerLostError
-from .base import AmbiguousCommitError, StoreBase, idempotent, retry_conflicts
+from .base import (
+    AmbiguousCommitError,
+    DisconnectedError,
+    StoreBase,
+    idempotent,
+    retry_conflicts,
+)
 from .reads import Sharing
 from .records import (
     Beat,
@@ -280,6 +286,48 @@ class ClaimsMixin(StoreBase):
         ``batch`` reserves their worst case at Batch API prices. ``url``/``model`` restrict the
         claim to one endpoint or model (a Batch API file holds one of each).
         """
+        draft = _Draft()
+        try:
+            return self._claim_once(runner_id, limit, url, model, batch, draft)
+        except AmbiguousCommitError:
+            # Cut off in its COMMIT: if it was written, the first request it took is held by
+            # this runner now (a claim commits whole); else it runs again, as after a
+            # connection lost before the COMMIT.
+            job_id = self._landed_claim(runner_id, draft.taken[0].id) if draft.taken else None
+            if job_id is None:
+                raise DisconnectedError(f"{self.name}: a claim's COMMIT was cut off") from None
+            spend, cap = self.books(job_id)
+            return Claim(
+                requests=draft.taken,
+                spend=spend,
+                cap_pico=cap,
+                blocked=len(draft.taken) < draft.rows,
+                exhausted=False,
+            )
+
+    @retry_conflicts
+    def _landed_claim(self, runner_id: int, request_id: int) -> int | None:
+        """The job's id if this runner holds ``request_id`` (its claim was written), else None."""
+        with self.writing() as conn:
+            job_id = self._fence(conn, runner_id)
+            row = conn.execute(
+                sa.select(requests.c.state, requests.c.runner_id).where(requests.c.id == request_id)
+            ).one()
+        held = row.state == RequestState.RESERVED and row.runner_id == runner_id
+        return job_id if held else None
+
+    def _claim_once(
+        self,
+        runner_id: int,
+        limit: int,
+        url: str | None,
+        model: str | None,
+        batch: bool,
+        draft: _Draft,
+    ) -> Claim:
+        """One claim transaction; ``draft`` holds what it takes, for a caller whose COMMIT was
+        cut off to look up."""
+        taken = draft.taken
         with self.writing() as conn:
             job_id = self._fence(conn, runner_id)
             spend, cap = _books(conn, job_id)
@@ -295,8 +343,8 @@ class ClaimsMixin(StoreBase):
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
+            draft.rows = len(rows)
             room = cap - spend.total_pico
-            taken: list[PendingRequest] = []
             for r in rows:
                 worst = int(r.batch_worst_pico if batch else r.worst_pico)
                 if worst > room:
@@ -466,6 +514,14 @@ class ClaimsMixin(StoreBase):
                 [(job_id, runner_id, e.at, e.kind, e.seconds, e.detail) for e in out.events],
             )
         return _move_books(conn, job_id, settled, reserved)
+
+
+@dataclass(slots=True)
+class _Draft:
+    """What a claim transaction took, kept outside it."""
+
+    taken: list[PendingRequest] = field(default_factory=list)
+    rows: int = 0
 
 
 class _BadRow(Exception):
