@@ -250,22 +250,15 @@ def test_a_runner_whose_heartbeat_expired_shows_as_expired_until_it_is_taken_ove
     assert [r.id for r in store.status(job).runners] == [here]
 
 
-def _lost_connection() -> Exception:
-    return sa.exc.OperationalError(
-        "COMMIT", {}, Exception("server closed the connection unexpectedly"),
-        connection_invalidated=True,
-    )  # fmt: skip
+class _RolledBack(Exception):
+    pass
 
 
-@pytest.mark.parametrize("written", [True, False], ids=["written", "not-written"])
-def test_a_group_commit_whose_commit_lost_the_connection_is_recorded_exactly_once(
+def _lose_the_next_commit(
     store: Store, monkeypatch: pytest.MonkeyPatch, written: bool
-) -> None:
-    """The server went away while the COMMIT was on its way: the store looks whether the
-    group was written and writes it only if it was not. The books count each result once."""
-    job = _job(store)
-    runner = store.register_runner(job, "h", 1, "sync", 30)
-    first, second = store.claim(runner, 2).requests
+) -> list[bool]:
+    """The next write transaction loses its connection in its COMMIT, after the COMMIT was
+    ``written`` or before it reached the server; the list says when that happened."""
     real, lost = store.dialect.writing, []
 
     @contextlib.contextmanager
@@ -282,9 +275,25 @@ def test_a_group_commit_whose_commit_lost_the_connection_is_recorded_exactly_onc
                     raise _RolledBack  # the COMMIT never reached the server
         except _RolledBack:
             pass
-        raise _lost_connection()
+        raise sa.exc.OperationalError(
+            "COMMIT", {}, Exception("server closed the connection unexpectedly"),
+            connection_invalidated=True,
+        )  # fmt: skip
 
     monkeypatch.setattr(store.dialect, "writing", commit_lost_once)
+    return lost
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "not-written"])
+def test_a_group_commit_whose_commit_lost_the_connection_is_recorded_exactly_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch, written: bool
+) -> None:
+    """The server went away while the COMMIT was on its way: the store looks whether the
+    group was written and writes it only if it was not. The books count each result once."""
+    job = _job(store)
+    runner = store.register_runner(job, "h", 1, "sync", 30)
+    first, second = store.claim(runner, 2).requests
+    lost = _lose_the_next_commit(store, monkeypatch, written)
     out = Outcomes(
         results=[_result(first.id, 40)],
         releases=[ReleaseRecord(second.id, 1, "again later", WORST)],
@@ -306,35 +315,13 @@ def test_a_claim_whose_commit_lost_the_connection_hands_out_its_requests_once(
 ) -> None:
     job = _job(store)
     runner = store.register_runner(job, "h", 1, "sync", 30)
-    real, lost = store.dialect.writing, []
-
-    @contextlib.contextmanager
-    def commit_lost_once(engine: Any) -> Iterator[Any]:
-        if lost:
-            with real(engine) as conn:
-                yield conn
-            return
-        lost.append(True)
-        try:
-            with real(engine) as conn:
-                yield conn
-                if not written:
-                    raise _RolledBack
-        except _RolledBack:
-            pass
-        raise _lost_connection()
-
-    monkeypatch.setattr(store.dialect, "writing", commit_lost_once)
+    lost = _lose_the_next_commit(store, monkeypatch, written)
     claim = store.claim(runner, 3)
     assert lost == [True]
     assert [r.seq for r in claim.requests] == [0, 1, 2]  # the same three, either way
     assert claim.spend.reserved_pico == 3 * WORST
     assert store.status(job).states == {"reserved": 3, "pending": 7}
     assert [r.seq for r in store.claim(runner, 2).requests] == [3, 4]
-
-
-class _RolledBack(Exception):
-    pass
 
 
 def test_a_connection_lost_before_the_commit_is_retried_on_a_new_one(
