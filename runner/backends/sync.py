@@ -38,6 +38,7 @@ from ..transport import OpenAITransport, Outcome
 
 _RESIZE_EVERY = 0.5  # seconds between pool resizes
 _LATENCY_SMOOTHING = 0.2  # weight of the newest latency in the running average
+_THROUGHPUT_WINDOW = 5.0  # seconds of completions behind the observed throughput
 _MIN_POOL = 8
 _MAX_PREFETCH = 1024
 _OUTAGE_FIRST_WAIT = 0.25
@@ -69,17 +70,21 @@ class _Pool:
     def observe(self, latency: float) -> None:
         now = time.monotonic()
         self._finished.append(now)
+        self._forget(now)  # here too: with a known rate nothing else reads them
         if self.latency is None:
             self.latency = latency
         else:
             self.latency += _LATENCY_SMOOTHING * (latency - self.latency)
 
-    def throughput(self, window: float = 5.0) -> float:
-        now = time.monotonic()
+    def throughput(self) -> float:
+        self._forget(time.monotonic())
+        return len(self._finished) / _THROUGHPUT_WINDOW
+
+    def _forget(self, now: float) -> None:
+        """Drop completions older than the window: memory must not grow with the job."""
         finished = self._finished
-        while finished and finished[0] < now - window:
+        while finished and finished[0] < now - _THROUGHPUT_WINDOW:
             finished.popleft()
-        return len(finished) / window
 
     async def resize(self, rate: float | None) -> None:
         """In flight = rate x latency, with headroom; without a known rate, twice what the
