@@ -79,14 +79,13 @@ class ConflictError(StoreError):
 class DisconnectedError(StoreError):
     """The connection to the database server was lost before the transaction's COMMIT was
     sent: the server rolled it back, so it wrote nothing and may run again on a new
-    connection. (Lost during the COMMIT, whether it was written is unknown: a plain
-    StoreError, and the run stops.)"""
+    connection (see ``AmbiguousCommitError`` for a COMMIT cut off on its way)."""
 
 
 class AmbiguousCommitError(StoreError):
     """The connection to the database server was lost while the COMMIT was on its way: the
-    transaction may or may not have been written. Only a caller that can look (``record``)
-    goes on; for the others the run stops."""
+    transaction may or may not have been written. A call that can look (``claim``,
+    ``record``) or may run twice (``idempotent``) goes on; for the others the run stops."""
 
 
 def idempotent(fn: Callable[P, R]) -> Callable[P, R]:
@@ -109,23 +108,23 @@ def retry_conflicts(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        attempt = 0
+        conflicts = reconnects = 0
         deadline: float | None = None
         while True:
             try:
                 return fn(*args, **kwargs)
             except ConflictError:
-                attempt += 1
-                if attempt == _ATTEMPTS:
+                conflicts += 1
+                if conflicts == _ATTEMPTS:
                     raise
-                time.sleep(0.01 * 2**attempt)
+                time.sleep(0.01 * 2 ** (conflicts - 1))
             except DisconnectedError:
                 now = time.monotonic()
                 deadline = deadline or now + RECONNECT_SECONDS
                 if now >= deadline:
                     raise
-                time.sleep(min(0.05 * 2 ** min(attempt, 6), 2.0, deadline - now))
-                attempt += 1
+                time.sleep(min(0.05 * 2 ** min(reconnects, 6), 2.0, deadline - now))
+                reconnects += 1
 
     return wrapper
 

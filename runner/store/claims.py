@@ -293,10 +293,9 @@ class ClaimsMixin(StoreBase):
             # Cut off in its COMMIT: if it was written, the first request it took is held by
             # this runner now (a claim commits whole); else it runs again, as after a
             # connection lost before the COMMIT.
-            job_id = self._landed_claim(runner_id, draft.taken[0].id) if draft.taken else None
-            if job_id is None:
+            if not draft.taken or not self._holds(runner_id, draft.taken[0].id):
                 raise DisconnectedError(f"{self.name}: a claim's COMMIT was cut off") from None
-            spend, cap = self.books(job_id)
+            spend, cap = self.books(draft.job_id)
             return Claim(
                 requests=draft.taken,
                 spend=spend,
@@ -306,15 +305,16 @@ class ClaimsMixin(StoreBase):
             )
 
     @retry_conflicts
-    def _landed_claim(self, runner_id: int, request_id: int) -> int | None:
-        """The job's id if this runner holds ``request_id`` (its claim was written), else None."""
+    def _holds(self, runner_id: int, request_id: int) -> bool:
+        """Whether this live runner holds ``request_id``: how a transaction whose COMMIT lost
+        its connection is known to have been written or not (it commits whole, and nobody
+        else takes a live runner's requests). Raises RunnerLostError if it was taken over."""
         with self.writing() as conn:
-            job_id = self._fence(conn, runner_id)
+            self._fence(conn, runner_id)
             row = conn.execute(
                 sa.select(requests.c.state, requests.c.runner_id).where(requests.c.id == request_id)
             ).one()
-        held = row.state == RequestState.RESERVED and row.runner_id == runner_id
-        return job_id if held else None
+        return row.state == RequestState.RESERVED and row.runner_id == runner_id
 
     def _claim_once(
         self,
@@ -329,7 +329,7 @@ class ClaimsMixin(StoreBase):
         cut off to look up."""
         taken = draft.taken
         with self.writing() as conn:
-            job_id = self._fence(conn, runner_id)
+            job_id = draft.job_id = self._fence(conn, runner_id)
             spend, cap = _books(conn, job_id)
             where = [requests.c.job_id == job_id, requests.c.state == RequestState.PENDING]
             if url is not None:
@@ -407,7 +407,12 @@ class ClaimsMixin(StoreBase):
         except _BadRow:
             pass
         except AmbiguousCommitError:
-            if not self._landed(runner_id, out):
+            # A group commits whole: one request it settles or releases, still held, says it
+            # was not written. A group without one cannot tell, and the run stops.
+            marks = [r.request_id for r in out.results] + [r.request_id for r in out.releases]
+            if not marks:
+                raise
+            if self._holds(runner_id, marks[0]):
                 return self.record(runner_id, out)
             return self.books_of_runner(runner_id)
         rest = Outcomes(out.attempts, out.charges, [], out.releases, out.events)
@@ -418,25 +423,6 @@ class ClaimsMixin(StoreBase):
             except _BadRow as exc:
                 spend = self._record_once(runner_id, Outcomes(results=[_bare(r, exc.reason)]))
         return spend
-
-    @retry_conflicts
-    def _landed(self, runner_id: int, out: Outcomes) -> bool:
-        """Whether a group commit whose COMMIT lost its connection was written: one request it
-        settles or releases is then no longer held by this runner (a group commits whole, and
-        nobody else takes a live runner's requests). A group with no such request cannot
-        tell, and the run stops as for any database failure."""
-        marks = [r.request_id for r in out.results] + [r.request_id for r in out.releases]
-        if not marks:
-            raise AmbiguousCommitError(
-                f"{self.name}: the connection to the database was lost while committing, and "
-                "whether it was written cannot be told; run the same command again to resume"
-            )
-        with self.writing() as conn:
-            self._fence(conn, runner_id)
-            row = conn.execute(
-                sa.select(requests.c.state, requests.c.runner_id).where(requests.c.id == marks[0])
-            ).one()
-        return not (row.state == RequestState.RESERVED and row.runner_id == runner_id)
 
     def books_of_runner(self, runner_id: int) -> Spend:
         with self.reading() as conn:
@@ -522,6 +508,7 @@ class _Draft:
 
     taken: list[PendingRequest] = field(default_factory=list)
     rows: int = 0
+    job_id: int = 0
 
 
 class _BadRow(Exception):
