@@ -239,13 +239,12 @@ class _Outlet(io.RawIOBase):
         return n
 
 
-_stdout: _Outlet | None = None  # standard output's outlet, when the console script made one
-
-
 def _stop_when_unread() -> None:
     """This command's output is the product: stop when nobody reads it (click then exits 1)."""
-    if _stdout is not None:
-        _stdout.strict = True
+    buffer = getattr(sys.stdout, "buffer", None)
+    outlet = getattr(buffer, "raw", buffer)  # under python -u the outlet is the buffer
+    if isinstance(outlet, _Outlet):  # the console script's standard output
+        outlet.strict = True
 
 
 def _outlet(stream: Any) -> Any:
@@ -256,12 +255,9 @@ def _outlet(stream: Any) -> Any:
         stream.flush()
     except (AttributeError, OSError, ValueError):
         return stream  # not a file descriptor (embedded, redirected in-process): leave it
-    outlet = _Outlet(fd)
-    if fd == 1:
-        global _stdout
-        _stdout = outlet
+    raw = _Outlet(fd)
     return io.TextIOWrapper(
-        io.BufferedWriter(outlet) if buffered else outlet,  # type: ignore[arg-type]
+        io.BufferedWriter(raw) if buffered else raw,  # type: ignore[arg-type]
         encoding=stream.encoding,
         errors=stream.errors,
         line_buffering=stream.line_buffering,

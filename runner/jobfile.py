@@ -247,8 +247,8 @@ class JobReader:
         accepted and the problems reported are the same either way."""
         self.path = Path(path)
         self.keep_body_json = keep_body_json
-        stdin = str(path) == STDIN
-        self.display_path = display_path or ("<stdin>" if stdin else str(path))
+        self._stdin = str(path) == STDIN  # a file named "-" is "./-"
+        self.display_path = display_path or ("<stdin>" if self._stdin else str(path))
         self.known_model = known_model
         self.max_problems = max_problems
         self.problems: list[Problem] = []
@@ -288,7 +288,7 @@ class JobReader:
         return True
 
     def _open(self) -> _HashingRaw | None:
-        if str(self.path) == STDIN:  # a file named "-" is "./-"
+        if self._stdin:
             return _HashingRaw(io.FileIO(0, "rb", closefd=False))
         try:
             if self.path.is_dir():

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import stat
 import sys
 import time
 from collections import deque
@@ -201,9 +202,10 @@ class Reading:
         self.path = os.fspath(path)
         try:  # standard input and pipes have no size: then no percentage
             st = os.stat(path)
-            self.total: int | None = st.st_size if st.st_size and os.path.isfile(path) else None
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
         except (OSError, ValueError):
-            self.total = None
+            size = 0
+        self.total = size or None
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = self.stream.isatty()

@@ -267,12 +267,12 @@ def _state(s: JobStatus) -> str:
 
 def _running(s: JobStatus) -> str:
     """The job's state, and who runs it or what to do."""
-    live = _live(s)
-    if not live:
-        if s.runners:
-            return "interrupted (its runner is gone: run the same command again to resume)"
-        return s.job.state
-    who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in live)
+    state = _state(s)
+    if state == "interrupted":
+        return "interrupted (its runner is gone: run the same command again to resume)"
+    if state != "running":
+        return state
+    who = ", ".join(f"pid {r.pid} on {r.host} since {_when(r.started_at)}" for r in _live(s))
     return f"running ({who})"
 
 
@@ -363,7 +363,8 @@ def format_status(s: JobStatus) -> str:
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
     if s.runners:
-        live, gone = len(_live(s)), len(s.runners) - len(_live(s))
+        live = len(_live(s))
+        gone = len(s.runners) - live
         lines.append(
             f"  runners    {live} live" + (f", {gone} gone (heartbeat expired)" if gone else "")
         )
