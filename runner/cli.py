@@ -1,9 +1,10 @@
-"""The ``batchrun`` command: parses options and calls the library, nothing more.
+"""The ``batchrun`` command: parses options, calls the library, prints, and exits.
 
-Option defaults come from ``runner.settings``; exit statuses from ``errors`` and
-``engine.RunOutcome``: 0 every request succeeded; 1 finished, some failed permanently; 2 bad
-input or usage; 3 stopped at the spend cap; 4 stopped by a fatal API error (auth, quota);
-5 the API was unreachable; 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP.
+Option defaults come from ``runner.settings``. Exit statuses are the command line's alone, in
+the two tables below: 0 every request succeeded; 1 finished, some failed permanently (or
+requests wait in open Batch API batches); 2 bad input or usage; 3 stopped at the spend cap;
+4 stopped by a fatal API error (auth, quota); 5 the API was unreachable; 130 / 143 / 129
+stopped by SIGINT / SIGTERM / SIGHUP.
 """
 
 from __future__ import annotations
@@ -39,6 +40,44 @@ from .simulator.cli import simulate
 
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
+# How a run ended -> exit status (a stop by a signal is 128 + its number instead).
+EXIT_BY_OUTCOME = {
+    "complete": 0,
+    "batches_open": EXIT_FAILURES,
+    "capped": 3,
+    "overrun": 3,
+    "fatal": 4,
+    "unreachable": 5,
+    "refused": EXIT_USAGE,
+    "store_error": EXIT_USAGE,
+    "interrupted": 130,
+    "detached": 130,
+}
+# An error the library raised -> exit status: the first class in the error's MRO listed here.
+EXIT_BY_ERROR = {
+    "UsageError": EXIT_USAGE,
+    "StoreError": EXIT_USAGE,
+    "ApiKeyError": 4,
+    "BatchrunError": 1,
+}
+
+
+def exit_status(conclusion: Any) -> int:
+    """The exit status of a run, from how it ended (``run.Conclusion`` or ``RunResult``)."""
+    outcome = conclusion.outcome.value
+    if outcome in ("interrupted", "detached"):
+        return 128 + (conclusion.signal or 2)
+    if outcome == "complete":
+        return EXIT_FAILURES if conclusion.failed else 0
+    return EXIT_BY_OUTCOME[outcome]
+
+
+def error_status(exc: BaseException) -> int:
+    """The exit status for an error the library raised."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in EXIT_BY_ERROR:
+            return EXIT_BY_ERROR[cls.__name__]
+    return 1
 
 
 def _default(cls: type, name: str) -> Any:
@@ -78,9 +117,9 @@ class _Group(click.Group):
         except JobFileError as exc:
             # FILE:LINE: field: reason lines stand alone, so editors can jump to them.
             click.echo(redact(str(exc)), err=True)
-            sys.exit(exc.exit_code)
+            sys.exit(error_status(exc))
         except BatchrunError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(str(exc), error_status(exc))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # in the order a job goes through them
@@ -164,9 +203,9 @@ def _path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Pa
 
 def _file_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
     """A job file that is a file: a job is found again by its file's content."""
-    from .jobfile import STDIN
+    import runner
 
-    if value == STDIN:
+    if value == runner.STDIN:
         raise click.BadParameter(
             "standard input cannot be run: a job is found again (to resume it) by its file's "
             "content, so save it to a file first (`batchrun price -` does read standard input)",
@@ -327,15 +366,15 @@ def price(
 
     Example: batchrun price jobs/example.jsonl --rpm 500 --tpm 200000
     """
-    from .plan import price_job
-    from .pricing import load_price_table
+    import runner
+
     from .progress import Reading
     from .report import format_plan, plan_json
 
-    table = load_price_table(prices)
+    table = runner.price_table(prices)
     reading = Reading(jobfile)
     try:
-        plan = price_job(jobfile, table, reading)
+        plan = runner.price(jobfile, prices=prices, progress=reading)
     finally:
         reading.close()
     if as_json:
@@ -354,10 +393,11 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
 
     Example: batchrun prices --prices my-prices.toml
     """
-    from .pricing import load_price_table
+    import runner
+
     from .report import format_prices, prices_json
 
-    table = load_price_table(prices)
+    table = runner.price_table(prices)
     if as_json:
         click.echo(json.dumps(prices_json(table), indent=2))
     else:
@@ -549,7 +589,10 @@ def run(**options: Any) -> None:
     """
     import asyncio
 
-    from .run import conclude, run_job
+    import runner
+
+    from .progress import Progress
+    from .report import format_status
 
     settings = _run_settings(options)
     quiet = settings.quiet
@@ -560,19 +603,17 @@ def run(**options: Any) -> None:
         def confirm(est: Any) -> bool:
             return click.confirm(confirm_question(est), default=False, err=True)
 
-    echo = (lambda _text: None) if quiet else _say
-    report, store, job = asyncio.run(run_job(settings, echo, confirm))
-    from .report import format_status
+    def display(stats: Any, total: int, before: int) -> Progress:
+        return Progress(stats, total, before, quiet=quiet)
 
-    try:
-        status = store.status(job.id)
-    finally:
-        store.close()
-    echo(format_status(status))
-    end = conclude(report, status)
-    if end.message:
-        click.echo(redact(f"batchrun: {end.message}"), err=True)
-    sys.exit(end.exit_code)
+    echo = (lambda _text: None) if quiet else _say
+    result = asyncio.run(
+        runner.run_with(settings, echo=echo, confirm=confirm, display=display, signals=True)
+    )
+    echo(format_status(result.job_status))
+    if result.message:
+        click.echo(redact(f"batchrun: {result.message}"), err=True)
+    sys.exit(exit_status(result))
 
 
 def _codes(value: str | None) -> frozenset[str] | None:
@@ -653,48 +694,39 @@ def cancel(**o: Any) -> None:
     """
     import asyncio
 
+    import runner
+
+    from .progress import Progress
     from .report import format_status
-    from .run import cancel_job, conclude
 
     settings = RunSettings(
         cap_pico=0, jobfile=o["jobfile"], db=o["db"], job_id=o["job_id"], prices=o["prices"],
         quiet=o["quiet"], transport=Transport(base_url=o["base_url"]), via="batch",
         batching=_batching(o, cancel=True),
     )  # fmt: skip
-    report, store, job = asyncio.run(cancel_job(settings, _say))
-    try:
-        status = store.status(job.id)
-    finally:
-        store.close()
+
+    def display(stats: Any, total: int, before: int) -> Progress:
+        return Progress(stats, total, before, quiet=o["quiet"])
+
+    result = asyncio.run(runner.cancel_with(settings, echo=_say, display=display, signals=True))
+    status = result.job_status
     _say(format_status(status))
-    end = conclude(report, status)
-    if report.outcome.exit_code == 0:
+    if result.outcome.value == "complete":
         pending = status.states.get("pending", 0)
         click.echo(
-            f"batchrun: no batch of job {job.id} is open any more; {pending:,} request(s) are "
-            "pending: run the job again to send them.",
+            f"batchrun: no batch of job {status.job.id} is open any more; {pending:,} "
+            "request(s) are pending: run the job again to send them.",
             err=True,
         )
         sys.exit(0)
-    click.echo(redact(f"batchrun: {end.message}"), err=True)
-    sys.exit(end.exit_code)
+    click.echo(redact(f"batchrun: {result.message}"), err=True)
+    sys.exit(exit_status(result))
 
 
 def _open_readonly(db: str) -> Any:
-    from .store import open_store
+    import runner
 
-    return open_store(db, readonly=True)
-
-
-def _job_of(store: Any, job_id: int | None) -> Any:
-    """The job ``job_id`` in ``store``, or its most recent one."""
-    jobs = store.all_jobs()
-    chosen = [j for j in jobs if job_id is None or j.id == job_id]
-    if not chosen:
-        raise UsageError(
-            f"{store.name}: no job {job_id}" if job_id else f"{store.name}: no jobs yet"
-        )
-    return chosen[-1]
+    return runner.Database(db, readonly=True)
 
 
 @main.command()
@@ -712,21 +744,18 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
     """
     from .report import failed_json, format_failed, format_status, status_json
 
-    store = _open_readonly(db)
-    name = store.name  # a URL's password is never printed
-    try:
+    with _open_readonly(db) as database:
+        name = database.name  # a URL's password is never printed
         if list_failed:
-            job = _job_of(store, job_id)
-            failed = list(store.failed(job.id))
+            job = database.job(job_id)
+            failed = job.failed()
             _say(json.dumps(failed_json(job.id, failed), indent=2) if as_json
                  else format_failed(job.id, failed))  # fmt: skip
             return
-        jobs = [j for j in store.all_jobs() if job_id is None or j.id == job_id]
+        jobs = [j for j in database.jobs() if job_id is None or j.id == job_id]
         if job_id is not None and not jobs:
             raise UsageError(f"{name}: no job {job_id}")
-        statuses = [store.status(j.id) for j in jobs]
-    finally:
-        store.close()
+        statuses = [j.summary() for j in jobs]
     if as_json:
         _say(json.dumps({"db": name, "jobs": [status_json(s) for s in statuses]}, indent=2))
     else:
@@ -758,15 +787,12 @@ def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str
 
     if output is None:
         _stop_when_unread()
-    store = _open_readonly(db)
-    try:
-        job = _job_of(store, job_id)
-        rows = store.iter_export(job.id, only)
-        lines = csv_lines(rows) if fmt == "csv" else export_lines(job, rows)
+    with _open_readonly(db) as database:
+        job = database.job(job_id)
+        rows = job.rows(only)
+        lines = csv_lines(rows) if fmt == "csv" else export_lines(job.record, rows)
         protect = [Path(db)] if "://" not in db else []
         written = write_lines(lines, output, protect)
-    finally:
-        store.close()
     if output is not None:  # on standard output, the lines alone
         n = written - 1 if fmt == "csv" else written  # less the CSV header
         which = f" ({only} only)" if only else ""
@@ -796,13 +822,10 @@ def report_cmd(db: str, job_id: int | None, output: Path) -> None:
 
     if not output.resolve().parent.is_dir():  # say so before reading a large job
         raise UsageError(f"{output}: no such folder {output.resolve().parent}")
-    store = _open_readonly(db)
-    try:
-        job = _job_of(store, job_id)
-        status, timeline = store.status(job.id), store.timeline(job.id)
-    finally:
-        store.close()
-    page = render(status, timeline, db=store.name, generated_at=time.time())
+    with _open_readonly(db) as database:
+        job = database.job(job_id)
+        status, timeline = job.summary(), job.timeline()
+    page = render(status, timeline, db=database.name, generated_at=time.time())
     write_lines([page], output, [Path(db)] if "://" not in db else [])
     _say(f"wrote {output}: the report of job {job.id} ({job.path})")
 
@@ -817,9 +840,9 @@ def upgrade(db: str) -> None:
 
     Example: batchrun upgrade --db batchrun.db
     """
-    from .store import open_store
+    import runner
 
-    open_store(db, create=False).close()
+    runner.Database(db, create=False).close()
     _say(f"{db}: up to date")
 
 

@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 
 class RunOutcome(enum.Enum):
-    """How a run ended (see ``exit_code``)."""
+    """How a run ended."""
 
     COMPLETE = "complete"  # every request has a final result (some may have failed)
     CAPPED = "capped"  # stopped: the next request could pass the spend cap
@@ -65,24 +65,7 @@ class RunOutcome(enum.Enum):
     STORE_ERROR = "store_error"  # the database could not be written
     INTERRUPTED = "interrupted"  # a signal (or the caller) stopped it
     DETACHED = "detached"  # Batch API: stopped watching; the batches go on at OpenAI
-
-    @property
-    def exit_code(self) -> int:
-        """The process exit status (a signal's own status is 128 + its number instead)."""
-        return _EXIT_CODES[self]
-
-
-_EXIT_CODES = {
-    RunOutcome.COMPLETE: 0,
-    RunOutcome.CAPPED: 3,
-    RunOutcome.OVERRUN: 3,
-    RunOutcome.FATAL: 4,
-    RunOutcome.UNREACHABLE: 5,
-    RunOutcome.REFUSED: 2,
-    RunOutcome.STORE_ERROR: 2,
-    RunOutcome.INTERRUPTED: 130,
-    RunOutcome.DETACHED: 130,
-}
+    BATCHES_OPEN = "batches_open"  # all that is left is in batches open at OpenAI
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Every error batchrun raises on purpose, as one hierarchy.
 
-Each class carries the process exit status the CLI uses for it, so the CLI never has to guess
-and a library caller can catch ``BatchrunError`` alone.
+A library caller can catch ``BatchrunError`` alone, or the class that means what it handles;
+the command line maps each class to an exit status in its own table.
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from dataclasses import dataclass
 class BatchrunError(Exception):
     """Base class: an expected failure with a message meant for the user (no traceback)."""
 
-    exit_code: int = 1
-
 
 class UsageError(BatchrunError):
     """Bad options or bad input that the user must fix before anything can run."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +52,8 @@ class UnknownModelError(PriceError):
     def __init__(self, model: str) -> None:
         self.model = model
         super().__init__(
-            f"no price known for model {model!r}; add it to a price file (--prices FILE)"
+            f"no price known for model {model!r}; add it to a price file of your own (the "
+            "bundled table's shape)"
         )
 
 
@@ -67,8 +64,6 @@ class VocabularyError(BatchrunError):
 class StoreError(BatchrunError):
     """The database cannot be opened, read or written safely."""
 
-    exit_code = 2
-
 
 class RunnerLostError(StoreError):
     """This runner was declared dead (it missed its heartbeat) and its requests taken over."""
@@ -76,8 +71,6 @@ class RunnerLostError(StoreError):
 
 class ApiKeyError(BatchrunError):
     """The API refused the key before anything was sent."""
-
-    exit_code = 4
 
 
 class Declined(BatchrunError):

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
 from .endpoints import endpoint_for
 from .errors import PriceError
 from .jobfile import JobLine, JobReader
-from .money import MAX_PICO, format_money, format_usd
+from .money import MAX_PICO, format_money, format_usd, pico_to_decimal
 from .pricing import Price, PriceTable
 from .store import JobStatus, NewRequest
 from .tokens import TextBatch, TokenCount, count_request
@@ -63,6 +64,28 @@ class Plan:
     by_model: dict[str, Totals] = field(default_factory=dict)
     approximate_parts: dict[str, int] = field(default_factory=dict)  # note -> requests
     sha256: str = ""
+
+    @property
+    def requests(self) -> int:
+        return self.total.requests
+
+    @property
+    def floor_usd(self) -> Decimal:
+        """Input alone, at synchronous prices (exact)."""
+        return pico_to_decimal(self.total.floor_pico)
+
+    @property
+    def worst_usd(self) -> Decimal:
+        """Input plus every output limit, at synchronous prices (exact)."""
+        return pico_to_decimal(self.total.worst_pico)
+
+    @property
+    def batch_floor_usd(self) -> Decimal:
+        return pico_to_decimal(self.total.batch_floor_pico)
+
+    @property
+    def batch_worst_usd(self) -> Decimal:
+        return pico_to_decimal(self.total.batch_worst_pico)
 
     def min_seconds(self, rpm: int | None, tpm: int | None) -> float | None:
         """The least wall time the rate limits allow for this job.

@@ -13,11 +13,22 @@ import os
 import signal
 import socket
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from .engine import Backend, Books, Control, Engine, RunOutcome, RunReport, process_alive
+from .engine import (
+    Backend,
+    Books,
+    Control,
+    Engine,
+    RunOutcome,
+    RunReport,
+    RunStats,
+    process_alive,
+)
 from .errors import ApiKeyError, Declined, JobFileError, Problem, UsageError
 from .jobfile import file_sha256
 from .money import format_money, format_usd
@@ -31,7 +42,7 @@ from .plan import (
     projected_pico,
 )
 from .pricing import PriceTable, load_price_table
-from .progress import Progress, Reading
+from .progress import Reading
 from .report import format_estimate
 from .settings import RunSettings
 from .store import Job, JobStatus, Store, open_store
@@ -76,15 +87,18 @@ def open_or_import(
     reuse: bool,
     notes: list[str] | None = None,
     progress: ReadProgress | None = None,
+    *,
+    label: str | None = None,
 ) -> tuple[Job, Plan | None]:
     """The job for ``path``: found by content, or priced and imported in one transaction.
 
     A file that changed since an earlier job was imported from the same path becomes a new job;
     its requests whose custom_id and body did not change reuse that job's results (``reuse``).
+    ``label`` stands for the path where the file is not the user's (a job built from rows).
     """
     sha = _sha256_or_problem(path)
     job = store.job_by_sha(sha)
-    abspath = str(path.resolve())
+    abspath = label or str(path.resolve())
     if job is not None:
         if job.path != abspath:
             store.set_job(job.id, path=abspath)
@@ -120,7 +134,7 @@ def open_or_import(
                 f"({format_money(pico)}, not paid again)"
             )
         else:
-            note += ": every request is sent again (--no-reuse)"
+            note += ": every request is sent again (reuse is off)"
         if notes is not None:
             notes.append(note)
     return job, planner.plan
@@ -129,15 +143,18 @@ def open_or_import(
 SIMULATOR_KEY = "sk-batchrun-simulator"
 
 
-async def _api_key(settings: RunSettings, notes: list[str]) -> str:
-    """The key to send with, checked before anything is imported or priced into the database:
-    present, and (for a server that is not on this machine) accepted by one cheap call."""
+async def _api_key(settings: RunSettings, notes: list[str], given: str | None = None) -> str:
+    """The key to send with (``given``, else the environment's), checked before anything is
+    imported or priced into the database: present, and (for a server that is not on this
+    machine) accepted by one cheap call."""
     if settings.simulate:
         return SIMULATOR_KEY
     from .transport import OpenAITransport, api_key_from_env, is_local
 
     base_url = settings.transport.base_url
-    key = api_key_from_env(base_url)
+    if given is not None and not given.strip():
+        raise UsageError("the API key given is empty")
+    key = given.strip() if given is not None else api_key_from_env(base_url)
     if is_local(base_url):
         return key
     transport = OpenAITransport(key, settings.transport, 1)
@@ -173,7 +190,7 @@ def find_job(
     """The job to run: from the job file, or (``--job ID``) one already in the database."""
     if settings.jobfile is not None:
         if settings.cap_pico is None:
-            raise UsageError("--cap is required to import a job")
+            raise UsageError("a cap is required to import a job")
         reading = Reading(settings.jobfile, quiet=settings.quiet)
         try:
             return open_or_import(
@@ -186,6 +203,73 @@ def find_job(
     if job is None:
         raise UsageError(f"{store.name}: no job {settings.job_id}")
     return job, None
+
+
+StopEvent = asyncio.Event | threading.Event
+
+
+class Display(Protocol):
+    """What shows a run while it goes (the command line's bar): built from the run's live
+    counters, the job's size and the requests finished before this run."""
+
+    def __call__(self, stats: RunStats, total: int, finished_before: int) -> Shown: ...
+
+
+class Shown(Protocol):
+    def start(self) -> None: ...
+
+    def say(self, text: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Callback:
+    """A display that calls ``callback(stats)`` every ``every`` seconds and once at the end."""
+
+    def __init__(
+        self, callback: Callable[[RunStats], None] | None, every: float, stats: RunStats
+    ) -> None:
+        self.callback, self.every, self.stats = callback, every, stats
+        self.lines: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.callback is not None:
+            self._task = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        assert self.callback is not None
+        while True:
+            await asyncio.sleep(self.every)
+            self.callback(self.stats)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.callback is not None:
+            self.callback(self.stats)
+
+
+def _callback_display(callback: Callable[[RunStats], None] | None, every: float) -> Display:
+    def build(stats: RunStats, _total: int, _before: int) -> Shown:
+        return _Callback(callback, every, stats)
+
+    return build
+
+
+async def _watch_stop(stop: StopEvent, control: Control) -> None:
+    """Stop the run in order once ``stop`` is set (a threading.Event is polled)."""
+    if isinstance(stop, asyncio.Event):
+        await stop.wait()
+    else:
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+    control.stop(RunOutcome.INTERRUPTED, "stopped by the caller")
 
 
 class _Runner:
@@ -247,51 +331,60 @@ def estimate(
 
 @dataclass(frozen=True, slots=True)
 class Conclusion:
-    """How a run ends for the user: an exit status and, unless all went well, why."""
+    """How a run ends for the user: its outcome, how many requests failed for good, and,
+    unless all went well, why. (The command line turns this into an exit status.)"""
 
-    exit_code: int
+    outcome: RunOutcome
     message: str | None = None
+    failed: int = 0
+    signal: int | None = None
 
 
 def conclude(report: RunReport, status: JobStatus) -> Conclusion:
-    """The exit status and closing message of a run, from its report and the job's status."""
+    """The outcome and closing message of a run, from its report and the job's status."""
     outcome = report.outcome
+    failed = status.states.get("failed", 0)
     pending = status.states.get("pending", 0) + status.states.get("reserved", 0)
     if outcome is RunOutcome.DETACHED:
-        return Conclusion(128 + (report.signal or 2), report.message)
+        return Conclusion(outcome, report.message, failed, report.signal or 2)
     if outcome is RunOutcome.COMPLETE and pending and pending == status.in_batches:
         watchers = [f"pid {r.pid} on {r.host}" for r in status.runners if r.via == "batch"]
         if watchers:
             return Conclusion(
-                1,
+                RunOutcome.BATCHES_OPEN,
                 f"{pending:,} request(s) are in Batch API batches still open at OpenAI, watched "
                 f"by another runner ({', '.join(watchers)}): it records their results.",
+                failed,
             )
         return Conclusion(
-            1,
+            RunOutcome.BATCHES_OPEN,
             f"{pending:,} request(s) are in Batch API batches still open at OpenAI; run the job "
-            "with --via batch to collect their results.",
+            "through the Batch API again to collect their results.",
+            failed,
         )
     if outcome is RunOutcome.INTERRUPTED:
         return Conclusion(
-            128 + (report.signal or 2),
+            outcome,
             f"{report.message}; {pending:,} request(s) not finished. Run the same command "
             "again to resume.",
+            failed,
+            report.signal or 2,
         )
     if outcome is RunOutcome.CAPPED or (outcome is RunOutcome.COMPLETE and pending):
         worst = status.spend.settled_pico + status.pending_worst_pico
         likely = projected_pico(status)
         return Conclusion(
-            RunOutcome.CAPPED.exit_code,
+            RunOutcome.CAPPED,
             f"stopped at the spend cap: {pending:,} request(s) not sent, because the next "
             f"one's worst case would pass the cap of {format_money(status.job.cap_pico)}. A cap "
             f"of {format_money(worst)} finishes the job at worst case (about "
-            f"{format_money(likely)} at the output seen so far); run again with a higher --cap "
+            f"{format_money(likely)} at the output seen so far); run again with a higher cap "
             "to continue.",
+            failed,
         )
     if outcome is not RunOutcome.COMPLETE:
-        return Conclusion(outcome.exit_code, f"stopped: {report.message}")
-    return Conclusion(1 if status.states.get("failed", 0) else 0)
+        return Conclusion(outcome, f"stopped: {report.message}", failed)
+    return Conclusion(outcome, None, failed)
 
 
 async def run_job(
@@ -300,14 +393,24 @@ async def run_job(
     confirm: Confirm | None = None,
     *,
     signals: bool = True,
+    api_key: str | None = None,
+    stop: StopEvent | None = None,
+    display: Display | None = None,
+    progress: Callable[[RunStats], None] | None = None,
+    progress_every: float = 1.0,
 ) -> tuple[RunReport, Store, Job]:
-    """Import or resume the job and run it; ``conclude`` turns the report into an exit status.
+    """Import or resume the job and run it; ``conclude`` says how it ended.
 
     ``signals``: stop in order on SIGINT / SIGTERM (the command line), or leave signals alone
-    (a library caller, a test)."""
+    (a library caller, a test). ``api_key``: the key (default: from the environment).
+    ``stop``: an event that, once set, stops the run in order. ``display`` builds what shows
+    the run (the command line's progress bar); ``progress`` is a plain callback instead, called
+    with the live counters every ``progress_every`` seconds."""
     table = load_price_table(settings.prices)
     notes: list[str] = []
-    api_key = await _api_key(settings, notes)
+    api_key = await _api_key(settings, notes, api_key)
+    if display is None:
+        display = _callback_display(progress, progress_every)
     store = open_store(settings.db, create=settings.jobfile is not None)
     try:
         job, plan = find_job(store, settings, table, notes)
@@ -331,8 +434,8 @@ async def run_job(
             raise UsageError(
                 f"{unbounded:,} request(s) continue a stored conversation (previous_response_id"
                 " or conversation): OpenAI bills the earlier turns as input, so no worst case "
-                "bounds their cost and the cap could be passed. Remove them, or pass "
-                "--allow-unbounded to send them anyway (the run then stops at the cap only "
+                "bounds their cost and the cap could be passed. Remove them, or allow "
+                "unbounded requests to send them anyway (the run then stops at the cap only "
                 "after they are billed)"
             )
         from .backends import sync  # noqa: F401 - loaded before the heartbeat starts to count
@@ -353,7 +456,9 @@ async def run_job(
         # Estimating (and a user reading it) may take longer than the heartbeat's TTL: renew
         # it, or another runner would count this one dead before it has sent anything.
         store.heartbeat(runner.id, settings.stopping.heartbeat_ttl, 0)
-        report = await _drive(store, job, table, settings, runner.id, signals, api_key)
+        report = await _drive(
+            store, job, table, settings, runner.id, signals, api_key, stop, display
+        )
     finally:
         runner.retire()
     final = {
@@ -381,7 +486,12 @@ def _existing_job(store: Store, settings: RunSettings) -> Job:
 
 
 async def cancel_job(
-    settings: RunSettings, echo: Echo, *, signals: bool = True
+    settings: RunSettings,
+    echo: Echo,
+    *,
+    signals: bool = True,
+    api_key: str | None = None,
+    display: Display | None = None,
 ) -> tuple[RunReport, Store, Job]:
     """``batchrun cancel``: cancel the job's open Batch API batches and record what they
     return (the lines that ran; the others go back to pending). Nothing new is submitted."""
@@ -391,7 +501,7 @@ async def cancel_job(
     store = open_store(settings.db, create=False)
     try:
         job = _existing_job(store, settings)
-        api_key = await _api_key(settings, [])
+        api_key = await _api_key(settings, [], api_key)
         settings = replace(
             settings,
             cap_pico=job.cap_pico,
@@ -406,7 +516,10 @@ async def cancel_job(
         store.recover(job.id, runner.host, process_alive)
         held = [b for b in store.job_batches(job.id) if b.open]
         echo(f"job {job.id}: {len(held)} open batch(es) in {store.name}")
-        report = await _drive(store, job, table, settings, runner.id, signals, api_key)
+        report = await _drive(
+            store, job, table, settings, runner.id, signals, api_key, None,
+            display or _callback_display(None, 1.0),
+        )  # fmt: skip
     finally:
         runner.retire()
     return report, store, job
@@ -420,6 +533,8 @@ async def _drive(
     runner_id: int,
     handle_signals: bool,
     api_key: str,
+    stop: StopEvent | None,
+    display: Display,
 ) -> RunReport:
     from .backends.sync import SyncBackend
     from .governor import Governor
@@ -463,7 +578,7 @@ async def _drive(
     finished_before = sum(
         n for state, n in store.state_counts(job.id).items() if state in ("done", "failed")
     )
-    progress = Progress(books.stats, job.requests, finished_before, quiet=settings.quiet)
+    progress = display(books.stats, job.requests, finished_before)
 
     def acknowledge() -> None:
         if control.outcome is RunOutcome.INTERRUPTED:
@@ -479,10 +594,25 @@ async def _drive(
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, control.interrupt, int(sig), sig.name)
+    watching = asyncio.create_task(_watch_stop(stop, control)) if stop is not None else None
     progress.start()
+    running = asyncio.create_task(engine.run())
     try:
-        return await engine.run()
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # The caller's task was cancelled: stop in order (the grace period, conservative
+            # books), then let the cancellation go on.
+            control.stop(RunOutcome.INTERRUPTED, "stopped by cancellation")
+            while not running.done():
+                try:
+                    await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    control.hard.set()  # cancelled again: stop now (books stay conservative)
+            raise
     finally:
+        if watching is not None:
+            watching.cancel()
         await progress.close()
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.engine import RunReport
+from runner import RunResult, run_with
+from runner.cli import exit_status
 from runner.money import usd_to_pico
-from runner.run import conclude, run_job
 from runner.settings import Limits, Retry, RunSettings, Stopping, Transport
 from runner.simulator import SimulatorThread
 from runner.store import JobStatus
@@ -95,7 +95,7 @@ def result_costs(db: Path) -> int:
 class Ran:
     """What an in-process run left: its report, the job's status, what it printed."""
 
-    report: RunReport
+    report: RunResult
     status: JobStatus
     exit_code: int
     message: str | None
@@ -121,31 +121,19 @@ async def run_in_process(
     **settings: Any,
 ) -> Ran:
     """Run a job with the library, on the test's event loop (no subprocess, no signals)."""
-    previous = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = key
-    try:
-        run_settings = RunSettings(
-            cap_pico=usd_to_pico(cap),
-            jobfile=job,
-            db=str(db),
-            job_id=job_id,
-            quiet=True,
-            limits=limits or Limits(),
-            retry=retry or Retry(backoff_base=0.01, backoff_max=0.05),
-            transport=Transport(base_url=base_url, timeout=timeout),
-            stopping=Stopping(grace=grace),
-            **settings,
-        )
-        printed: list[str] = []
-        report, store, found = await run_job(run_settings, printed.append, signals=False)
-        try:
-            status = store.status(found.id)
-        finally:
-            store.close()
-    finally:
-        if previous is None:
-            os.environ.pop("OPENAI_API_KEY", None)
-        else:
-            os.environ["OPENAI_API_KEY"] = previous
-    end = conclude(report, status)
-    return Ran(report, status, end.exit_code, end.message, printed)
+    run_settings = RunSettings(
+        cap_pico=usd_to_pico(cap),
+        jobfile=job,
+        db=str(db),
+        job_id=job_id,
+        quiet=True,
+        limits=limits or Limits(),
+        retry=retry or Retry(backoff_base=0.01, backoff_max=0.05),
+        transport=Transport(base_url=base_url, timeout=timeout),
+        stopping=Stopping(grace=grace),
+        **settings,
+    )
+    printed: list[str] = []
+    result = await run_with(run_settings, echo=printed.append, api_key=key)
+    assert result.job_status is not None
+    return Ran(result, result.job_status, exit_status(result), result.message, printed)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from runner.cli import exit_status
 from runner.money import usd_to_pico
 from runner.plan import least_seconds
 from runner.pricing import load_price_table
@@ -96,7 +97,7 @@ async def _run_together(
         )
         report, store, job = await run_job(run, lambda _: None, signals=False)
         try:
-            return conclude(report, store.status(job.id)).exit_code
+            return exit_status(conclude(report, store.status(job.id)))
         finally:
             store.close()
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from runner.cli import error_status
 from runner.endpoints import endpoint_for
 from runner.errors import JobFileError, PriceError
 from runner.plan import Plan, Totals, open_job, plan_rows, price_job
@@ -258,7 +259,7 @@ def test_every_invalid_line_is_reported_after_one_pass(tmp_path: Path, table: Pr
         (3, "line"),
         (4, "custom_id"),
     ]
-    assert info.value.exit_code == 2
+    assert error_status(info.value) == 2
 
 
 def test_user_model_without_max_output_cannot_price_an_unlimited_request(

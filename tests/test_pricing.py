@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.cli import error_status
 from runner.endpoints import CHAT, Usage
 from runner.errors import PriceError, UnknownModelError
 from runner.money import price_per_mtok_to_pico_per_token
@@ -72,7 +73,7 @@ def test_unknown_model_is_an_error_never_zero(table: PriceTable, model: str) -> 
     assert table.lookup(model) is None
     with pytest.raises(UnknownModelError) as info:
         table.resolve(model)
-    assert info.value.exit_code == 2
+    assert error_status(info.value) == 2
     assert repr(model) in str(info.value) and "--prices" in str(info.value)
 
 

@@ -63,7 +63,7 @@ async def test_a_changed_job_file_runs_as_a_new_job_that_pays_only_for_changed_r
     job.write_text("".join(json.dumps(line) + "\n" for line in lines))
     sent = sim.ledger_snapshot()["requests_received"]
     ran = await run_in_process(job, db, sim.base_url, reuse=False)
-    assert "every request is sent again (--no-reuse)" in ran.output
+    assert "every request is sent again (reuse is off)" in ran.output
     assert sim.ledger_snapshot()["requests_received"] - sent == 22
     assert rows(db, "SELECT id, requests FROM jobs ORDER BY id") == [(1, 20), (2, 22), (3, 22)]
 
