@@ -67,6 +67,63 @@ def _number(text: str | None, minimum: int) -> int | None:
     return int(value)
 
 
+# -- aiolimiter's private state -------------------------------------------------------------------
+# aiolimiter has no public way to lower a bucket's free capacity without waiting, nor to change
+# its rate in place, so the four functions below reach into an AsyncLimiter. They are the only
+# code that touches its private attributes, and aiolimiter is pinned to the 1.3 series for them
+# (pyproject.toml); tests/test_aiolimiter_contract.py checks every assumption they make:
+#   _level         the capacity in use (a float, 0 to max_rate; more holds acquire() back for
+#                  longer). It leaks at _rate_per_sec since _last_check, and has_capacity()
+#                  applies that leak first (so _limiter_level is current, and the level set
+#                  just after it counts from now).
+#   _rate_per_sec  the leak rate, max_rate / time_period, which the constructor caches.
+#   _waiters       a heap of (amount, order, future), one per acquire() that waits.
+#   _wake_next()   wakes the first waiter if it now fits, else arms a timer for when it will.
+LIMITER_PRIVATE_ATTRS = ("_level", "_rate_per_sec", "_waiters", "_wake_next")
+
+
+def _limiter_level(lim: AsyncLimiter) -> float:
+    """The capacity ``lim`` has in use now (leaked up to now first)."""
+    lim.has_capacity(0)
+    return lim._level
+
+
+def _set_limiter_level(lim: AsyncLimiter, level: float) -> None:
+    """Make ``level`` of ``lim``'s capacity in use; call it right after :func:`_limiter_level`,
+    so what leaks from here on counts from now."""
+    lim._level = level
+
+
+def _rescale_limiter_level(lim: AsyncLimiter, new_limit: int, old_limit: int) -> None:
+    """Scale the capacity ``lim`` has in use from ``old_limit`` to ``new_limit``; an empty
+    bucket is left alone (which needs no running event loop)."""
+    if lim._level:
+        lim._level = _limiter_level(lim) * new_limit / old_limit
+
+
+def _set_limiter_rate(lim: AsyncLimiter, max_rate: int) -> None:
+    """Change ``lim``'s capacity and rate in place; requests already waiting wait at the new
+    rate (and for no more than the new capacity, which is all aiolimiter can grant)."""
+    lim.max_rate = max_rate
+    lim._rate_per_sec = max_rate / lim.time_period
+    if lim._waiters:
+        # acquire() re-checks the amount it was called with, which can never fit a smaller
+        # capacity: such waiters are woken with _Resized, to ask again for what fits now.
+        kept = []
+        for a, n, f in lim._waiters:
+            if a <= max_rate:
+                kept.append((a, n, f))
+            elif not f.done():
+                f.set_exception(_Resized())
+        lim._waiters = kept
+        heapq.heapify(lim._waiters)
+        lim._wake_next()
+
+
+class _Resized(Exception):
+    """A waiter asked for more than a bucket holds after it shrank (see _set_limiter_rate)."""
+
+
 class _Bucket:
     """One limit (requests or tokens per minute) and where it came from."""
 
@@ -81,31 +138,32 @@ class _Bucket:
     async def acquire(self, amount: float) -> None:
         # aiolimiter refuses an amount larger than its capacity; such a request can only be
         # sent on an empty bucket, which is what acquiring the full capacity waits for.
-        await self.limiter.acquire(min(amount, self.limit))
+        while True:
+            try:
+                await self.limiter.acquire(min(amount, self.limit))
+                return
+            except _Resized:
+                continue  # the limit shrank while this waited: ask for what fits now
 
     def _level(self) -> float:
-        lim = self.limiter
-        lim.has_capacity(0)  # leaks first, so the level is current
-        return lim._level
+        return _limiter_level(self.limiter)
 
     def align(self, remaining: int) -> None:
         """Drain our bucket to match a server that says it has ``remaining`` capacity left."""
-        # aiolimiter has no public way to lower the free capacity without waiting, so this
-        # reaches into its level.
         if remaining < self.limit - self._level():
-            self.limiter._level = float(self.limit - max(0, remaining))
+            _set_limiter_level(self.limiter, float(self.limit - max(0, remaining)))
 
     def empty(self, until_seconds: float = 0.0) -> None:
         """Use up all capacity until ``until_seconds`` from now: after a pause, requests leave
         at the limit's rate (what leaks during the pause is not a burst waiting at its end)."""
         level = self.limit + until_seconds * self.limit / 60.0
         if level > self._level():
-            self.limiter._level = level
+            _set_limiter_level(self.limiter, level)
 
     def set_free(self, free: int) -> None:
         """Make ``free`` of the capacity available now (within 0 and the limit)."""
         self._level()  # leak first
-        self.limiter._level = float(self.limit - min(max(0, free), self.limit))
+        _set_limiter_level(self.limiter, float(self.limit - min(max(0, free), self.limit)))
 
     def rescale(self, share: float) -> None:
         """Govern at ``share`` of the organization's limit from now on, in place: the part of
@@ -114,16 +172,9 @@ class _Bucket:
         limit = max(1, int(self.org_limit * share))
         if limit == self.limit:
             return
-        lim = self.limiter
-        if lim._level:
-            lim._level = self._level() * limit / self.limit
-        lim.max_rate = limit
-        lim._rate_per_sec = limit / lim.time_period
+        _rescale_limiter_level(self.limiter, limit, self.limit)
         self.limit = limit
-        if lim._waiters:  # aiolimiter keeps (amount, order, future) in a heap
-            lim._waiters = [(min(a, limit), n, f) for a, n, f in lim._waiters]
-            heapq.heapify(lim._waiters)
-            lim._wake_next()
+        _set_limiter_rate(self.limiter, limit)
 
     def seconds_for(self, amount: float) -> float:
         """How long the limit takes to free ``amount`` of capacity."""

@@ -10,6 +10,7 @@ lines that are actually wrong, because pricing a million-request job must stay f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -373,6 +374,7 @@ class JobReader:
                 self._add(lineno, "line", f"invalid UTF-8 at byte {col}")
             return None
         encode = self.keep_body_json
+        suspect = False  # might give a key twice
         try:
             obj, end = _SCAN(text, 0)
             if end != len(text) and text[end:].strip(" \t\r\n"):
@@ -384,11 +386,15 @@ class JobReader:
                 self._add(lineno, "line", obj.reason)
                 return None
             encode = True  # the encoder checks what the fast scan did not (NaN, Infinity)
+            suspect = True
 
         if type(obj) is not dict:
             self._add(lineno, "line", f"must be a JSON object, got {_kind(obj)}")
             return None
         errors: Errors = []
+        if suspect or _may_repeat_a_key(raw, obj):
+            # json keeps the last of two equal keys; the API's parser may keep the first
+            errors.extend(_repeated_keys(text))
         custom_id = obj.get("custom_id")
         url = obj.get("url")
         body = obj.get("body")
@@ -443,7 +449,10 @@ class JobReader:
             errors.append(("body.model", _bad_string(body, "model", model)))
         elif self.known_model is not None and not self._is_known(model):
             errors.append(
-                ("body.model", f"no price known for model {model!r} (add it with --prices FILE)")
+                (
+                    "body.model",
+                    f"no price known for model {model!r} (add it to a price file of your own)",
+                )
             )
         if kind == "chat":
             _check_chat(body, errors)
@@ -726,6 +735,105 @@ def _bad_role(obj: dict[str, Any], role: Any, allowed: tuple[str, ...]) -> str:
     if type(role) is not str:
         return f"must be a string, got {_kind(role)}"
     return f"unknown role {_short(role)} (expected one of {', '.join(allowed)})"
+
+
+# -- repeated keys ------------------------------------------------------------------------------
+
+
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A decoded object in which some keys were given more than once (rare: only on re-scans)."""
+
+    __slots__ = ("repeated",)
+    repeated: list[tuple[str, int]]  # (key, times given), in order of first appearance
+
+
+def _keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    counts: dict[str, int] = {}
+    for key, _ in pairs:
+        counts[key] = counts.get(key, 0) + 1
+    marked = _Repeated(obj)
+    marked.repeated = [(key, n) for key, n in counts.items() if n > 1]
+    return marked
+
+
+# Only for lines that _may_repeat_a_key flags: building pairs for every object costs about as
+# much again as the whole fast scan.
+_SCAN_PAIRS = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=_keep_repeats))
+
+
+def _may_repeat_a_key(raw: bytes | bytearray, obj: dict[str, Any]) -> bool:
+    """False only if no object of the line can have a key given twice; cheap, conservative.
+
+    Every key of the line is followed by a colon (after optional whitespace), so the colons
+    of the line are at least its keys plus the colons inside the decoded strings (a colon can
+    only be escaped as \\u003a). Each key that decoding dropped as a repeat leaves its colon
+    unaccounted for: once the keys and string colons of the usual objects (the line, the
+    body, its messages or input items) account for every colon, nothing was dropped. Lines
+    with other nested objects, or colons in other strings, are re-scanned (``_repeated_keys``).
+    """
+    if 92 in raw and (b"\\u003a" in raw or b"\\u003A" in raw):  # 92: backslash
+        return True
+    spare = raw.count(b":") - len(obj)
+    for value in obj.values():
+        if type(value) is str:
+            spare -= value.count(":")
+    if spare <= 0:
+        return False
+    body = obj.get("body")
+    if type(body) is not dict:
+        return True
+    spare -= len(body)
+    for value in body.values():
+        if spare <= 0:
+            return False
+        if type(value) is str:
+            spare -= value.count(":")
+        elif type(value) is list:
+            for item in value:
+                if type(item) is dict:
+                    spare -= len(item)
+                    for text in item.values():
+                        if type(text) is str:
+                            spare -= text.count(":")
+                elif type(item) is str:
+                    spare -= item.count(":")
+    return spare > 0
+
+
+def _repeated_keys(text: str) -> Errors:
+    """One problem per key given more than once in an object of ``text``, at its field."""
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    try:
+        value, _ = _SCAN_PAIRS(text, start)
+    except (ValueError, StopIteration, RecursionError):
+        return []  # the line is reported as invalid JSON
+    errors: Errors = []
+    with contextlib.suppress(RecursionError):  # reported as nested too deeply
+        _collect_repeats(value, "", errors)
+    return errors
+
+
+def _collect_repeats(value: Any, where: str, errors: Errors) -> None:
+    if isinstance(value, dict):
+        if type(value) is _Repeated:
+            for key, times in value.repeated:
+                errors.append(
+                    (
+                        f"{where}.{key}" if where else key,
+                        f"key {_short(key)} given {times} times in one object: batchrun "
+                        "checked the last value, the API may read another; give it once",
+                    )
+                )
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                _collect_repeats(item, f"{where}.{key}" if where else key, errors)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, dict | list):
+                _collect_repeats(item, f"{where}[{i}]", errors)
 
 
 @dataclass(frozen=True, slots=True)

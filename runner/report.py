@@ -362,6 +362,12 @@ def format_status(s: JobStatus) -> str:
         lines.append(
             "  errors     " + ", ".join(f"{k}: {n:,}" for k, n in sorted(s.errors.items()))
         )
+    failed = s.states.get("failed", 0)
+    if failed:
+        lines.append(
+            f"  failed     {failed:,} request(s) failed for good: `batchrun status --job {j.id} "
+            f"--failed` lists them; `batchrun run --job {j.id} --retry-failed` sends them again"
+        )
     if s.runners:
         live = len(_live(s))
         gone = len(s.runners) - live

@@ -29,7 +29,7 @@ from .books import (
     wait_quiet,
     watch_bills,
 )
-from .helpers import ledger_total, query, result_costs, run_in_process, write_job
+from .helpers import batchrun, ledger_total, query, result_costs, run_in_process, write_job
 
 SimFactory = Callable[..., SimulatorThread]
 FAST = Retry(max_attempts=20, backoff_base=0.005, backoff_max=0.05)
@@ -125,7 +125,7 @@ async def test_a_wrong_base_url_stops_as_a_usage_error_and_fails_no_row(
     write_job(job, 100, seed=4)
     ran = await run_in_process(job, db, sim.base_url.removesuffix("/v1") + "/v2")
     assert ran.report.outcome is RunOutcome.REFUSED and ran.exit_code == 2
-    assert "404" in (ran.message or "") and "--base-url" in (ran.message or "")
+    assert "404" in (ran.message or "") and "base URL" in (ran.message or "")
     assert ran.status.states.get("failed", 0) == 0
     assert ran.status.states == {"pending": 100}
 
@@ -157,7 +157,8 @@ async def test_an_absurd_retry_after_is_cut_to_max_wait_and_said(
     ran = await run_in_process(job, db, sim.base_url, retry=Retry(max_wait=0.2))
     assert ran.exit_code == 0, ran.message
     assert time.monotonic() - started < 20
-    assert any("99,999,999s" in n and "0s (--max-wait)" in n for n in ran.report.stats.notices)
+    notices = ran.report.stats.notices
+    assert any("99,999,999s" in n and "0s (the longest wait allowed)" in n for n in notices)
 
 
 # Each fault on 60% of requests, up to 3 attempts a request: most rows succeed after retries,
@@ -225,6 +226,26 @@ async def test_failed_rows_can_be_queued_again_by_error_code(
     assert again.status.states == {"done": 20}
     assert "20 failed request(s) (500) queued again" in again.output
     assert result_costs(db) == sim.ledger_snapshot()["billed_pico"]
+
+
+async def test_after_failures_status_names_the_commands_that_list_and_resend_them(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    from runner.report import format_status
+
+    sim = make_simulator(p_500=1.0)
+    job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
+    write_job(job, 12, seed=3)
+    ran = await run_in_process(job, db, sim.base_url, retry=Retry(max_attempts=1))
+    text = format_status(ran.status)
+    hint = "12 request(s) failed for good: `batchrun status --job 1 --failed` lists them; "
+    assert hint + "`batchrun run --job 1 --retry-failed` sends them again" in text
+    listed = batchrun("status", "--job", "1", "--failed", "--db", db)
+    assert listed.returncode == 0 and "job 1: 12 failed request(s)" in listed.stdout
+    sim.configure(p_500=0.0)
+    again = batchrun("run", "--job", "1", "--retry-failed", "--db", db, "--base-url", sim.base_url)
+    assert again.returncode == 0, again.stderr
+    assert "failed for good" not in again.stdout
 
 
 # -- 4. books that never fall below the bill ------------------------------------------------------
@@ -320,7 +341,7 @@ async def test_unbounded_requests_are_refused_unless_allowed_then_the_cap_still_
     sim = make_simulator(conversation_tokens=20_000)
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     _conversation_job(job, 40)
-    with pytest.raises(UsageError, match="--allow-unbounded"):
+    with pytest.raises(UsageError, match="allow unbounded requests"):
         await run_in_process(job, db, sim.base_url)
     assert sim.ledger_snapshot()["requests_received"] == 0
     ran = await run_in_process(

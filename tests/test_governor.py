@@ -3,11 +3,55 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import types
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import pytest
 
+from runner import governor
 from runner.governor import PROBE_WAIT, Governor, parse_duration
+
+T = TypeVar("T")
+
+
+class Clock:
+    """A virtual clock for the governor (``time.monotonic``) and aiolimiter and asyncio's timers
+    (``loop.time``): frozen unless a test moves it, so no test depends on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.step = 0.001
+        self.start = 1000.0
+
+    @property
+    def now(self) -> float:
+        return self.start + self.ticks * self.step
+
+    async def run(self, aw: Awaitable[T], limit: float = 600.0) -> T:
+        """Await ``aw``, moving the clock on a millisecond whenever nothing else can run."""
+        task = asyncio.ensure_future(aw)
+        deadline = self.ticks + round(limit / self.step)
+        while True:
+            for _ in range(10):
+                await asyncio.sleep(0)
+            if task.done():
+                return task.result()
+            assert self.ticks < deadline, f"still waiting after {limit} virtual seconds"
+            self.ticks += 1
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock on by ``seconds``, running whatever falls due on the way."""
+        await self.run(asyncio.sleep(seconds))
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(asyncio.BaseEventLoop, "time", lambda loop: c.now)
+    fake_time = types.SimpleNamespace(monotonic=lambda: c.now, time=lambda: 1.7e9 + c.now)
+    monkeypatch.setattr(governor, "time", fake_time)
+    return c
 
 
 @pytest.mark.parametrize(
@@ -84,40 +128,48 @@ def test_nonsense_limit_headers_are_ignored_without_raising(value: str) -> None:
     assert g.requests is None
 
 
-async def test_the_first_request_goes_alone_and_the_rest_wait_for_its_answer() -> None:
+async def test_the_first_request_goes_alone_and_the_rest_wait_for_its_answer(
+    clock: Clock,
+) -> None:
     g = Governor()
     probe = await g.acquire(1)
     follower = asyncio.create_task(g.acquire(1))
-    await asyncio.sleep(0.05)
+    await clock.advance(PROBE_WAIT - 0.01)
     assert not follower.done()  # held until the probe has told us the limits
     g.done(probe, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599"})
-    await asyncio.wait_for(follower, 1)
+    started = clock.now
+    await clock.run(follower)
+    assert clock.now == started  # released by the answer, not by a timer
     assert g.requests is not None and g.requests.limit == 600
 
 
-async def test_a_slow_probe_does_not_hold_the_rest_forever(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("runner.governor.PROBE_WAIT", 0.1)
+async def test_a_slow_probe_does_not_hold_the_rest_forever(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    monkeypatch.setattr("runner.governor.PROBE_WAIT", 0.1)  # what the governor reads
     g = Governor()
     await g.acquire(1)
-    started = time.monotonic()
-    await g.acquire(1)
-    assert 0.08 < time.monotonic() - started < 1.0
-    assert PROBE_WAIT == 5.0
+    started = clock.now
+    await clock.run(g.acquire(1))
+    assert clock.now - started == pytest.approx(0.1, abs=0.002)
 
 
-async def test_an_exhausted_limit_pauses_everyone_then_releases_at_the_limits_rate() -> None:
+async def test_an_exhausted_limit_pauses_everyone_then_releases_at_the_limits_rate(
+    clock: Clock,
+) -> None:
     g = Governor(rpm=600, probe=False)  # one request per 0.1 s once the bucket is empty
     t = await g.acquire(1)
     wait = g.rate_limited({"x-ratelimit-remaining-requests": "0"}, 0.2, "requests")
     g.done(t, {}, passed=False)
-    assert wait == 0.2 and g.paused_for > 0.15
-    started = time.monotonic()
-    probe = await g.acquire(1)  # after the pause, one probe first ...
-    g.done(probe, {})
-    for _ in range(3):  # ... then the rest at the rate, not all at once
-        g.done(await g.acquire(1), {})
-    elapsed = time.monotonic() - started
-    assert 0.45 < elapsed < 0.9  # 0.2 s pause + 3 x 0.1 s
+    assert wait == 0.2 and g.paused_for == pytest.approx(0.2)
+    started = clock.now
+    admitted = []
+    for _ in range(4):  # after the pause, one probe first, then the rest at the rate
+        g.done(await clock.run(g.acquire(1)), {})
+        admitted.append(round(clock.now - started, 3))
+    # The pause (0.2 s) emptied the bucket to last until its end, so each request, the probe
+    # included, then needs another 0.1 s: none go in a burst at the end of the pause.
+    assert admitted == pytest.approx([0.3, 0.4, 0.5, 0.6], abs=0.002)
 
 
 async def test_a_429_with_headroom_backs_off_only_that_request() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from runner.cli import error_status
 from runner.endpoints import ENDPOINTS
 from runner.errors import JobFileError, Problem
 from runner.jobfile import MAX_LINE_BYTES, JobLine, JobReader, file_sha256
@@ -310,7 +311,7 @@ FIELD_CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "model unknown",
         chat(model="gpt-9"),
         "body.model",
-        "no price known for model 'gpt-9' (add it with --prices FILE)",
+        "no price known for model 'gpt-9' (add it to a price file of your own)",
     ),
     ("messages missing", _drop(chat(), "body", "messages"), "body.messages", "missing"),
     ("messages empty", chat(messages=[]), "body.messages", "must not be an empty list"),
@@ -497,7 +498,7 @@ def test_each_field_problem_is_reported_at_its_line(
     assert only_problem(reader) == Problem(str(path), 3, field, reason)
     with pytest.raises(JobFileError) as caught:
         reader.check()
-    assert caught.value.problems == reader.problems and caught.value.exit_code == 2
+    assert caught.value.problems == reader.problems and error_status(caught.value) == 2
 
 
 def test_all_problems_of_one_line_are_reported(tmp_path: Path) -> None:
@@ -688,7 +689,7 @@ def test_reading_without_body_json_accepts_and_reports_exactly_the_same(tmp_path
             temperature("b", "1e999"),  # overflows to inf
             temperature("c", "-Infinity"),
             temperature("d", "1.5e-3"),  # finite floats stay fine
-            '{"custom_id": "e", "extra": NaN, ' + json.dumps(chat("e"))[1:],  # outside body: ok
+            '{"extra": NaN, ' + json.dumps(chat("e"))[1:],  # outside body: ok
             json.dumps(chat("f", messages=[{"role": "user", "content": "\ud83d\ude00 ok\n"}])),
             json.dumps(chat("g", messages=[{"role": "user", "content": "lone \udc00"}])),
             json.dumps(chat("h", metadata={"\ud800": 1})),  # a lone surrogate in a key
@@ -724,3 +725,58 @@ def test_id_fingerprints_are_64_bit_and_never_zero() -> None:
     assert len(fps) == 10_000 and 0 not in fps
     assert all(0 < fp < 2**64 for fp in fps)
     assert _IdIndex.fingerprint("a\ud800") != 0  # lone surrogates hash like any string
+
+
+# -- keys given twice ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (
+            '{"custom_id": "a", "custom_id": "b", ' + json.dumps(chat("x"))[1:].split(", ", 1)[1],
+            "custom_id",
+        ),
+        (json.dumps(chat("a")).replace('"model"', '"model": "gpt-4o", "model"'), "body.model"),
+        (
+            json.dumps(chat("a")).replace('"role": "user"', '"role": "system", "role": "user"'),
+            "body.messages[0].role",
+        ),
+        # a colon inside a string must not let a repeat hide from the cheap pre-check
+        (
+            json.dumps(chat("a:b:c")).replace(
+                '"max_completion_tokens"', '"max_completion_tokens": 5, "max_completion_tokens"'
+            ),
+            "body.max_completion_tokens",
+        ),
+        # nor a key spelled with an escaped colon elsewhere
+        (
+            json.dumps(chat("a", metadata={"k": "v\\u003a"})).replace(
+                '"metadata"', '"temperature": 1, "temperature": 0, "metadata"'
+            ),
+            "body.temperature",
+        ),
+    ],
+    ids=["custom_id", "model", "role", "colons-in-strings", "escaped-colon"],
+)
+def test_a_key_given_twice_is_a_problem_naming_the_line_and_the_key(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    path = write(tmp_path, chat("ok-1"), line, chat("ok-3"))
+    jobs, reader = read(path)
+    assert [j.line for j in jobs] == [1, 3]
+    problem = only_problem(reader)
+    assert (problem.line, problem.field) == (2, field)
+    assert "given 2 times in one object" in problem.reason
+    with pytest.raises(JobFileError) as caught:
+        reader.check()
+    assert error_status(caught.value) == 2
+
+
+def test_keys_that_look_alike_but_differ_are_not_repeats(tmp_path: Path) -> None:
+    body = chat("a", metadata={"model": "x", "note": "a: b: c"}, temperature=0.2)
+    path = write(
+        tmp_path, body, '{"custom_id": "b", ' + json.dumps(chat("b"))[1:].split(", ", 1)[1]
+    )
+    jobs, reader = read(path)
+    assert reader.problems == [] and [j.custom_id for j in jobs] == ["a", "b"]

@@ -74,7 +74,7 @@ def test_unknown_model_is_an_error_never_zero(table: PriceTable, model: str) -> 
     with pytest.raises(UnknownModelError) as info:
         table.resolve(model)
     assert error_status(info.value) == 2
-    assert repr(model) in str(info.value) and "--prices" in str(info.value)
+    assert repr(model) in str(info.value) and "price file" in str(info.value)
 
 
 # -- user price files --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import resource
 import shutil
 import sqlite3
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from click.testing import CliRunner
 
 from runner.cli import main
 from runner.simulator import SimulatorThread
+from runner.store.sqlite import BUSY_TIMEOUT_MS
 
 from .books import (
     assert_consistent,
@@ -185,7 +185,7 @@ def test_a_database_locked_by_another_process_is_a_clear_error(
     _import(job, db, sim)
     before = _dump(db)
     received = sim.ledger_snapshot()["requests_received"]
-    with _locked(db):  # held for longer than batchrun's busy timeout (5 s)
+    with _locked(db):  # held until the run gave up: longer than its busy timeout
         out = _run(job, db, sim)
     _clean_failure(out, 2, "the database is locked by another process")
     assert _dump(db) == before
@@ -202,8 +202,14 @@ def test_a_lock_taken_mid_run_stops_the_run_cleanly_and_the_job_resumes(
     proc = start_run(job, db, sim, "--concurrency", "8")
     wait_received(sim, 30, proc)
     with _locked(db):
-        time.sleep(6)  # the run's next commit waits its 5 s busy timeout, then gives up
-    out, err = proc.communicate(timeout=30)
+        # The run's next commit waits its busy timeout, then gives up: hold the lock until it
+        # has (a generous deadline, for a busy machine), not for a guessed time.
+        try:
+            out, err = proc.communicate(timeout=BUSY_TIMEOUT_MS / 1000 + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("the run did not give up on the locked database") from None
     _clean_failure(
         subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
         2,

@@ -33,7 +33,7 @@ from ..errors import BatchrunError
 from ..governor import Governor
 from ..retry import Action, Backoff, Verdict, classify
 from ..settings import Limits, Retry
-from ..store import Beat, PendingRequest
+from ..store import Beat, Claim, PendingRequest
 from ..transport import OpenAITransport, Outcome
 
 _RESIZE_EVERY = 0.5  # seconds between pool resizes
@@ -196,6 +196,7 @@ class SyncBackend:
         self._pool = _Pool(min(limits.initial_concurrency, limits.concurrency), limits.concurrency)
         self._ready: asyncio.Queue[PendingRequest] = asyncio.Queue()
         self._taken = asyncio.Event()
+        self._left = asyncio.Event()  # a request of ours was done with (see _wait_left)
         self._on_wire: set[int] = set()
         self._holding: dict[int, PendingRequest] = {}  # claimed by a worker, sent or not
         self._outage = _Outage()
@@ -262,22 +263,60 @@ class SyncBackend:
                 self._taken.clear()
                 await self._taken.wait()
                 continue
+            # Settlements are committed by the writer a moment after they happen, and a claim
+            # checks the cap against the committed books: a claim made with nothing of ours in
+            # flight commits what is waiting first, so it sees every settlement of ours.
+            idle = not self._mine()
+            if idle:
+                await books.flush()
+            self._left.clear()
             claim = await books.claim(prefetch - self._ready.qsize())
-            for req in claim.requests:
-                self._ready.put_nowait(req)
-            if claim.requests:
+            if self._take(claim):
                 continue
-            mine = len(self._holding) + self._ready.qsize() + len(self._refusals.held)
-            if mine:
+            if claim.blocked and not idle and await books.flush() is not None:
+                continue  # settlements were waiting to be committed: they may free room
+            if self._mine():
                 # Requests of ours are in flight or waiting to retry: what they settle may
                 # free room under the cap, or hand a request back.
-                await books.wait_settlement(1.0)
+                await self._wait_left(1.0)
                 continue
-            if await books.open_elsewhere(mine) > 0:
+            if not idle:
+                # The claim was made while requests of ours were in flight: it proves nothing
+                # about the cap. Claim again, now that they have settled.
+                continue
+            if await books.open_elsewhere(0) > 0:
                 await books.wait_settlement(1.0)  # other runners hold requests: wait for them
                 continue
+            if claim.blocked and claim.spend.reserved_pico:
+                # The claim's books held reservations that are gone now (other runners
+                # settled them since, or open Batch API batches hold them): the last word is a
+                # claim against what is left.
+                claim = await books.claim(prefetch - self._ready.qsize())
+                if self._take(claim):
+                    continue
+            # Nothing of ours in flight, nothing reserved by live runners that may come back,
+            # everything committed: the next request's worst case does not fit (or none is
+            # left).
             return RunOutcome.CAPPED if claim.blocked else RunOutcome.COMPLETE
         return RunOutcome.COMPLETE
+
+    def _mine(self) -> int:
+        """Requests this runner holds: queued, in flight, waiting to retry, or held refusals."""
+        return len(self._holding) + self._ready.qsize() + len(self._refusals.held)
+
+    def _take(self, claim: Claim) -> bool:
+        """Queue what a claim reserved; whether it reserved anything."""
+        for req in claim.requests:
+            self._ready.put_nowait(req)
+        return bool(claim.requests)
+
+    async def _wait_left(self, timeout: float) -> None:
+        """Wait until a request of ours is done with (settled, failed or handed back) since the
+        last claim began: set in the worker, so one that finished during the claim's round
+        trip is not missed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._left.wait()
 
     async def _recheck(self) -> None:
         """After an allowed unbounded request cost more than its worst case: hand back what
@@ -352,6 +391,7 @@ class SyncBackend:
                     return
                 finally:
                     self._holding.pop(req.id, None)
+                    self._left.set()
             finally:
                 await pool.release()
 
@@ -481,7 +521,7 @@ class SyncBackend:
             return seconds
         self._books_().notice(
             f"the server asked to wait {seconds:,.0f}s before retrying; waiting "
-            f"{self.retry.max_wait:,.0f}s (--max-wait)"
+            f"{self.retry.max_wait:,.0f}s (the longest wait allowed)"
         )
         return self.retry.max_wait
 
@@ -508,7 +548,7 @@ class SyncBackend:
             control.stop(
                 RunOutcome.REFUSED,
                 f"the first {len(held)} requests were all refused with {status}: "
-                f"{verdict.message}. Check --base-url and the API key; the requests stay "
+                f"{verdict.message}. Check the base URL and the API key; the requests stay "
                 "pending",
             )
 
