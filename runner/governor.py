@@ -148,6 +148,10 @@ class _Bucket:
     def _level(self) -> float:
         return _limiter_level(self.limiter)
 
+    def free(self) -> float:
+        """The capacity free now (0 to the limit; read-only)."""
+        return min(float(self.limit), max(0.0, self.limit - self._level()))
+
     def align(self, remaining: int) -> None:
         """Drain our bucket to match a server that says it has ``remaining`` capacity left."""
         if remaining < self.limit - self._level():
@@ -290,6 +294,23 @@ class Governor:
             if weight > 0:
                 rates.append(self.tokens.limit / 60.0 / weight)
         return min(rates) if rates else None
+
+    def headroom(self) -> float | None:
+        """Requests the limits would let go at once now, at the average weight seen: the
+        capacity the buckets have free (they start full, and are aligned to the remaining the
+        server reports), or None if no limit is known. Nothing during a pause or while the
+        probe is out (the buckets are emptied for a pause; the probe may still show them
+        used up). Read-only: it changes no bucket."""
+        if self.paused_for > 0 or self._probing or self._probe_ticket is not None:
+            return 0.0
+        frees = []
+        if self.requests is not None:
+            frees.append(self.requests.free())
+        if self.tokens is not None:
+            weight = self._weights / self._admitted if self._admitted else 0
+            if weight > 0:
+                frees.append(self.tokens.free() / weight)
+        return max(0.0, min(frees)) if frees else None
 
     def set_share(self, share: float) -> None:
         """Govern at ``share`` of the organization's limits (several runners share them)."""

@@ -115,7 +115,7 @@ async def test_a_stop_event_stops_the_run_in_order_and_the_rest_resumes(
         job = db.import_rows(_rows(400), cap="5")
         stop = asyncio.Event()
         task = asyncio.ensure_future(
-            job.arun(api_key=KEY, base_url=sim.base_url, rpm=3000, stop=stop)
+            job.arun(api_key=KEY, base_url=sim.base_url, rpm=120, stop=stop)
         )
         while sim.ledger_snapshot()["requests_received"] < 20:
             await asyncio.sleep(0.01)

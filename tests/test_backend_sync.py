@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import types
+
 import pytest
 
+from runner import governor
 from runner.backends import sync
+from runner.governor import Governor
 
 
 def test_the_pool_remembers_only_the_last_seconds_of_completions(
@@ -20,3 +25,103 @@ def test_the_pool_remembers_only_the_last_seconds_of_completions(
         pool.observe(0.05)
     assert len(pool._finished) <= 1000 * sync._THROUGHPUT_WINDOW + 1
     assert pool.throughput() == pytest.approx(1000, rel=0.01)
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time stands still for the governor and its buckets (asyncio's loop clock): what a bucket
+    holds changes only by what is sent and what the headers say, never by the machine's speed."""
+    monkeypatch.setattr(asyncio.BaseEventLoop, "time", lambda loop: 1000.0)
+    fake = types.SimpleNamespace(monotonic=lambda: 1000.0, time=lambda: 1.7e9)
+    monkeypatch.setattr(governor, "time", fake)
+    monkeypatch.setattr(sync.time, "monotonic", lambda: 1000.0)
+
+
+def _pool(latency: float = 0.15, ceiling: int = 512) -> sync._Pool:
+    pool = sync._Pool(32, ceiling)
+    pool.observe(latency)
+    return pool
+
+
+def test_the_pool_adds_what_the_limit_allows_now_to_what_its_rate_keeps_in_flight(
+    frozen: None,
+) -> None:
+    """3,000 RPM (50/s) at 150 ms: the steady rate keeps ceil(50 x 0.15 x 1.25) + 2 = 12 in
+    flight; a limit that starts full lets 3,000 go at once, so the pool opens to --concurrency
+    and comes down to the steady size as the bucket drains."""
+    pool = _pool()
+    assert pool.want(50.0, 3000.0) == 512  # a full bucket: as many as --concurrency allows
+    assert pool.want(50.0, 200.0) == 12 + 200  # draining: the steady part plus what is left
+    assert pool.want(50.0, 0.4) == 13  # a fraction of a request still counts as one
+    assert pool.want(50.0, 0.0) == 12  # drained: the steady size
+    assert pool.want(50.0, None) == 12  # nothing known about the buckets
+    assert pool.want(2.0, 0.0) == sync._MIN_POOL  # never below the floor
+    assert _pool(ceiling=100).want(50.0, 3000.0) == 100
+
+
+async def test_resizing_follows_the_bucket_up_and_down(frozen: None) -> None:
+    pool = _pool()
+    await pool.resize(50.0, 2999.0)
+    assert pool.size == 512
+    await pool.resize(50.0, 100.0)
+    assert pool.size == 112
+    await pool.resize(50.0, 0.0)
+    assert pool.size == 12
+
+
+def _answer(g: Governor, ticket: int, remaining: int, limit: int = 3000) -> None:
+    g.done(
+        ticket,
+        {
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(remaining),
+        },
+    )
+
+
+async def test_headroom_is_what_the_buckets_hold_free_once_the_probe_has_answered(
+    frozen: None,
+) -> None:
+    g = Governor(rpm=3000)
+    probe = await g.acquire(57)
+    assert g.headroom() == 0  # the probe is out: the limit may be used up, nobody knows yet
+    _answer(g, probe, remaining=2999)
+    assert g.headroom() == pytest.approx(2999)
+    tickets = [await g.acquire(57) for _ in range(500)]
+    assert g.headroom() == pytest.approx(2499)
+    # Another client spent most of the limit: the headers drain the bucket, and the pool with it.
+    _answer(g, tickets[-1], remaining=100)
+    assert g.headroom() == pytest.approx(100)
+    pool = _pool()
+    await pool.resize(g.rate(), g.headroom())
+    assert pool.size == 12 + 100
+
+
+async def test_an_exhausted_start_leaves_no_headroom(frozen: None) -> None:
+    """The limit was used up before the run (the case the adaptive pool was made for): the
+    probe's answer says 0 left, everything pauses, and the pool stays at the steady size."""
+    g = Governor(rpm=120)
+    probe = await g.acquire(20)
+    g.done(
+        probe,
+        {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "0"},
+        passed=False,
+    )
+    g.rate_limited({"x-ratelimit-remaining-requests": "0"}, 1.0, "requests")
+    assert g.paused_for > 0
+    assert g.headroom() == 0
+    pool = _pool(latency=0.15)
+    await pool.resize(g.rate(), g.headroom())
+    assert pool.size == sync._MIN_POOL
+
+
+async def test_a_shared_runner_counts_only_its_share_and_tokens_bind_by_weight(
+    frozen: None,
+) -> None:
+    g = Governor(rpm=3000, tpm=100_000, probe=False)
+    assert g.headroom() == pytest.approx(3000)  # no weight seen yet: the requests bucket
+    g.set_share(0.25)  # four runners on the job: 750 of the 3,000 are this one's
+    assert g.headroom() == pytest.approx(750)
+    await g.acquire(1000)  # requests of ~1,000 tokens: 25,000 TPM is 25 of them at once
+    assert g.headroom() == pytest.approx((25_000 - 1000) / 1000)
+    assert Governor(probe=False).headroom() is None  # no limit known: the throughput decides

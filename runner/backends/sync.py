@@ -4,8 +4,9 @@ rate limits allow.
 A feeder claims requests ahead of the workers (so no worker waits on the database for its next
 one); workers send them through the transport under the governor and settle them in the books.
 The pool sizes itself: in flight = rate x latency (Little's law), from the limit the governor
-knows and the latency it observes, or (no limit known) from the throughput it achieves, within
-``--concurrency``.
+knows and the latency it observes, plus what the limits let go at once now (a limit starts full,
+so a minute's worth may leave in a burst), or (no limit known) from the throughput it achieves,
+within ``--concurrency``.
 
 Failures are sorted by what they cost:
 - a rate-limit 429 is governed, not failed: it never counts against ``--max-attempts``;
@@ -37,6 +38,7 @@ from ..store import Beat, Claim, PendingRequest
 from ..transport import OpenAITransport, Outcome
 
 _RESIZE_EVERY = 0.5  # seconds between pool resizes
+_HEADROOM = 1.25  # in flight over what rate x latency needs at the steady rate
 _LATENCY_SMOOTHING = 0.2  # weight of the newest latency in the running average
 _THROUGHPUT_WINDOW = 5.0  # seconds of completions behind the observed throughput
 _MIN_POOL = 8
@@ -55,6 +57,7 @@ class _Pool:
         self.in_use = 0
         self._free = asyncio.Condition()
         self.latency: float | None = None
+        self.known = asyncio.Event()  # the first latency was observed: the pool can be sized
         self._finished: deque[float] = deque()  # completion times over the last few seconds
 
     async def acquire(self) -> None:
@@ -73,6 +76,7 @@ class _Pool:
         self._forget(now)  # here too: with a known rate nothing else reads them
         if self.latency is None:
             self.latency = latency
+            self.known.set()
         else:
             self.latency += _LATENCY_SMOOTHING * (latency - self.latency)
 
@@ -86,16 +90,28 @@ class _Pool:
         while finished and finished[0] < now - _THROUGHPUT_WINDOW:
             finished.popleft()
 
-    async def resize(self, rate: float | None) -> None:
-        """In flight = rate x latency, with headroom; without a known rate, twice what the
-        observed throughput needs, so the pool keeps growing while throughput does."""
-        if self.latency is None:
-            return
+    def want(self, rate: float | None, headroom: float | None = None) -> int:
+        """The size the pool should have (see :meth:`resize`)."""
+        assert self.latency is not None
         if rate is not None:
-            want = math.ceil(rate * self.latency * 1.25) + 2
+            # What the steady rate keeps in flight, plus what the limits let go at once now:
+            # a limit that starts full (or has refilled) is used at once, and the pool comes
+            # down to the steady size as the bucket drains. An exhausted limit, a pause and
+            # the probe all have no headroom, and a runner sharing the limits has only its
+            # share of it.
+            steady = math.ceil(rate * self.latency * _HEADROOM) + 2
+            want = steady + math.ceil(max(0.0, headroom or 0.0))
         else:
             want = max(self.size, math.ceil(2 * self.throughput() * self.latency) + 2)
-        size = max(_MIN_POOL, min(self.ceiling, want))
+        return max(_MIN_POOL, min(self.ceiling, want))
+
+    async def resize(self, rate: float | None, headroom: float | None = None) -> None:
+        """In flight = rate x latency, with headroom, plus the ``headroom`` requests the limits
+        would let go at once now; without a known rate, twice what the observed throughput
+        needs, so the pool keeps growing while throughput does."""
+        if self.latency is None:
+            return
+        size = self.want(rate, headroom)
         if size != self.size:
             async with self._free:
                 self.size = size
@@ -344,11 +360,17 @@ class SyncBackend:
     async def _sizer(self) -> None:
         books = self._books
         assert books is not None
+        pool, governor = self._pool, self.governor
+        # The first answer (the probe's) tells the latency and the limits: size the pool at
+        # once, so the burst a full limit allows does not wait for the next tick.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_RESIZE_EVERY):
+                await pool.known.wait()
         while True:
+            await pool.resize(governor.rate(), governor.headroom())
+            books.stats.concurrency = pool.size
+            books.stats.paused_for = governor.paused_for
             await asyncio.sleep(_RESIZE_EVERY)
-            await self._pool.resize(self.governor.rate())
-            books.stats.concurrency = self._pool.size
-            books.stats.paused_for = self.governor.paused_for
 
     def on_beat(self, beat: Beat) -> None:
         self.governor.set_share(beat.share or 1.0 / max(beat.live_runners, 1))
