@@ -22,17 +22,18 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .calibration import PPM, Calibration, ModelCalibration
 from .endpoints import Endpoint, Usage, endpoint_for
 from .errors import BatchrunError
 from .money import format_usd
 from .pricing import PriceTable
 from .redact import redact
-from .settings import Stopping, Writer
+from .settings import Calibrating, Stopping, Writer
 from .store import (
     AttemptRecord,
     Beat,
@@ -66,6 +67,7 @@ class RunOutcome(enum.Enum):
     INTERRUPTED = "interrupted"  # a signal (or the caller) stopped it
     DETACHED = "detached"  # Batch API: stopped watching; the batches go on at OpenAI
     BATCHES_OPEN = "batches_open"  # all that is left is in batches open at OpenAI
+    SAMPLED = "sampled"  # ``price --sample``: the sample has its results; the rest waits
 
 
 @dataclass(slots=True)
@@ -187,6 +189,9 @@ class Books:
         batch: bool = False,
         allow_unbounded: bool = False,
         writer: Writer | None = None,
+        calibrating: Calibrating | None = None,
+        seen: Mapping[str, ModelCalibration] | None = None,
+        only: frozenset[int] | None = None,
     ) -> None:
         self.store = store
         self.job = job
@@ -195,8 +200,14 @@ class Books:
         self.control = control
         self.batch = batch  # settle at Batch API prices
         self.allow_unbounded = allow_unbounded
+        self.only = only  # claim only these requests (by sequence number): a sample
         self.writer_settings = writer or Writer()
         self.stats = RunStats(cap_pico=job.cap_pico)
+        # What the job's results so far taught about how the server counts tokens: the
+        # requests still to send are reserved at that scale of their worst case.
+        self.calibration = Calibration(calibrating)
+        self.calibration.seed({m: self._against_factor(m, cal) for m, cal in (seen or {}).items()})
+        self._told_scale: dict[str, int] = {}
         self.host = socket.gethostname()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-db")
         # Heartbeats, recoveries and shared pauses have a thread (and connection) of their own:
@@ -226,6 +237,15 @@ class Books:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._beats, lambda: fn(*args))
 
+    def _against_factor(self, model: str, cal: ModelCalibration) -> ModelCalibration:
+        """A stored calibration (billed over counted) as billed over expected: over what the
+        price file's ``input_factor`` already reserves for."""
+        price = self.table.lookup(model)
+        factor = price.input_factor_ppm if price is not None else PPM
+        if factor == PPM:
+            return cal
+        return ModelCalibration(-(-cal.input_ppm * PPM // factor), cal.output_ppm, cal.results)
+
     def _books_seen(self, spend: Spend) -> None:
         self.stats.settled_pico = spend.settled_pico
         self.stats.reserved_pico = spend.reserved_pico
@@ -242,7 +262,14 @@ class Books:
     async def claim(self, limit: int, *, url: str | None = None, model: str | None = None) -> Claim:
         """Reserve up to ``limit`` pending requests that fit under the cap (see Store.claim)."""
         claim = await self.in_db(
-            self.store.claim, self.runner_id, limit, url=url, model=model, batch=self.batch
+            self.store.claim,
+            self.runner_id,
+            limit,
+            url=url,
+            model=model,
+            batch=self.batch,
+            scales=self.calibration.scales(),
+            only=self.only,
         )
         self._books_seen(claim.spend)
         self.stats.cap_pico = claim.cap_pico
@@ -290,9 +317,10 @@ class Books:
             flags.append(ResultFlag.USAGE_MISSING)
             self.stats.usage_missing += 1
             usage = usage or Usage(None, 0, 0, 0, 0, complete=False)
+        ratio = self._learn(req, usage, endpoint) if ResultFlag.USAGE_MISSING not in flags else 0
         if cost > req.worst_pico:
             flags.append(ResultFlag.OVER_RESERVATION)
-            self._overrun(req, cost)
+            self._overrun(req, cost, ratio)
         stats = self.stats
         stats.done += 1
         stats.input_tokens += usage.input_tokens
@@ -332,14 +360,43 @@ class Books:
             return None
         return cost if cost < 2**62 else None  # nonsense usage: book the worst case instead
 
-    def _overrun(self, req: PendingRequest, cost: int) -> None:
-        """A response cost more than its reserved worst case: the cap's arithmetic no longer
-        holds for what is in flight. Dispatch stops at once. A request known to be unbounded
-        (and allowed) only holds dispatch until the cap has been checked again; anything else
-        means the server bills past the limits, and the run stops."""
+    def _learn(self, req: PendingRequest, usage: Usage, endpoint: Endpoint | None) -> int:
+        """Calibrate on one result; its own largest billed/expected ratio (ppm)."""
+        if req.unbounded:
+            return 0  # earlier turns billed as input: nothing to learn about counting
+        price = self.table.lookup(req.model)
+        expected = price.expected_input(req.input_tokens) if price else req.input_tokens
+        has_output = endpoint is None or endpoint.has_output
+        before = self.calibration.scale(req.model)
+        ratio = self.calibration.learn(
+            req.model,
+            expected_input=expected,
+            output_limit=req.output_limit if has_output else 0,
+            billed_input=usage.input_tokens,
+            billed_output=usage.output_tokens if has_output else 0,
+        )
+        after = self.calibration.scale(req.model)
+        if after > before and after > self._told_scale.get(req.model, PPM):
+            self._told_scale[req.model] = after
+            cal = self.calibration.models[req.model]
+            self.event("calibrated", detail=f"{req.model}: reserving {after} ppm")
+            self.notice(
+                f"{cal.describe(req.model) or req.model}; the requests still to send are "
+                f"reserved at {after / PPM:.2f}x their worst case, so the cap keeps holding"
+            )
+        return ratio
+
+    def _overrun(self, req: PendingRequest, cost: int, ratio: int) -> None:
+        """A response cost more than its reserved worst case. An allowed unbounded request, or
+        a server that counts tokens its own way (a ratio calibration can take, with room under
+        the cap for what it cost), only holds dispatch until what is in flight has settled and
+        the cap is checked again at the calibrated scale. A ratio no calibration is honest
+        about (earlier turns billed as input), or an overrun the cap has no room for, stops
+        the run."""
         extra = cost - req.worst_pico
-        self.stats.overruns += 1
-        self.stats.overrun_pico += extra
+        stats = self.stats
+        stats.overruns += 1
+        stats.overrun_pico += extra
         self.event("overrun", detail=f"{req.custom_id}: {extra} pico over its worst case")
         self._flush_now.set()
         if req.unbounded and self.allow_unbounded:
@@ -349,11 +406,21 @@ class Books:
                 "worst case; checking the cap before sending more"
             )
             return
+        books_after = stats.settled_pico + cost + stats.reserved_pico - req.worst_pico
+        if self.calibration.honest(ratio) and books_after <= stats.cap_pico:
+            self.recheck = True
+            return
+        why = (
+            f"it was billed {ratio / PPM:,.1f}x what batchrun counted and allowed, more than "
+            f"{self.calibration.settings.most:g}x (a server that bills past the output limits, "
+            "or a request carrying earlier turns)"
+            if not self.calibration.honest(ratio)
+            else "the cap has no room left for it"
+        )
         self.control.stop(
             RunOutcome.OVERRUN,
             f"request {req.custom_id!r} cost {format_usd(extra)} more than its reserved worst "
-            "case; sending stopped so the cap holds (a server that bills past the output "
-            "limits, or a request carrying earlier turns)",
+            f"case and {why}; sending stopped so the cap holds",
         )
 
     def fail(

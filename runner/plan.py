@@ -148,6 +148,12 @@ class Estimate:
     reused: int = 0  # requests whose results were copied from an earlier job
     min_seconds: float | None = None
     sustained_seconds: float | None = None
+    sampling: bool = False  # ``price --sample``: only the sample is sent
+    sample: int = 0  # the sample's requests still to send ...
+    sample_worst_pico: int = 0  # ... and their worst case
+    # What the job will really cost (``projection``), at the lane's prices, once two results
+    # of a model are in: total, low and high of the 95% interval.
+    projected: tuple[int, int, int] | None = None
 
     @property
     def finishes(self) -> bool:
@@ -317,7 +323,7 @@ class Planner:
             if worst > MAX_PICO:
                 raise PriceError(
                     f"{self.plan.path}:{line}: body: its worst case ({format_money(worst)}) is "
-                    f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); lower its "
+                    f"more than batchrun can book ({format_usd(MAX_PICO)}); lower its "
                     "output limit"
                 )
             yield NewRequest(
@@ -332,16 +338,17 @@ class Planner:
         plan.sha256 = self.reader.sha256
         for model, acc in self._sums.items():
             t = acc.totals
-            t.floor_pico, t.worst_pico = acc.price.bounds(t.input_tokens, t.output_limit_tokens)
+            sums = (t.input_tokens, t.output_limit_tokens)
+            t.floor_pico, t.worst_pico = acc.price.bounds(*sums, requests=t.requests)
             t.batch_floor_pico, t.batch_worst_pico = acc.price.bounds(
-                t.input_tokens, t.output_limit_tokens, batch=True
+                *sums, batch=True, requests=t.requests
             )
             plan.by_model[model] = t
             plan.total.add(t)
         if plan.total.worst_pico > MAX_PICO:
             raise PriceError(
                 f"{plan.path}: the job's worst case ({format_money(plan.total.worst_pico)}) is "
-                f"more than batchrun can book ({format_usd(MAX_PICO, 0)}); split the job or lower "
+                f"more than batchrun can book ({format_usd(MAX_PICO)}); split the job or lower "
                 "its output limits"
             )
 

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .calibration import PPM
 from .endpoints import MAX_OUTPUT_TOKENS, Endpoint, Usage
 from .errors import PriceError, UnknownModelError
 from .money import price_per_mtok_to_pico_per_token
@@ -51,6 +52,9 @@ class Price:
     source: str
     origin: str = "bundled"  # "bundled" or the user's price file path
     batch_cached_input: int = -1  # -1: half of cached_input (set in __post_init__)
+    # Billed input tokens per token tiktoken counts, in ppm: a price file declares it for a
+    # model served with its own tokenizer, so worst cases (and the cap) start from it.
+    input_factor_ppm: int = PPM
 
     def __post_init__(self) -> None:
         if self.batch_cached_input < 0:
@@ -80,13 +84,32 @@ class Price:
         return (input_tokens - cached) * rate_in + cached * rate_cached + output_tokens * rate_out
 
     def bounds(
-        self, input_tokens: int, output_limit: int, *, batch: bool = False
+        self,
+        input_tokens: int,
+        output_limit: int,
+        *,
+        batch: bool = False,
+        requests: int = 1,
     ) -> tuple[int, int]:
-        """(floor, worst case) of a request or of a sum of requests: input only, and input
-        plus the whole output limit. Linear in the tokens, so sums price like their parts."""
+        """(floor, worst case) of ``requests`` requests with these token sums: input only, and
+        input plus the whole output limit. Linear in the tokens, so sums price like their parts.
+
+        With an ``input_factor`` the input rate is scaled (not the tokens, so sums stay exact),
+        and the worst case holds one more input token per request, for the server's rounding.
+        """
         rate_in, _, rate_out = self.rates(batch)
+        slack = 0
+        if self.input_factor_ppm != PPM:
+            rate_in = -(-rate_in * self.input_factor_ppm // PPM)
+            slack = requests * rate_in
         floor = input_tokens * rate_in
-        return floor, floor + output_limit * rate_out
+        return floor, floor + slack + output_limit * rate_out
+
+    def expected_input(self, counted: int) -> int:
+        """The input tokens the server is expected to bill for ``counted`` of tiktoken's."""
+        if self.input_factor_ppm == PPM:
+            return counted
+        return -(-counted * self.input_factor_ppm // PPM)
 
 
 @dataclass(slots=True)
@@ -134,7 +157,8 @@ class PriceTable:
         for name in sorted(self.prices):
             p = self.prices[name]
             fields = (p.input, p.cached_input, p.output, p.batch_input, p.batch_cached_input)
-            digest.update(f"{name}:{fields}:{p.batch_output}:{p.max_output};".encode())
+            factor = f":{p.input_factor_ppm}" if p.input_factor_ppm != PPM else ""
+            digest.update(f"{name}:{fields}:{p.batch_output}:{p.max_output}{factor};".encode())
         return digest.hexdigest()
 
     def bill(
@@ -158,7 +182,7 @@ def _parse_entry(
     where = f"{origin}: models.{name}"
     if not isinstance(raw, dict):
         raise PriceError(f"{where}: must be a table")
-    unknown = set(raw) - {*_PRICE_FIELDS, "max_output", "source"}
+    unknown = set(raw) - {*_PRICE_FIELDS, "max_output", "source", "input_factor"}
     if unknown:
         raise PriceError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     values: dict[str, int] = {}
@@ -178,8 +202,11 @@ def _parse_entry(
             f"{where}: max_output: must be a whole number of tokens, at most {MAX_OUTPUT_TOKENS:,}"
         )
     source = str(raw.get("source", default_source))
+    factor = _input_factor(raw.get("input_factor"), where)
     if base is not None:
         merged = replace(base, origin=origin, source=source)
+        if factor is not None:
+            merged = replace(merged, input_factor_ppm=factor)
         if "input" in values and "cached_input" not in values and base.cached_input == base.input:
             values["cached_input"] = values["input"]
         # Batch prices not given follow the standard prices they halve.
@@ -210,7 +237,24 @@ def _parse_entry(
         max_output=max_output if max_output is not None else (0 if values["output"] == 0 else None),
         source=source,
         origin=origin,
+        input_factor_ppm=PPM if factor is None else factor,
     )
+
+
+def _input_factor(value: Any, where: str) -> int | None:
+    """A price file's ``input_factor`` (a number of 0.5 to 4) in ppm, or None if not given."""
+    if value is None:
+        return None
+    try:
+        number = Decimal(str(value)) if not isinstance(value, bool) else None
+    except ArithmeticError:
+        number = None
+    if number is None or not number.is_finite() or not Decimal("0.5") <= number <= 4:
+        raise PriceError(
+            f"{where}: input_factor: must be a number from 0.5 to 4 (billed input tokens per "
+            "token tiktoken counts)"
+        )
+    return int((number * PPM).to_integral_value(rounding="ROUND_CEILING"))
 
 
 def _load_toml(text: str, origin: str) -> dict[str, Any]:

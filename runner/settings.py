@@ -69,6 +69,24 @@ class Stopping:
 
 
 @dataclass(frozen=True, slots=True)
+class Calibrating:
+    """How the cap keeps holding against a server that counts tokens its own way."""
+
+    margin: float = 0.10  # reserve the largest billed/counted ratio seen, plus this share
+    most: float = 4.0  # a ratio above this is no calibration (earlier turns billed): stop
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """``price --sample``: a seeded sample of the job, sent to project what the rest costs."""
+
+    size: int | None = None  # requests; or
+    share: float | None = None  # a share of the job's requests (0 to 1)
+    seed: int = 0
+    most: int = 10_000  # the largest sample
+
+
+@dataclass(frozen=True, slots=True)
 class RunSettings:
     """Everything ``batchrun run`` needs."""
 
@@ -88,6 +106,8 @@ class RunSettings:
     transport: Transport = field(default_factory=Transport)
     batching: Batching = field(default_factory=Batching)
     stopping: Stopping = field(default_factory=Stopping)
+    calibrating: Calibrating = field(default_factory=Calibrating)
+    sample: Sample | None = None  # send only a sample of the job (``price --sample``)
     seed: int | None = None  # jitter seed, for reproducible tests
 
 

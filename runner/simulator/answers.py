@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import struct
 import time
@@ -200,12 +201,18 @@ class _Answers:
         if req.endpoint is EMBEDDINGS:
             return _embeddings(req)
         config = self.config
-        sizes = _completion_sizes(
-            req.digest, req.endpoint.choices(req.body), req.limit, config.usage_ignores_limits
-        )
+        choices = req.endpoint.choices(req.body)
+        if config.output_share is not None and not config.usage_ignores_limits:
+            sizes = _realistic_sizes(req.digest, choices, req.limit, config.output_share)
+        else:
+            sizes = _completion_sizes(req.digest, choices, req.limit, config.usage_ignores_limits)
+        if config.fixed_output_tokens is not None:
+            sizes = [config.fixed_output_tokens] * len(sizes)
         output = sum(sizes)
         reasoning = output // 2 if _is_reasoning(req.model) else 0
         prompt = req.prompt
+        if config.input_factor != 1.0:
+            prompt = math.ceil(prompt * config.input_factor)
         if req.endpoint is RESPONSES and (
             req.body.get("previous_response_id") or req.body.get("conversation")
         ):
@@ -329,6 +336,24 @@ def _completion_sizes(digest: bytes, n: int, limit: int | None, overrun: bool) -
         else:
             cap = min(limit, _MAX_COMPLETION) if limit else _MAX_COMPLETION
             sizes.append(1 + r % cap)
+    return sizes
+
+
+_SIGMA = 0.6  # spread of log output lengths: about a third of bodies below half the median
+
+
+def _realistic_sizes(digest: bytes, n: int, limit: int | None, share: float) -> list[int]:
+    """Completion lengths around ``share`` of the limit, lognormal per body (deterministic:
+    the same body always gets the same length), never past the limit."""
+    base = limit if limit else 256
+    sizes = []
+    for i in range(n):
+        h = hashlib.blake2b(digest + b"len" + i.to_bytes(4, "big"), digest_size=16).digest()
+        u1 = (int.from_bytes(h[:8], "big") + 1) / 2**64
+        u2 = int.from_bytes(h[8:], "big") / 2**64
+        z = math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+        size = round(base * share * math.exp(_SIGMA * z))
+        sizes.append(max(1, min(size, limit) if limit else size))
     return sizes
 
 

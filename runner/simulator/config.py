@@ -101,6 +101,20 @@ class SimConfig:
     usage_ignores_limits: bool = _setting(
         False, "Completions run past the output limit (up to 4x) and are billed for it."
     )
+    input_factor: float = _setting(
+        1.0,
+        "Bill this multiple of the prompt tokens tiktoken counts, rounded up (a server with a "
+        "tokenizer of its own).",
+    )
+    output_share: float | None = _setting(
+        None,
+        "Completions run to about this share of their limit (the median; 256 tokens stand in "
+        "for no limit), varying lognormally from body to body and cut at the limit, as real "
+        "output lengths do. Unset: 1 to 64 tokens, evenly.",
+    )
+    fixed_output_tokens: int | None = _setting(
+        None, "Every completion is this many tokens, whatever its limit (a mock model)."
+    )
     conversation_tokens: int = _setting(
         0,
         "Extra input tokens billed for a Responses request with previous_response_id or "
@@ -176,6 +190,12 @@ class SimConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.output_share is not None and not 0 < self.output_share <= 1:
+            raise ValueError("output_share must be above 0 and at most 1")
+        if not 0 < self.input_factor <= 1000:
+            raise ValueError("input_factor must be above 0 and at most 1000")
+        if self.fixed_output_tokens is not None and not 1 <= self.fixed_output_tokens <= 100_000:
+            raise ValueError("fixed_output_tokens must be from 1 to 100000")
         for name in ("batch_lines_per_s", "batch_window_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

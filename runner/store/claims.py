@@ -18,13 +18,14 @@ so a runner declared dead (and whose claims another runner recovered) can write 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..calibration import scaled
 from ..errors import RunnerLostError
 from .base import (
     AmbiguousCommitError,
@@ -280,15 +281,19 @@ class ClaimsMixin(StoreBase):
         url: str | None = None,
         model: str | None = None,
         batch: bool = False,
+        scales: Mapping[str, int] | None = None,
+        only: Collection[int] | None = None,
     ) -> Claim:
         """Reserve up to ``limit`` pending requests, in file order, that fit under the cap.
 
-        ``batch`` reserves their worst case at Batch API prices. ``url``/``model`` restrict the
-        claim to one endpoint or model (a Batch API file holds one of each).
+        ``batch`` reserves their worst case at Batch API prices; ``scales`` (model -> parts
+        per million) reserves a model's at that multiple of it (see ``calibration``).
+        ``url``/``model`` restrict the claim to one endpoint or model (a Batch API file holds
+        one of each); ``only`` to these sequence numbers (a sample).
         """
         draft = _Draft()
         try:
-            return self._claim_once(runner_id, limit, url, model, batch, draft)
+            return self._claim_once(runner_id, limit, url, model, batch, scales or {}, only, draft)
         except AmbiguousCommitError:
             # Cut off in its COMMIT: if it was written, the first request it took is held by
             # this runner now (a claim commits whole); else it runs again, as after a
@@ -323,6 +328,8 @@ class ClaimsMixin(StoreBase):
         url: str | None,
         model: str | None,
         batch: bool,
+        scales: Mapping[str, int],
+        only: Collection[int] | None,
         draft: _Draft,
     ) -> Claim:
         """One claim transaction; ``draft`` holds what it takes, for a caller whose COMMIT was
@@ -336,6 +343,8 @@ class ClaimsMixin(StoreBase):
                 where.append(requests.c.url == url)
             if model is not None:
                 where.append(requests.c.model == model)
+            if only is not None:
+                where.append(requests.c.seq.in_(sorted(only)))
             rows = conn.execute(
                 sa.select(*_PENDING_COLUMNS)
                 .where(*where)
@@ -347,6 +356,8 @@ class ClaimsMixin(StoreBase):
             room = cap - spend.total_pico
             for r in rows:
                 worst = int(r.batch_worst_pico if batch else r.worst_pico)
+                if r.model in scales:
+                    worst = scaled(worst, scales[r.model])
                 if worst > room:
                     break
                 room -= worst

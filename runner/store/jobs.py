@@ -255,11 +255,15 @@ class JobsMixin(StoreBase):
         return len(ids)
 
     def reprice(
-        self, job_id: int, rates: Callable[[str], tuple[int, int, int, int]], fingerprint: str
+        self,
+        job_id: int,
+        rates: Callable[[str], tuple[int, int, int, int, int, int]],
+        fingerprint: str,
     ) -> tuple[int, int, int]:
         """Price the job's pending requests again under a changed price table: ``rates(model)``
-        gives (input, output, batch input, batch output) picodollars per token. Returns (requests
-        repriced, pending worst case before, after)."""
+        gives (input, output, batch input, batch output) picodollars per token and what a
+        worst case adds per request (sync, batch). Returns (requests repriced, pending worst
+        case before, after)."""
         pending = sa.and_(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
         with self.writing() as conn:
             models = [
@@ -272,14 +276,16 @@ class JobsMixin(StoreBase):
             tokens_in = sa.cast(requests.c.input_tokens, sa.BigInteger)
             tokens_out = sa.cast(requests.c.output_limit, sa.BigInteger)
             for model in models:
-                rate_in, rate_out, batch_in, batch_out = rates(model)
+                rate_in, rate_out, batch_in, batch_out, slack, batch_slack = rates(model)
                 n += conn.execute(
                     requests.update()
                     .where(pending, requests.c.model == model)
                     .values(
                         floor_pico=tokens_in * rate_in,
-                        worst_pico=tokens_in * rate_in + tokens_out * rate_out,
-                        batch_worst_pico=tokens_in * batch_in + tokens_out * batch_out,
+                        worst_pico=tokens_in * rate_in + tokens_out * rate_out + slack,
+                        batch_worst_pico=tokens_in * batch_in
+                        + tokens_out * batch_out
+                        + batch_slack,
                     )
                 ).rowcount
             after = conn.execute(
