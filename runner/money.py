@@ -7,7 +7,7 @@ Python, SQLite and PostgreSQL alike; a signed 64-bit column holds up to about $9
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_UP, Decimal, InvalidOperation
 
 PICO_PER_USD = 10**12
 # The most any amount may be: a signed 64-bit column holds 9.22e18 picodollars ($9.2M).
@@ -16,6 +16,7 @@ MAX_PICO = 9_000_000 * PICO_PER_USD
 MAX_USD_PER_MTOK = 100_000
 # A price per 1M tokens in USD, times this, is the price of one token in picodollars.
 PICO_PER_TOKEN_PER_USD_PER_MTOK = 10**6
+CENT = Decimal("0.01")
 
 
 def usd_to_pico(value: str | int | Decimal) -> int:
@@ -57,26 +58,32 @@ def pico_to_decimal(pico: int) -> Decimal:
     return Decimal(pico).scaleb(-12)
 
 
-def format_usd(pico: int, places: int = 6) -> str:
-    """Human display, rounded up so a displayed cost is never below the true one."""
-    d = pico_to_decimal(pico)
-    q = Decimal(1).scaleb(-places)
-    rounded = d.quantize(q, rounding="ROUND_CEILING")
-    return f"${rounded:,.{places}f}"
+def format_usd(pico: int) -> str:
+    """The one way an amount is shown to a person, so ``price``, a run, ``status`` and the report
+    agree on every figure:
+
+    - $1 and more: cents, with thousands separators ($12.35, $1,234.50);
+    - below $1: four significant digits, trailing zeros dropped down to cents ($0.9837,
+      $0.0001234, $0.60, $0.005); an amount that rounds to $1 is shown in cents ($1.00);
+    - zero: $0; a negative amount: the same rule after a minus sign (-$0.50).
+
+    Rounded away from zero, so a displayed cost is never below the true one. JSON carries
+    :func:`format_exact`'s unrounded strings instead.
+    """
+    if pico == 0:
+        return "$0"
+    sign = "-" if pico < 0 else ""
+    d = pico_to_decimal(abs(pico))
+    if d < 1:
+        q = d.quantize(Decimal(1).scaleb(d.adjusted() - 3), rounding=ROUND_UP)
+        if q < 1:
+            places = max(2, -q.normalize().as_tuple().exponent)  # type: ignore[operator]
+            return f"{sign}${q:.{places}f}"
+    return f"{sign}${d.quantize(CENT, rounding=ROUND_UP):,.2f}"
 
 
-def format_money(pico: int) -> str:
-    """Human display with enough digits to read: cents from a dollar up, else two significant
-    digits (a $0.005 cap shows as $0.005, never $0.01), at most six decimals; rounded up, so a
-    displayed cost is never below the true one."""
-    if pico >= PICO_PER_USD or pico <= 0:
-        return format_usd(max(pico, 0), 2)
-    places = 2
-    while places < 6 and pico < 10 ** (12 - places + 1):  # fewer than 2 significant digits
-        places += 1
-    exact = pico_to_decimal(pico).normalize()
-    needed = -exact.as_tuple().exponent  # type: ignore[operator]
-    return format_usd(pico, max(2, min(places, needed)) if needed <= places else places)
+# Kept for callers written before the one rule: the same function.
+format_money = format_usd
 
 
 def format_exact(pico: int) -> str:

@@ -342,7 +342,7 @@ async def test_the_report_opens_offline_with_every_chart_and_the_numbers_of_stat
         assert spend["of which unknown outcomes (worst case)"]["customdata"][-1] == format_usd(
             unknown
         )
-        assert f"cap {format_usd(cap, 2)}" in spend
+        assert f"cap {format_usd(cap)}" in spend
         [cost] = traces["chart-cost"].values()
         assert set(cost["y"]) == {*MODELS, "text-embedding-3-small", "(unknown outcomes)"}
         assert sum(cost["x"]) == pytest.approx(spent / 1e12, rel=1e-9)

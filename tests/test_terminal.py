@@ -87,8 +87,8 @@ def test_on_a_terminal_run_asks_before_the_first_request(
     job, db = tmp_path / "job.jsonl", tmp_path / "run.db"
     write_job(job, 40, seed=1)
     term = Terminal(_run_args(job, db, sim, "--cap", "0.005"))
-    # enough digits: a $0.005 cap is never shown as $0.01
-    term.read_until("Send 40 requests, worst case $0.0020 of cap $0.005? [y/N]")
+    # the worst case as the price table shows it, and a $0.005 cap never shown as $0.01
+    term.read_until("Send 40 requests, worst case $0.001976 of cap $0.005? [y/N]")
     term.type("n\n")
     code, out = term.finish()
     assert code == 1 and "nothing sent" in out
