@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from .engine import RunOutcome, RunStats
     from .plan import Plan
+    from .projection import Projection
     from .store import Job as JobRecord
     from .store import JobStatus, Store
 
@@ -260,6 +261,15 @@ class Job:
         """The status as a record (what ``status()`` is the JSON form of)."""
         return self.db._store.status(self.id)
 
+    def projection(self, prices: str | Path | None = None) -> Projection:
+        """What the job will really cost, projected from its results so far (a sample, or
+        the requests finished): total, low and high at sync and Batch API prices, per model
+        (see ``projection``'s method)."""
+        from .pricing import load_price_table
+        from .projection import project
+
+        return project(self.db._store, self.id, load_price_table(prices))
+
     def failed(self) -> list[Any]:
         """The requests that failed for good: custom_id, error code and message."""
         return list(self.db._store.failed(self.id))
@@ -425,6 +435,28 @@ async def run_with(
         progress_every=PROGRESS_EVERY,
     )
     return _result(report, store, record)
+
+
+async def sample_with(
+    settings: RunSettings,
+    *,
+    echo: Callable[[str], None] | None = None,
+    confirm: Callable[[Any], bool] | None = None,
+    display: Any = None,
+    signals: bool = False,
+    api_key: str | None = None,
+) -> tuple[RunResult, Projection]:
+    """Send ``settings.sample`` of a job (imported if new, under a cap of the sample's worst
+    case) and project the whole job from it; a run of the same file and database then reuses
+    the sampled results."""
+    if settings.sample is None:
+        raise UsageError("sample_with needs settings.sample")
+    result = await run_with(
+        settings, echo=echo, confirm=confirm, display=display, signals=signals, api_key=api_key
+    )
+    with Database(settings.db, readonly=True) as db:
+        projection = db.job(int(result.status["job"])).projection(settings.prices)
+    return result, projection
 
 
 async def cancel_with(

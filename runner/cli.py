@@ -43,6 +43,7 @@ EXIT_USAGE = 2
 # How a run ended -> exit status (a stop by a signal is 128 + its number instead).
 EXIT_BY_OUTCOME = {
     "complete": 0,
+    "sampled": 0,
     "batches_open": EXIT_FAILURES,
     "capped": 3,
     "overrun": 3,
@@ -174,7 +175,7 @@ def _usd(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int
     if pico < 0:
         raise click.BadParameter("must not be negative")
     if pico > MAX_PICO:
-        raise click.BadParameter(f"at most {format_usd(MAX_PICO, 0)}")
+        raise click.BadParameter(f"at most {format_usd(MAX_PICO)}")
     return pico
 
 
@@ -330,23 +331,78 @@ def main() -> None:
     """
 
 
+def _sample(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    """``--sample``: N requests, or N% of the job's."""
+    if value is None:
+        return None
+    from .settings import Sample
+
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+            if not 0 < share <= 1:
+                raise ValueError
+            return Sample(share=share)
+        size = int(text)
+        if size < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(
+            "expected a number of requests (e.g. 100) or a share of the job (e.g. 5%)"
+        ) from None
+    most = _default(Sample, "most")
+    if size > most:
+        raise click.BadParameter(f"a sample of {size:,} requests is more than the {most:,} allowed")
+    return Sample(size=size)
+
+
 @main.command()
 @click.argument("jobfile", callback=_path)
 @prices_option
 @click.option(
     "--rpm",
     type=click.IntRange(min=1),
-    help="Requests per minute: show the least wall time this limit allows.",
+    help="Requests per minute: show the least wall time this limit allows (and, with "
+    "--sample, keep to it).",
 )
 @click.option(
     "--tpm",
     type=click.IntRange(min=1),
-    help="Tokens per minute: show the least wall time this limit allows.",
+    help="Tokens per minute: show the least wall time this limit allows (and, with "
+    "--sample, keep to it).",
 )
 @click.option(
     "--via", type=click.Choice(["sync", "batch"]),
     help="Price at the synchronous API's rates or the Batch API's (half); by default the "
     "table is at synchronous rates and a line gives the Batch API's floor and worst case.",
+)  # fmt: skip
+@click.option(
+    "--sample", callback=_sample, metavar="N|N%",
+    help="Send a seeded random sample of N requests (or N% of them), stratified by model, "
+    "endpoint and output limit, and project what the whole job will really cost, with a 95% "
+    "interval. The sample is sent for real (through the synchronous API, under a cap of its "
+    "own worst case) and recorded in --db: a `run` of the same file and --db reuses it.",
+)  # fmt: skip
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True,
+    help="--sample: which sample to draw (the same seed draws the same requests).",
+)  # fmt: skip
+@click.option(
+    "--db", default=DEFAULT_DB, envvar="BATCHRUN_DB", show_default=True,
+    help="--sample: the database the job and its sampled results go to (as `run --db`).",
+)  # fmt: skip
+@click.option(
+    "--base-url", envvar="OPENAI_BASE_URL", callback=_base_url,
+    help="--sample: API base URL (default https://api.openai.com/v1).",
+)  # fmt: skip
+@click.option(
+    "--simulate", is_flag=True,
+    help="--sample: send it to the built-in simulator (no API key, nothing billed).",
+)  # fmt: skip
+@click.option(
+    "--yes", "-y", is_flag=True,
+    help="--sample: do not ask before sending it (asked on a terminal only).",
 )  # fmt: skip
 @json_option
 def price(
@@ -355,21 +411,36 @@ def price(
     rpm: int | None,
     tpm: int | None,
     via: str | None,
+    sample: Any,
+    seed: int,
+    db: str,
+    base_url: str | None,
+    simulate: bool,
+    yes: bool,
     as_json: bool,
 ) -> None:
-    """Price JOBFILE in full without sending anything.
+    """Price JOBFILE in full; with --sample, send a sample and project the real cost.
 
     Counts every request's input tokens exactly (offline) and prints, per model and in total:
     requests, input tokens, the sum of output limits, requests without an output limit, the
     cost floor (input only) and the worst case (input plus every output limit). JOBFILE may be
     - (standard input), e.g. to price a compressed file: zcat job.jsonl.gz | batchrun price -
 
-    Example: batchrun price jobs/example.jsonl --rpm 500 --tpm 200000
+    Example: batchrun price jobs/example.jsonl --sample 100 --rpm 500 --tpm 200000
     """
     import runner
 
-    from .progress import Reading
     from .report import format_plan, plan_json
+
+    if sample is not None:
+        _price_sample(jobfile, prices, rpm, tpm, via, sample, seed, db, base_url, simulate, yes,
+                      as_json)  # fmt: skip
+        return
+    given = (("--seed", seed != 0), ("--base-url", base_url), ("--simulate", simulate))
+    unused = [flag for flag, value in given if value]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} only mean something with --sample")
+    from .progress import Reading
 
     table = runner.price_table(prices)
     reading = Reading(jobfile)
@@ -383,6 +454,65 @@ def price(
         click.echo(format_plan(plan, table, rpm, tpm, via=via))
     global _nothing_open
     _nothing_open = True
+
+
+def _price_sample(
+    jobfile: Path, prices: Path | None, rpm: int | None, tpm: int | None, via: str | None,
+    sample: Any, seed: int, db: str, base_url: str | None, simulate: bool, yes: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    import asyncio
+    from dataclasses import replace
+
+    import runner
+
+    from .progress import Progress
+    from .report import format_projection, projection_json
+
+    if str(jobfile) == runner.STDIN:
+        raise UsageError(
+            "a sample is recorded as part of its job, which is found again by its file's "
+            "content: save standard input to a file first"
+        )
+    settings = RunSettings(
+        cap_pico=None, jobfile=jobfile, db=db, prices=prices, simulate=simulate,
+        quiet=as_json, limits=Limits(rpm=rpm, tpm=tpm), transport=Transport(base_url=base_url),
+        sample=replace(sample, seed=seed),
+    )  # fmt: skip
+    confirm = None
+    if sys.stdin.isatty() and not yes:
+        from .report import confirm_question
+
+        def confirm(est: Any) -> bool:
+            return click.confirm(confirm_question(est), default=False, err=True)
+
+    def display(stats: Any, total: int, before: int) -> Progress:
+        return Progress(stats, total, before, quiet=as_json)
+
+    echo = (lambda _text: None) if as_json else _say
+    result, projection = asyncio.run(
+        runner.sample_with(settings, echo=echo, confirm=confirm, display=display, signals=True)
+    )
+    if result.message:
+        click.echo(redact(f"batchrun: {result.message}"), err=True)
+    if as_json:
+        status = result.status
+        out = {
+            "job": status["job"],
+            "path": status["path"],
+            "requests": status["requests"],
+            "floor_usd": status["estimate_floor_usd"],
+            "worst_usd": status["estimate_worst_usd"],
+            "spent_usd": status["spent_usd"],
+            "sample": {"seed": seed, "outcome": result.outcome.value},
+            "projection": projection_json(projection, via),
+        }
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(format_projection(projection, via))
+    code = exit_status(result)
+    if code:
+        sys.exit(code)
 
 
 @main.command(name="prices")
@@ -766,37 +896,45 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
 @db_option
 @click.option("--job", "job_id", type=int, help="Job id (default: the most recent job).")
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-    help="Write to this file (default: standard output). Written atomically.",
+    "-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write to this file, written atomically; '-' or none: standard output.",
 )  # fmt: skip
 @click.option(
-    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+    "--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl",
+    show_default=True,
     help="jsonl: the Batch API output format; csv: custom_id, status, output text, finish "
-    "reason, input/output tokens, cost, error (for spreadsheets and pandas).",
+    "reason, input/output tokens, cost, error (for spreadsheets and pandas); parquet: the CSV's "
+    "columns typed, tokens as int64 and cost as exact decimal dollars (decimal128(19, 12), "
+    "never a float); needs pip install 'batchrun[parquet]'.",
 )  # fmt: skip
 @click.option(
     "--only", type=click.Choice(["ok", "failed"]),
     help="Only the requests that succeeded, or only those that failed for good.",
 )  # fmt: skip
-def export(db: str, job_id: int | None, output: Path | None, fmt: str, only: str | None) -> None:
-    """Write results in the Batch API output format, one line per request, in file order.
+def export(db: str, job_id: int | None, output: str | None, fmt: str, only: str | None) -> None:
+    """Write results, a row per request: Batch API output format, CSV or Parquet.
 
     Example: batchrun export --db batchrun.db -o results.jsonl
     """
-    from .export import csv_lines, export_lines, write_lines
+    from .export import csv_lines, export_lines, require_parquet, write_lines, write_parquet
 
-    if output is None:
+    target = None if output in (None, "-") else Path(output)  # "./-" is a file named "-"
+    if fmt == "parquet":
+        require_parquet()  # before reading a large job
+    if target is None:
         _stop_when_unread()
     with _open_readonly(db) as database:
         job = database.job(job_id)
         rows = job.rows(only)
-        lines = csv_lines(rows) if fmt == "csv" else export_lines(job.record, rows)
         protect = [Path(db)] if "://" not in db else []
-        written = write_lines(lines, output, protect)
-    if output is not None:  # on standard output, the lines alone
-        n = written - 1 if fmt == "csv" else written  # less the CSV header
+        if fmt == "parquet":
+            n = write_parquet(rows, target, protect)
+        else:
+            lines = csv_lines(rows) if fmt == "csv" else export_lines(job.record, rows)
+            n = write_lines(lines, target, protect) - (1 if fmt == "csv" else 0)  # the header
+    if target is not None:  # on standard output, the rows alone
         which = f" ({only} only)" if only else ""
-        _say(f"wrote {output}: {n:,} request(s) of job {job.id}{which}")
+        _say(f"wrote {target}: {n:,} request(s) of job {job.id}{which}")
 
 
 @main.command(name="report")

@@ -7,11 +7,14 @@ the plan, the run and the store computed; it never queries or writes anything it
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Any
 
+from .calibration import PPM
 from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
 from .pricing import PriceTable
+from .projection import Projection, Range
 from .settings import Limits
 from .store import BatchInfo, JobStatus, RunnerInfo
 
@@ -140,6 +143,94 @@ def plan_json(
 # -- run ---------------------------------------------------------------------------------------
 
 
+def _range(r: Range) -> str:
+    return f"{format_usd(r.total_pico)} ({format_usd(r.low_pico)}-{format_usd(r.high_pico)})"
+
+
+def format_projection(p: Projection, via: str | None = None) -> str:
+    """What ``price --sample`` prints: the projected cost per model and in total with its
+    interval, beside the floor and the worst case, at the lane's prices (and the other's)."""
+    batch = via == "batch"
+    header = ("model", "requests", "sampled", "projected", f"{p.confidence:.0%} interval")
+    rows = [header]
+    for model in sorted(p.by_model):
+        m = p.by_model[model]
+        r = m.lane(batch)
+        rows.append(
+            (
+                model, f"{m.requests:,}", f"{m.sampled:,}", format_usd(r.total_pico),
+                f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}",
+            )
+        )  # fmt: skip
+    r = p.lane(batch)
+    rows.append(
+        (
+            "total", f"{p.requests:,}", f"{p.sampled:,}", format_usd(r.total_pico),
+            f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}",
+        )
+    )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lane = "Batch API" if batch else "synchronous"
+    lines = [
+        f"projected at {lane} prices from {_count(p.sampled, 'result')} of "
+        f"{_count(p.requests, 'request')}:"
+    ]
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0 or i == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    other = p.lane(not batch)
+    lines.append(
+        f"{'synchronous' if batch else 'Batch API (--via batch)'}: projected {_range(other)}; "
+        f"floor {format_usd(p.floor_pico(not batch))}, worst case "
+        f"{format_usd(p.worst_pico(not batch))}."
+    )
+    lines.append(
+        f"{lane}: floor {format_usd(p.floor_pico(batch))}, worst case "
+        f"{format_usd(p.worst_pico(batch))}."
+    )
+    lines.append(f"method: {p.method}.")
+    return "\n".join(lines)
+
+
+def projection_json(p: Projection, via: str | None = None) -> dict[str, Any]:
+    """``--json``'s ``projection``: exact dollar strings at the lane's prices, and the other
+    lane's beside them."""
+    batch = via == "batch"
+
+    def lane(r: Range) -> dict[str, str]:
+        return {
+            "total_usd": format_exact(r.total_pico),
+            "low_usd": format_exact(r.low_pico),
+            "high_usd": format_exact(r.high_pico),
+        }
+
+    return {
+        **lane(p.lane(batch)),
+        "lane": "batch" if batch else "sync",
+        "sampled": p.sampled,
+        "requests": p.requests,
+        "confidence": p.confidence,
+        "method": p.method,
+        "floor_usd": format_exact(p.floor_pico(batch)),
+        "worst_usd": format_exact(p.worst_pico(batch)),
+        "sync": lane(p.sync),
+        "batch": lane(p.batch),
+        "by_model": {
+            model: {
+                **lane(m.lane(batch)),
+                "requests": m.requests,
+                "sampled": m.sampled,
+                "floor_usd": format_exact(m.floor(batch)),
+                "worst_usd": format_exact(m.worst(batch)),
+            }
+            for model, m in sorted(p.by_model.items())
+        },
+    }
+
+
 def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits: Limits) -> str:
     """What ``run`` prints before sending: the estimate against the cap."""
     lines = []
@@ -157,6 +248,14 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
             f"{est.orphans:,} request(s) were in flight when a run died: charged "
             f"{format_money(est.orphan_pico)} at worst case (their outcome is unknown) and "
             "queued again"
+        )
+    if est.sampling:
+        return "\n".join(lines)  # the sample's own cap is in its note
+    if est.projected is not None:
+        total, low, high = est.projected
+        lines.append(
+            f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}, 95%) for the "
+            f"whole job, from the results in; worst case {format_usd(est.worst_pico)}"
         )
     left = (
         f"{est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
@@ -181,11 +280,24 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
 
 def confirm_question(est: Estimate) -> str:
     """The question ``run`` asks on a terminal before its first request."""
+    if est.sample:
+        return (
+            f"Send a sample of {_count(est.sample, 'request')}, worst case "
+            f"{format_money(est.sample_worst_pico)}?"
+        )
     worst = min(est.pending_worst_pico, est.cap_pico - est.spent_pico)
     send = _count(est.pending, "request")
     if not est.finishes:
         send = f"up to {est.fits:,} of {send}"
-    return f"Send {send}, worst case {format_money(worst)} of cap {format_money(est.cap_pico)}?"
+    projected = ""
+    if est.projected is not None:
+        # What is still to spend: the projection less what is spent.
+        total, low, high = (max(0, x - est.spent_pico) for x in est.projected)
+        projected = f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}), "
+    return (
+        f"Send {send}, {projected}worst case {format_money(worst)} of cap "
+        f"{format_money(est.cap_pico)}?"
+    )
 
 
 # -- status ------------------------------------------------------------------------------------
@@ -234,7 +346,26 @@ def status_json(s: JobStatus) -> dict[str, Any]:
             for r in s.runners
         ],
         "batches": [_batch_json(b) for b in s.batches],
+        "calibration": {
+            m: {
+                "input_ratio": _ppm(c.input_ppm),
+                "output_to_limit_ratio": _ppm(c.output_ppm),
+                "results": c.results,
+            }
+            for m, c in sorted(s.calibration.items())
+        },
     }
+
+
+def _ppm(value: int) -> str:
+    """A ratio in ppm as an exact decimal string."""
+    return str(Decimal(value) / PPM)
+
+
+def calibration_lines(s: JobStatus) -> list[str]:
+    """How the server's bills compare with what batchrun counted, per model, where they differ:
+    what the cap's reservations are scaled by."""
+    return [line for m, c in sorted(s.calibration.items()) if (line := c.describe(m)) is not None]
 
 
 def _group_json(g: dict[str, int]) -> dict[str, Any]:
@@ -350,6 +481,8 @@ def format_status(s: JobStatus) -> str:
             f"  usage      {s.usage_missing:,} result(s) came without readable usage: "
             "charged at worst case"
         )
+    for line in calibration_lines(s):
+        lines.append(f"  counting   {line}")
     for title, groups in (("models", s.by_model), ("endpoints", s.by_endpoint)):
         if len(groups) > 1 or title == "models":
             cost = ", ".join(

@@ -15,7 +15,7 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,7 @@ from .plan import (
 from .pricing import PriceTable, load_price_table
 from .progress import Reading
 from .report import format_estimate
+from .sampling import Drawn
 from .settings import RunSettings
 from .store import Job, JobStatus, Store, open_store
 
@@ -174,14 +175,66 @@ async def _api_key(settings: RunSettings, notes: list[str], given: str | None = 
     return key
 
 
-def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int]]:
-    """Per-token rates the store re-prices pending requests with (unknown models raise)."""
+def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int, int, int]]:
+    """What the store re-prices pending requests with (unknown models raise): per-token rates
+    (input, output, batch input, batch output) and what each worst case adds per request, as
+    ``Price.bounds`` prices them."""
 
-    def rates(model: str) -> tuple[int, int, int, int]:
+    def rates(model: str) -> tuple[int, int, int, int, int, int]:
         price = table.resolve(model)
-        return price.input, price.output, price.batch_input, price.batch_output
+        floor, worst = price.bounds(1, 0)
+        batch_floor, batch_worst = price.bounds(1, 0, batch=True)
+        return (
+            floor, price.output, batch_floor, price.batch_output,
+            worst - floor, batch_worst - batch_floor,
+        )  # fmt: skip
 
     return rates
+
+
+def _draw_sample(
+    store: Store,
+    job: Job,
+    plan: Plan | None,
+    table: PriceTable,
+    settings: RunSettings,
+    notes: list[str],
+) -> tuple[Drawn, Job]:
+    """Draw the sample; a job the sample imported (or only ever sampled) gets the sample's
+    worst case as its cap (a job that was run keeps its own)."""
+    from .sampling import draw
+
+    assert settings.sample is not None
+    if settings.via != "sync":
+        raise UsageError("a sample is sent through the synchronous API (it is what projects)")
+    drawn = draw(store, job.id, settings.sample, table)
+    worst = store.worst_of(job.id, drawn.pending)
+    drawn = replace(drawn, worst_pico=worst)
+    if settings.cap_pico is None and (plan is not None or job.state == "sampled"):
+        # A job only ever sampled has the cap of its samples: this one's worst case on top of
+        # what is spent. A job that was run keeps the cap it was run with.
+        spend, _ = store.books(job.id)
+        store.set_job(job.id, cap_pico=max(job.cap_pico, spend.total_pico + worst))
+        job = store.job_by_id(job.id) or job
+    notes.append(
+        f"sample: {len(drawn.seqs):,} of {job.requests:,} requests (seed "
+        f"{settings.sample.seed}, by model, endpoint and output limit); "
+        f"{len(drawn.pending):,} to send, worst case {format_usd(worst)}"
+    )
+    return drawn, job
+
+
+def _projected(
+    store: Store, job: Job, table: PriceTable, settings: RunSettings
+) -> tuple[int, int, int] | None:
+    """The job's projected total at the lane's prices, once any model has two results in."""
+    from .projection import project
+
+    projection = project(store, job.id, table)
+    if not any(m.sampled >= 2 for m in projection.by_model.values()):
+        return None
+    lane = projection.lane(settings.via == "batch")
+    return lane.total_pico, lane.low_pico, lane.high_pico
 
 
 def find_job(
@@ -189,12 +242,15 @@ def find_job(
 ) -> tuple[Job, Plan | None]:
     """The job to run: from the job file, or (``--job ID``) one already in the database."""
     if settings.jobfile is not None:
-        if settings.cap_pico is None:
+        if settings.cap_pico is None and settings.sample is None:
             raise UsageError("a cap is required to import a job")
+        # A job a sample imports starts with a cap of nothing: the sample's own worst case is
+        # set once it is drawn (see _sample_cap).
+        cap = settings.cap_pico if settings.cap_pico is not None else 0
         reading = Reading(settings.jobfile, quiet=settings.quiet)
         try:
             return open_or_import(
-                store, settings.jobfile, table, settings.cap_pico, settings.reuse, notes, reading
+                store, settings.jobfile, table, cap, settings.reuse, notes, reading
             )
         finally:
             reading.close()
@@ -362,6 +418,8 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
             "through the Batch API again to collect their results.",
             failed,
         )
+    if outcome is RunOutcome.SAMPLED:
+        return Conclusion(outcome, None, failed)
     if outcome is RunOutcome.INTERRUPTED:
         return Conclusion(
             outcome,
@@ -438,6 +496,9 @@ async def run_job(
                 "unbounded requests to send them anyway (the run then stops at the cap only "
                 "after they are billed)"
             )
+        drawn = None
+        if settings.sample is not None:
+            drawn, job = _draw_sample(store, job, plan, table, settings, notes)
         from .backends import sync  # noqa: F401 - loaded before the heartbeat starts to count
 
         runner = _Runner(store, job, settings)
@@ -447,6 +508,12 @@ async def run_job(
     try:
         orphans = store.recover(job.id, runner.host, process_alive)
         est = estimate(store, job, plan, settings, orphans)
+        if drawn is not None:
+            est = replace(
+                est, sampling=True, sample=len(drawn.pending), sample_worst_pico=drawn.worst_pico
+            )
+        else:
+            est = replace(est, projected=_projected(store, job, table, settings))
         echo("\n".join([format_estimate(est, plan, table, settings.limits), *notes]))
         if confirm is not None and not confirm(est):
             raise Declined(
@@ -457,14 +524,18 @@ async def run_job(
         # it, or another runner would count this one dead before it has sent anything.
         store.heartbeat(runner.id, settings.stopping.heartbeat_ttl, 0)
         report = await _drive(
-            store, job, table, settings, runner.id, signals, api_key, stop, display
-        )
+            store, job, table, settings, runner.id, signals, api_key, stop, display,
+            drawn.pending if drawn is not None else None,
+        )  # fmt: skip
+        if drawn is not None and report.outcome is RunOutcome.COMPLETE:
+            report = replace(report, outcome=RunOutcome.SAMPLED)
     finally:
         runner.retire()
     final = {
         RunOutcome.COMPLETE: "done",
         RunOutcome.CAPPED: "capped",
         RunOutcome.OVERRUN: "capped",
+        RunOutcome.SAMPLED: "sampled",
     }.get(report.outcome, "stopped")
     with contextlib.suppress(Exception):
         store.set_job(job.id, state=final)
@@ -535,6 +606,7 @@ async def _drive(
     api_key: str,
     stop: StopEvent | None,
     display: Display,
+    only: frozenset[int] | None = None,
 ) -> RunReport:
     from .backends.sync import SyncBackend
     from .governor import Governor
@@ -543,8 +615,6 @@ async def _drive(
     simulator = None
     transport_settings = settings.transport
     if settings.simulate:
-        from dataclasses import replace
-
         from .simulator import Simulator  # only the demo and tests need the server
 
         simulator = Simulator(prices=table)
@@ -560,6 +630,9 @@ async def _drive(
         control,
         batch=settings.via == "batch",
         allow_unbounded=settings.allow_unbounded,
+        calibrating=settings.calibrating,
+        seen=store.calibration(job.id),
+        only=only,
     )
     backend: Backend
     if settings.via == "batch":

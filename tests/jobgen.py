@@ -115,3 +115,45 @@ def write_job(
                     f'"url":"{URLS[kind]}","body":{dumps(body)}}}\n'
                 )
             f.write("".join(lines))
+
+
+# Job shapes for the projection (``price --sample``): mixed models, endpoints and output limits.
+SHAPES = {
+    # A summarization job: three models, output limits from 128 to 1,024, prompts of varying
+    # length, chat and Responses requests.
+    "summaries": {
+        "models": (("gpt-4o-mini", 6), ("gpt-4.1-mini", 3), ("gpt-4o", 1)),
+        "limits": (128, 256, 512, 1024),
+        "words": (30, 400),
+        "mix": ("chat", "chat", "responses"),
+    },
+    # A labelling job: short prompts, and a fifth of the requests without an output limit
+    # (priced at the model's largest output).
+    "labels": {
+        "models": (("gpt-4o-mini", 4), ("gpt-4.1-nano", 1)),
+        "limits": (16, 16, 32, 64, 0),
+        "words": (10, 60),
+        "mix": ("chat",),
+    },
+}
+
+
+def write_shaped_job(path: str | Path, n: int, shape: str, *, seed: int = 0) -> None:
+    """Stream ``n`` requests of one of ``SHAPES`` to ``path`` (deterministic for a seed)."""
+    spec = SHAPES[shape]
+    rng = random.Random(seed)
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    models = [m for m, _ in spec["models"]]
+    weights = [w for _, w in spec["models"]]
+    low, high = spec["words"]
+    width = max(6, len(str(n)))
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i in range(n):
+            kind = rng.choice(spec["mix"])
+            model = rng.choices(models, weights)[0]
+            words = rng.randint(low, high)
+            body = _body(kind, rng, i, words, rng.choice(spec["limits"]), model)
+            f.write(
+                f'{{"custom_id":"req-{i:0{width}d}","method":"POST",'
+                f'"url":"{URLS[kind]}","body":{dumps(body)}}}\n'
+            )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .records import (
     OPEN_STATES,
+    UNLIMITED_STRATUM,
     AttemptRecord,
     BatchInfo,
     Beat,
@@ -25,6 +26,7 @@ from .records import (
     ExportRow,
     Job,
     JobStatus,
+    ModelSample,
     NewRequest,
     Outcomes,
     PendingRequest,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPEN_STATES",
+    "UNLIMITED_STRATUM",
     "AttemptRecord",
     "BatchInfo",
     "Beat",
@@ -50,6 +53,7 @@ __all__ = [
     "ExportRow",
     "Job",
     "JobStatus",
+    "ModelSample",
     "NewRequest",
     "Outcomes",
     "PendingRequest",

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 import sqlalchemy as sa
 
+from ..calibration import PPM, ModelCalibration
 from .base import StoreBase
 from .jobs import job_from_row
-from .records import ExportRow, JobStatus, RequestState, ResultFlag, RunnerInfo, Spend
+from .records import (
+    UNLIMITED_STRATUM,
+    ExportRow,
+    JobStatus,
+    ModelSample,
+    RequestState,
+    ResultFlag,
+    RunnerInfo,
+    Spend,
+)
 from .schema import attempts, jobs, ledger, requests, results, runners
 
 LIVE = "live"
@@ -29,6 +39,26 @@ _SUM_KEYS = (
 
 def _flagged(flag: ResultFlag) -> sa.ColumnElement[bool]:
     return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
+
+
+_BUCKETS = 24  # output limits up to 2^24 tokens have a bucket of their own
+
+
+def _stratum(open_from: Mapping[str, int]) -> sa.ColumnElement[int]:
+    """A request's stratum within its model, for a sample and a projection:
+    ``UNLIMITED_STRATUM`` when it is priced at its model's largest output (it set no limit, or
+    one as large: what it writes does not follow that limit; ``open_from`` gives the limit per
+    model), else the power of two its output limit rounds up to (0 for none, 1 for 2, ...), so
+    each stratum's limits are within a factor of two of each other."""
+    limit = requests.c.output_limit
+    whens: list[tuple[sa.ColumnElement[bool], int]] = []
+    if open_from:
+        most = sa.case(
+            dict(open_from), value=requests.c.model, else_=sa.literal(2**62, sa.BigInteger)
+        )
+        whens.append((limit >= most, UNLIMITED_STRATUM))
+    whens += [(limit <= 2**k, k) for k in range(_BUCKETS)]
+    return sa.case(*whens, else_=_BUCKETS)
 
 
 def _done_sums(
@@ -185,6 +215,184 @@ class ReadsMixin(StoreBase):
                 ).scalar_one()
             )
 
+    def calibration(self, job_id: int) -> dict[str, ModelCalibration]:
+        """Per model of the job, the largest ratios its results were billed at: input billed
+        over input counted, output billed over the output limit (ppm, rounded up; see
+        ``calibration``). Results without readable usage count for nothing."""
+
+        def ratio(
+            billed: sa.ColumnElement[int], counted: sa.ColumnElement[int]
+        ) -> sa.ColumnElement[int]:
+            big = sa.cast(billed, sa.BigInteger) * PPM + counted - 1
+            return sa.func.max(sa.case((counted > 0, big / counted), else_=0))
+
+        q = (
+            sa.select(
+                requests.c.model,
+                ratio(results.c.prompt_tokens, requests.c.input_tokens),
+                ratio(results.c.completion_tokens, requests.c.output_limit),
+                sa.func.count(),
+            )
+            .select_from(results.join(requests, results.c.request_id == requests.c.id))
+            .where(
+                requests.c.job_id == job_id,
+                requests.c.state == RequestState.DONE,
+                ~_flagged(ResultFlag.USAGE_MISSING),
+            )
+            .group_by(requests.c.model)
+        )
+        with self.reading() as conn:
+            return {
+                str(m): ModelCalibration(int(i or 0), int(o or 0), int(n))
+                for m, i, o, n in conn.execute(q)
+            }
+
+    def model_samples(
+        self, job_id: int, open_from: Mapping[str, int]
+    ) -> dict[tuple[str, int], ModelSample]:
+        """Per stratum of the job (see ``_stratum``), what ``projection.project`` needs (see
+        ``ModelSample``)."""
+        big = sa.BigInteger
+        out: dict[tuple[str, int], ModelSample] = {}
+        of_job = requests.c.job_id == job_id
+        key = _stratum(open_from)
+        with self.reading() as conn:
+            for model, unset, n, tin, lim in conn.execute(
+                sa.select(
+                    requests.c.model,
+                    key,
+                    sa.func.count(),
+                    sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+                    sa.func.sum(sa.cast(requests.c.output_limit, big)),
+                )
+                .where(of_job)
+                .group_by(requests.c.model, key)
+            ):
+                out[str(model), int(unset)] = ModelSample(int(n), int(tin or 0), int(lim or 0))
+            for model, unset, n, tin, lim in conn.execute(
+                sa.select(
+                    requests.c.model,
+                    key,
+                    sa.func.count(),
+                    sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+                    sa.func.sum(sa.cast(requests.c.output_limit, big)),
+                )
+                .where(of_job, requests.c.state.in_((RequestState.PENDING, RequestState.RESERVED)))
+                .group_by(requests.c.model, key)
+            ):
+                s = out[str(model), int(unset)]
+                s.open, s.open_input, s.open_limit = int(n), int(tin or 0), int(lim or 0)
+            cols = {
+                "u": sa.cast(results.c.prompt_tokens - results.c.cached_tokens, sa.Float),
+                "c": sa.cast(results.c.cached_tokens, sa.Float),
+                "o": sa.cast(results.c.completion_tokens, sa.Float),
+                "i": sa.cast(requests.c.input_tokens, sa.Float),
+                "l": sa.cast(requests.c.output_limit, sa.Float),
+            }
+            names = "ucoil1"
+            pairs = [(a, b) for k, a in enumerate(names) for b in names[k:]]
+            terms = [
+                sa.func.sum(cols[a] * cols[b])
+                if b != "1"
+                else (sa.func.sum(cols[a]) if a != "1" else sa.func.count())
+                for a, b in pairs
+            ]
+            exact = [
+                sa.func.sum(sa.cast(results.c.prompt_tokens - results.c.cached_tokens, big)),
+                sa.func.sum(sa.cast(results.c.cached_tokens, big)),
+                sa.func.sum(sa.cast(results.c.completion_tokens, big)),
+                sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+                sa.func.sum(sa.cast(requests.c.output_limit, big)),
+            ]
+            joined = results.join(requests, results.c.request_id == requests.c.id)
+            done = sa.and_(of_job, requests.c.state == RequestState.DONE)
+            usage = ~_flagged(ResultFlag.USAGE_MISSING)
+            for row in conn.execute(
+                sa.select(requests.c.model, key, sa.func.count(), *exact, *terms)
+                .select_from(joined)
+                .where(done, usage)
+                .group_by(requests.c.model, key)
+            ):
+                s = out[str(row[0]), int(row[1])]
+                s.n = int(row[2])
+                s.sum_uncached, s.sum_cached, s.sum_output, s.sum_input, s.sum_limit = (
+                    int(v or 0) for v in row[3:8]
+                )
+                s.moments = {a + b: float(v or 0) for (a, b), v in zip(pairs, row[8:], strict=True)}
+            for model, unset, booked in conn.execute(
+                sa.select(requests.c.model, key, sa.func.sum(results.c.cost_pico))
+                .select_from(joined)
+                .where(done, ~usage)
+                .group_by(requests.c.model, key)
+            ):
+                out[str(model), int(unset)].other_pico += int(booked or 0)
+            for model, unset, charged in conn.execute(
+                sa.select(requests.c.model, key, sa.func.sum(ledger.c.amount_pico))
+                .select_from(ledger.join(requests, ledger.c.request_id == requests.c.id))
+                .where(ledger.c.job_id == job_id, ledger.c.kind == "unknown")
+                .group_by(requests.c.model, key)
+            ):
+                out[str(model), int(unset)].other_pico += int(charged or 0)
+        return out
+
+    def worst_of(self, job_id: int, seqs: Collection[int]) -> int:
+        """The worst case of these requests of the job (by sequence number)."""
+        if not seqs:
+            return 0
+        with self.reading() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(
+                        requests.c.job_id == job_id, requests.c.seq.in_(sorted(seqs))
+                    )
+                ).scalar_one()
+            )
+
+    def models_of(self, job_id: int) -> list[str]:
+        """The models the job's requests name."""
+        with self.reading() as conn:
+            return sorted(
+                str(m)
+                for (m,) in conn.execute(
+                    sa.select(requests.c.model).where(requests.c.job_id == job_id).distinct()
+                )
+            )
+
+    def model_strata(
+        self, job_id: int, open_from: Mapping[str, int]
+    ) -> dict[tuple[str, int], tuple[int, int, int]]:
+        """Per stratum of the job (see ``_stratum``): its requests, what their output
+        allowances (worst case less floor) sum to, and their output limits: how much of the
+        job's uncertainty each holds."""
+        key = _stratum(open_from)
+        allowance = sa.func.sum(requests.c.worst_pico - requests.c.floor_pico)
+        limits = sa.func.sum(sa.cast(requests.c.output_limit, sa.BigInteger))
+        with self.reading() as conn:
+            return {
+                (str(m), int(u)): (int(n), int(a or 0), int(lim or 0))
+                for m, u, n, a, lim in conn.execute(
+                    sa.select(requests.c.model, key, sa.func.count(), allowance, limits)
+                    .where(requests.c.job_id == job_id)
+                    .group_by(requests.c.model, key)
+                )
+            }
+
+    def iter_strata(
+        self, job_id: int, stratum: tuple[str, int], open_from: Mapping[str, int]
+    ) -> Iterator[tuple[int, str]]:
+        """A stratum's requests as (seq, state), ordered by endpoint, output limit and file
+        order: a systematic sample over this order is spread over all of them."""
+        model, unset = stratum
+        key = _stratum(open_from)
+        q = (
+            sa.select(requests.c.seq, requests.c.state)
+            .where(requests.c.job_id == job_id, requests.c.model == model, key == unset)
+            .order_by(requests.c.url, requests.c.output_limit, requests.c.seq)
+        )
+        with self.reading() as conn:
+            for seq, state in conn.execution_options(yield_per=5000).execute(q):
+                yield int(seq), str(state)
+
     def output_ratio(self, job_id: int) -> tuple[int, int]:
         """(output tokens used, output tokens allowed) by the job's finished requests, or by
         every finished request in the database while the job has none: how much of their
@@ -297,6 +505,7 @@ class ReadsMixin(StoreBase):
             by_model=by_model,
             by_endpoint=by_endpoint,
             runners=self.live_runners(job_id),
+            calibration=self.calibration(job_id),
         )
 
     def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..calibration import ModelCalibration
+
 
 class RequestState(enum.StrEnum):
     """Where one request of a job stands."""
@@ -275,6 +277,48 @@ class JobStatus:
     runners: list[RunnerInfo] = field(default_factory=list)
     batches: list[BatchInfo] = field(default_factory=list)  # Batch API batches, oldest first
     in_batches: int = 0  # reserved requests held by open Batch API batches
+    # model -> the largest ratios its results were billed at (see ``calibration``)
+    calibration: dict[str, ModelCalibration] = field(default_factory=dict)
+
+
+# The stratum (of a sample, a projection) of requests priced at their model's largest output;
+# the others are numbered by the power of two their output limit rounds up to.
+UNLIMITED_STRATUM = -1
+
+
+@dataclass(slots=True)
+class ModelSample:
+    """One model's requests, as a projection reads them: token sums of all and of the open
+    ones, and of the finished results with usage (the sample), with their second moments."""
+
+    requests: int = 0
+    all_input: int = 0
+    all_limit: int = 0
+    open: int = 0  # pending or reserved
+    open_input: int = 0
+    open_limit: int = 0
+    n: int = 0  # finished with readable usage
+    sum_uncached: int = 0  # billed input less cached
+    sum_cached: int = 0
+    sum_output: int = 0
+    sum_input: int = 0  # counted input of the sampled requests
+    sum_limit: int = 0
+    other_pico: int = 0  # booked without usage, and unknown outcomes charged
+    # Sums of products over the sample, keyed by the sorted pair of columns of "ucoil1"
+    # (uncached, cached, output, input, limit, one).
+    moments: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def done_uncached(self) -> int:
+        return self.sum_uncached
+
+    @property
+    def done_cached(self) -> int:
+        return self.sum_cached
+
+    @property
+    def done_output(self) -> int:
+        return self.sum_output
 
 
 @dataclass(slots=True)
