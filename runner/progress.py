@@ -31,6 +31,26 @@ WINDOW = 45.0  # seconds of samples behind the rate, the ETA and tokens/min
 NARROW = 80  # columns: below this the bar is dropped, never the spend, the cap or the failures
 
 
+# Which fields of the progress line go first when the terminal is too narrow for all of them.
+_DROP_ORDER = (
+    "limited", "retries", "tokens", "ok", "speed", "paused", "eta", "spend:short", "failed",
+    "done",
+)  # fmt: skip
+_BAR = 22  # columns the bar takes in front of the line ("{bar:20}| ")
+
+
+def _join(fields: dict[str, str], shown: list[str]) -> str:
+    """The line from the fields still shown: "39/100 (8 ok, 31 failed), 3.1 req/s, ..."."""
+    head = fields["done"] if "done" in shown else ""
+    inner = [fields[k] for k in ("ok", "failed") if k in shown]
+    if head and inner:
+        head = f"{head} ({', '.join(inner)})"
+    elif inner:
+        head = ", ".join(inner)
+    rest = [fields[k] for k in shown if k not in ("done", "ok", "failed")]
+    return ", ".join(p for p in (head, *rest) if p)
+
+
 def _clock(seconds: float) -> str:
     seconds = max(0, round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -58,6 +78,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.log_every = log_every
         self._bar: tqdm | None = None
+        self._narrow = False  # the terminal was too narrow for a bar when the run started
         self._task: asyncio.Task[None] | None = None
         self._last_log = 0.0
         self._samples: deque[tuple[float, int, int]] = deque()
@@ -84,29 +105,37 @@ class Progress:
         return (n1 - n0) / (t1 - t0), (k1 - k0) / (t1 - t0) * 60
 
     def line(self, width: int | None = None) -> str:
-        """What the run is doing, in one line; short for a narrow terminal."""
+        """What the run is doing, in one line of at most ``width`` characters: below the width
+        it needs, fields drop in ``_DROP_ORDER`` (the counts, the failures, the spend and the
+        cap last), and a line that still does not fit is cut, so it never wraps."""
         s = self.stats
         rate, tpm = self.rates()
         left = self.total - self._finished()
-        eta = _clock(left / rate) if rate else "?"
-        spend = f"{format_money(s.settled_pico)} of {format_money(s.cap_pico)}"
-        done = f"{self.before + s.done + s.failed:,}/{self.total:,}"
-        failed = f"{s.failed:,} failed"
-        speed = f"{rate:,.1f} req/s" if rate is not None else "- req/s"
-        if width is not None and width < NARROW:
-            return f"{done} {failed} {spend} ETA {eta}"
-        parts = [
-            f"{done} ({s.done:,} ok, {failed})",
-            speed,
-            f"ETA {eta}",
-            f"spend {spend}",
-            f"{tpm:,.0f} tok/min" if tpm is not None else "- tok/min",
-            f"{s.retries:,} retries",
-            f"{s.rate_limited:,} rate-limited",
-        ]
-        if s.paused_for > 0:
-            parts.append(f"paused {s.paused_for:.0f}s")
-        return ", ".join(parts)
+        fields = {
+            "done": f"{self.before + s.done + s.failed:,}/{self.total:,}",
+            "ok": f"{s.done:,} ok",
+            "failed": f"{s.failed:,} failed",
+            "speed": f"{rate:,.1f} req/s" if rate is not None else "- req/s",
+            "eta": f"ETA {_clock(left / rate) if rate else '?'}",
+            "spend": f"spend {format_money(s.settled_pico)} of {format_money(s.cap_pico)}",
+            "tokens": f"{tpm:,.0f} tok/min" if tpm is not None else "- tok/min",
+            "retries": f"{s.retries:,} retries",
+            "limited": f"{s.rate_limited:,} rate-limited",
+            "paused": f"paused {s.paused_for:.0f}s" if s.paused_for > 0 else "",
+        }
+        shown = [k for k in fields if fields[k]]
+        text = _join(fields, shown)
+        if width is None:
+            return text
+        for name in _DROP_ORDER:
+            if len(text) <= width:
+                return text
+            if name == "spend:short":
+                fields["spend"] = fields["spend"].removeprefix("spend ")
+            elif name in shown:
+                shown.remove(name)
+            text = _join(fields, shown)
+        return text[: max(width, 0)]
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -118,7 +147,7 @@ class Progress:
             from tqdm import tqdm
 
             width = shutil.get_terminal_size((100, 24)).columns
-            narrow = width < NARROW
+            narrow = self._narrow = width < NARROW
             self._bar = tqdm(
                 total=self.total,
                 initial=self.before,
@@ -152,8 +181,10 @@ class Progress:
             self.say(f"batchrun: {notices.popleft()}")
         if self._bar is not None:
             width = shutil.get_terminal_size((100, 24)).columns
+            # The last column is left free (a terminal may wrap at it), and the bar's own.
+            room = width - 1 - (0 if self._narrow else _BAR)
             self._bar.n = self._finished()
-            self._bar.set_description_str(self.line(width), refresh=False)
+            self._bar.set_description_str(self.line(room), refresh=False)
             self._bar.refresh()
         elif not self.quiet:
             now = time.monotonic()
@@ -214,6 +245,7 @@ class Reading:
         self._start = time.monotonic()
         self._last_log = self._start
         self._bar: tqdm | None = None
+        self._narrow = False  # the terminal was too narrow for a bar when the run started
 
     def __call__(self, requests: int, nbytes: int) -> None:
         if self.quiet:

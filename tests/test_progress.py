@@ -67,6 +67,48 @@ def test_a_narrow_line_keeps_the_counts_failures_spend_and_cap(
     assert "39/100" in line and "31 failed" in line and "$0.0012 of $0.005" in line
 
 
+def _busy(monkeypatch: pytest.MonkeyPatch) -> Progress:
+    """A line with every field at its widest: big counts, a rate, retries, a pause."""
+    bar, stats, clock = _run(monkeypatch, total=1_250_000)
+    stats.cap_pico = usd_to_pico("12500")
+    for second in range(3):
+        clock.now = 1000.0 + second
+        stats.done = 400_000 + 37 * second
+        stats.output_tokens = 1_000_000 * second
+        bar._sample()
+    stats.failed, stats.retries, stats.rate_limited = 12_345, 67_890, 123_456
+    stats.settled_pico = usd_to_pico("4321.98")
+    stats.paused_for = 42.0
+    return bar
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 140])
+def test_the_line_fits_every_width_dropping_fields_in_order_spend_and_cap_last(
+    monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    bar = _busy(monkeypatch)
+    full = bar.line()
+    assert len(full) > 140  # every width below drops something
+    line = bar.line(width)
+    assert len(line) <= width
+    assert "$4,321.98 of $12,500.00" in line  # the spend and the cap stay
+    if width >= 60:  # at 40 these huge counts go too, before the spend and the cap
+        assert "12,345 failed" in line and "412,419/1,250,000" in line
+    order = ["rate-limited", "retries", "tok/min", "ok,", "req/s", "paused", "ETA", "failed", "/"]
+    kept = [piece in line for piece in order]
+    assert kept == sorted(kept), f"a field went before one that drops first: {line!r}"
+    # A wider terminal never shows less.
+    wider = bar.line(width + 20)
+    assert all(piece in wider for piece, k in zip(order, kept, strict=True) if k)
+
+
+def test_below_what_the_counts_and_spend_need_the_line_is_cut_not_wrapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bar = _busy(monkeypatch)
+    assert len(bar.line(20)) == 20
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -120,3 +162,27 @@ def test_reading_in_a_log_says_how_far_every_so_often_and_nothing_for_a_quick_fi
     quiet = io.StringIO()
     price_job(path, load_price_table(), Reading(path, stream=quiet))  # read within a second
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("columns", [40, 60, 80, 100, 140])
+async def test_the_bar_and_its_line_never_wrap_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    """Drawn by tqdm on a terminal of ``columns``: every redraw fits in one row."""
+    import os
+    import shutil
+
+    monkeypatch.setattr(
+        shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((columns, 24))
+    )
+    bar = _busy(monkeypatch)
+    screen = _Terminal()
+    bar.stream, bar.tty = screen, True
+    bar.start()
+    bar.refresh()
+    await bar.close()
+    redraws = [r for r in re.split(r"[\r\n]", screen.getvalue()) if r.strip()]
+    visible = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", row) for row in redraws]
+    assert any("of $12,500.00" in row for row in visible)  # the line was drawn
+    for row in visible:
+        assert len(row) < columns, row
