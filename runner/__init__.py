@@ -24,7 +24,10 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "price": "api",
     "price_table": "api",
+    "check_budget": "api",
     "to_requests": "api",
+    "build_requests": "build",
+    "build_job": "build",
     "Database": "api",
     "Job": "api",
     "RunResult": "api",

@@ -25,6 +25,7 @@ from .settings import DEFAULT_DB, Batching, Limits, Retry, RunSettings, Stopping
 if TYPE_CHECKING:
     import asyncio
 
+    from .budgets import BudgetBooks, JobDraw
     from .engine import RunOutcome, RunStats
     from .plan import Plan
     from .projection import Projection
@@ -82,27 +83,35 @@ def _rows_file(rows: Iterable[Mapping[str, Any]]) -> Iterator[Path]:
 def to_requests(
     frame: Any,
     *,
-    prompt: str,
+    prompt: str | None = None,
     model: str,
     max_tokens: int | None = None,
     system: str | None = None,
     id_column: str | None = None,
+    template: str | None = None,
+    schema: Mapping[str, Any] | None = None,
     url: str = "/v1/chat/completions",
 ) -> Iterator[dict[str, Any]]:
     """Batch-format requests from a table (a pandas DataFrame, or any iterable of dicts): the
-    user message from column ``prompt``, ``custom_id`` from ``id_column`` or the row number."""
+    user message from column ``prompt``, or from ``template`` with ``{column}`` fields (as
+    ``batchrun build --template``); ``custom_id`` from ``id_column`` (unique) or ``row-<n>``;
+    ``schema``: a JSON schema the answers must follow (``response_format``)."""
+    from .build import Template, build_requests
+
+    if (prompt is None) == (template is None):
+        raise UsageError("to_requests: give prompt (a column) or template (text with {column})")
     records: Iterable[Mapping[str, Any]]
     records = frame.to_dict("records") if hasattr(frame, "to_dict") else frame
-    for number, record in enumerate(records, 1):
-        if prompt not in record:
-            raise UsageError(f"row {number}: no column {prompt!r}")
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": str(record[prompt])})
-        body: dict[str, Any] = {"model": model, "messages": messages}
-        if max_tokens is not None:
-            body["max_completion_tokens"] = max_tokens
-        custom_id = str(record[id_column]) if id_column else f"row-{number}"
-        yield {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+    return build_requests(
+        records,
+        template=Template.column(prompt) if prompt is not None else str(template),
+        model=model,
+        max_tokens=max_tokens,
+        system=system,
+        schema=schema,
+        id_column=id_column,
+        url=url,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +212,46 @@ class Database:
         with _rows_file(rows) as path:
             return self.import_job(path, cap=cap, prices=prices, label=f"rows:{name or 'rows'}")
 
+    # -- budgets ---------------------------------------------------------------------------------
+
+    def set_budget(
+        self,
+        name: str,
+        amount: Money | None = None,
+        *,
+        per: str | None = None,
+        tz: str | None = None,
+        default: bool | None = None,
+    ) -> tuple[BudgetBooks, bool]:
+        """Create the budget ``name`` (``amount`` dollars per day, week, month or in total, in
+        time zone ``tz``), or change what is given of it; ``default``: every run in this
+        database draws on it unless told otherwise. Returns its books this period, and whether
+        it is new. Checked before anything is written."""
+        self._writable()
+        pico = check_budget(name, amount, per=per, tz=tz, default=default)
+        budget, new = self._store.set_budget(name, pico, per=per, tz=tz, default=default)
+        return self._store.budget_books(budget), new
+
+    def budgets(self) -> list[BudgetBooks]:
+        """Every budget, by name, with its books this period."""
+        return [self._store.budget_books(b) for b in self._store.budgets()]
+
+    def budget(self, name: str) -> BudgetBooks:
+        """The budget ``name``'s books this period: spent, reserved, unknown, left, reset."""
+        found = self._store.budget_named(name)
+        if found is None:
+            raise UsageError(f"{self.name}: no budget {name!r} (see `batchrun budget list`)")
+        return self._store.budget_books(found)
+
+    def budget_jobs(self, name: str) -> list[JobDraw]:
+        """The jobs drawing on the budget this period, and what each spent and holds."""
+        return self._store.budget_jobs(self.budget(name))
+
+    def remove_budget(self, name: str) -> None:
+        """Remove a budget no run draws on now (what was booked under it stays booked)."""
+        self._writable()
+        self._store.remove_budget(name)
+
     def _writable(self) -> None:
         if self.readonly:
             raise UsageError(f"{self.name} was opened read-only")
@@ -257,9 +306,10 @@ class Job:
 
         return status_json(self.summary())
 
-    def summary(self) -> JobStatus:
-        """The status as a record (what ``status()`` is the JSON form of)."""
-        return self.db._store.status(self.id)
+    def summary(self, prices: str | Path | None = None) -> JobStatus:
+        """The status as a record (what ``status()`` is the JSON form of), with the job's
+        projection at ``prices`` (the bundled table by default) when they price its models."""
+        return _with_projection(self.db._store, self.db._store.status(self.id), prices)
 
     def projection(self, prices: str | Path | None = None) -> Projection:
         """What the job will really cost, projected from its results so far (a sample, or
@@ -416,11 +466,13 @@ async def run_with(
     api_key: str | None = None,
     stop: asyncio.Event | threading.Event | None = None,
     progress: Progress | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> RunResult:
     """Run a job from its settings, as the command line builds them (a job file to import or
     resume, or ``settings.job_id``). ``echo`` gets the estimate and notes before sending;
     ``confirm`` may decline it; ``display`` shows the run (default: ``progress`` callbacks);
-    ``signals``: stop in order on SIGINT / SIGTERM / SIGHUP."""
+    ``signals``: stop in order on SIGINT / SIGTERM / SIGHUP. ``clock`` (epoch seconds) says
+    which budget period the run's claims fall in (default: the database's clock)."""
     from .run import run_job
 
     report, store, record = await run_job(
@@ -433,6 +485,7 @@ async def run_with(
         display=display,
         progress=progress,
         progress_every=PROGRESS_EVERY,
+        clock=clock,
     )
     return _result(report, store, record)
 
@@ -473,15 +526,31 @@ async def cancel_with(
     report, store, record = await cancel_job(
         settings, echo or (lambda _text: None), signals=signals, api_key=api_key, display=display
     )
-    return _result(report, store, record)
+    return _result(report, store, record, settings.prices)
 
 
-def _result(report: Any, store: Store, record: JobRecord) -> RunResult:
+def _with_projection(store: Store, status: JobStatus, prices: str | Path | None) -> JobStatus:
+    """``status`` with its projection (``JobStatus.projection``), left None when the price
+    table does not know one of the job's models (a job priced with a file of its own)."""
+    from .errors import BatchrunError
+    from .pricing import load_price_table
+    from .projection import project
+
+    try:
+        status.projection = project(store, status.job.id, load_price_table(prices))
+    except BatchrunError:
+        status.projection = None
+    return status
+
+
+def _result(
+    report: Any, store: Store, record: JobRecord, prices: str | Path | None = None
+) -> RunResult:
     from .report import status_json
     from .run import conclude
 
     try:
-        job_status = store.status(record.id)
+        job_status = _with_projection(store, store.status(record.id), prices)
     finally:
         store.close()
     end = conclude(report, job_status)
@@ -494,6 +563,29 @@ def _result(report: Any, store: Store, record: JobRecord) -> RunResult:
         report.stats,
         job_status,
     )
+
+
+def check_budget(
+    name: str,
+    amount: Money | None = None,
+    *,
+    per: str | None = None,
+    tz: str | None = None,
+    default: bool | None = None,
+) -> int | None:
+    """Check what ``Database.set_budget`` would be given, before any database is opened (a
+    bad amount, period or zone must not create or touch one); the amount in picodollars."""
+    from .budgets import check_amount, check_name, check_per, check_tz
+
+    check_name(name)
+    pico = check_amount(str(amount)) if amount is not None else None
+    if per is not None:
+        check_per(per)
+    if tz is not None:
+        check_tz(tz)
+    if pico is None and per is None and tz is None and default is None:
+        raise UsageError(f"budget set {name}: nothing to set; give an amount (e.g. 100)")
+    return pico
 
 
 def price_table(prices: str | Path | None = None) -> Any:

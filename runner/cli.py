@@ -27,6 +27,9 @@ from .errors import BatchrunError, JobFileError, UsageError
 from .money import MAX_PICO, format_usd, usd_to_pico
 from .redact import redact
 from .settings import (
+    BUDGET_PER,
+    BUDGET_PERIODS,
+    BUDGET_TZ,
     DEFAULT_DB,
     DEMO_CAP_USD,
     Batching,
@@ -47,6 +50,7 @@ EXIT_BY_OUTCOME = {
     "batches_open": EXIT_FAILURES,
     "capped": 3,
     "overrun": 3,
+    "unpriced": 3,
     "fatal": 4,
     "unreachable": 5,
     "refused": EXIT_USAGE,
@@ -358,6 +362,84 @@ def _sample(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 
 
 @main.command()
+@click.argument("rows", type=click.Path(dir_okay=False, allow_dash=False, path_type=Path))
+@click.option(
+    "--template", "-t", required=True, metavar="TEXT",
+    help="The user message of each row's request: {column} is replaced by the row's value in "
+    "that column ({{ and }} are literal braces).",
+)  # fmt: skip
+@click.option("--model", "-m", required=True, help="The model of every request, e.g. gpt-4o-mini.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1),
+    help="The output limit of each request (max_completion_tokens). Without one, `price` "
+    "counts each request at its model's largest possible output.",
+)  # fmt: skip
+@click.option("--system", metavar="TEXT", help="A system message, the same for every row.")
+@click.option(
+    "--schema", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="A JSON schema file (an object at the root) the answers must follow: the requests "
+    "ask for structured outputs (response_format json_schema, strict), named after the file.",
+)  # fmt: skip
+@click.option(
+    "--id", "id_column", metavar="COLUMN",
+    help="Take each request's custom_id from this column (unique values); default: the row "
+    "number, row-1, row-2, ...",
+)  # fmt: skip
+@click.option(
+    "--format", "fmt", metavar="[csv|jsonl|parquet]",
+    help="The rows file's format (default: from its extension: .csv, .jsonl or .ndjson, "
+    ".parquet). Parquet needs pip install 'batchrun[parquet]'.",
+)  # fmt: skip
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+    metavar="JOBFILE",
+    help="The job file to write, atomically (on an error none is left); '-': standard output.",
+)  # fmt: skip
+@click.option("--quiet", "-q", is_flag=True, help="No summary or progress on standard error.")
+def build(
+    rows: Path, template: str, model: str, max_tokens: int | None, system: str | None,
+    schema: Path | None, id_column: str | None, fmt: str | None, output: str, quiet: bool,
+) -> None:  # fmt: skip
+    """Write a job file from a table of rows (CSV, JSONL or Parquet), one request per row.
+
+    Each row becomes a chat completions request: the prompt from --template with the row's
+    {column} values, the same model, output limit, system message and schema for every row.
+    The rows are streamed, so their number does not matter. A CSV may have quoted commas and
+    newlines in its fields and a byte-order mark; it must be UTF-8 with a header line. A
+    problem names the row (and line) and the column, and exits 2.
+
+    Example: batchrun build reviews.csv -t 'Sentiment of: {review}' -m gpt-4o-mini -o job.jsonl
+    """
+    import runner
+
+    from .progress import Reading
+
+    target = None if output == "-" else Path(output)  # "./-" is a file named "-"
+    if target is None:
+        _stop_when_unread()
+    reading = Reading(rows, quiet=quiet)
+    try:
+        built = runner.build_job(
+            rows, target, template=template, model=model, max_tokens=max_tokens, system=system,
+            schema=schema, id_column=id_column, fmt=fmt, progress=reading,
+        )  # fmt: skip
+    finally:
+        reading.close()
+    if not quiet:
+        where = "standard output" if target is None else str(target)
+        limit = (
+            f", at most {max_tokens:,} output tokens each" if max_tokens else ", no output limit"
+        )
+        line = (f"built {where}: {built.requests:,} request(s) from {built.rows:,} row(s) of "
+                f"{rows} ({model}{limit})")  # fmt: skip
+        if target is not None:
+            line += f"; next: batchrun price {target}"
+        click.echo(redact(line), err=True)
+    global _nothing_open
+    _nothing_open = True
+
+
+@main.command()
 @click.argument("jobfile", callback=_path)
 @prices_option
 @click.option(
@@ -404,6 +486,11 @@ def _sample(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     "--yes", "-y", is_flag=True,
     help="--sample: do not ask before sending it (asked on a terminal only).",
 )  # fmt: skip
+@click.option(
+    "--budget", metavar="NAME",
+    help="Say whether the job fits what this budget in --db has left this period (at worst "
+    "case; see `batchrun budget`).",
+)  # fmt: skip
 @json_option
 def price(
     jobfile: Path,
@@ -417,6 +504,7 @@ def price(
     base_url: str | None,
     simulate: bool,
     yes: bool,
+    budget: str | None,
     as_json: bool,
 ) -> None:
     """Price JOBFILE in full; with --sample, send a sample and project the real cost.
@@ -430,7 +518,7 @@ def price(
     """
     import runner
 
-    from .report import format_plan, plan_json
+    from .report import budget_fit, budget_json, format_plan, plan_json
 
     if sample is not None:
         _price_sample(jobfile, prices, rpm, tpm, via, sample, seed, db, base_url, simulate, yes,
@@ -443,15 +531,27 @@ def price(
     from .progress import Reading
 
     table = runner.price_table(prices)
+    books = None
+    if budget is not None and budget.lower() != "none":  # looked up before a large file is read
+        with _open_readonly(db) as database:
+            books = database.budget(budget)
     reading = Reading(jobfile)
     try:
         plan = runner.price(jobfile, prices=prices, progress=reading)
     finally:
         reading.close()
+    worst = plan.total.batch_worst_pico if via == "batch" else plan.total.worst_pico
     if as_json:
-        click.echo(json.dumps(plan_json(plan, table, rpm, tpm, via=via), indent=2))
+        out = plan_json(plan, table, rpm, tpm, via=via)
+        if books is not None:
+            out["budget"] = {**budget_json(books), "fits_worst_case": worst <= books.left_pico}
+        click.echo(json.dumps(out, indent=2))
     else:
         click.echo(format_plan(plan, table, rpm, tpm, via=via))
+        if books is not None:
+            click.echo(budget_fit(books, worst))
+    if books is not None:
+        return  # a database was opened: let it close as usual
     global _nothing_open
     _nothing_open = True
 
@@ -677,6 +777,13 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "bounds.",
 )
 @click.option(
+    "--strict-models", is_flag=True,
+    help="Stop the run (exit 3) when a response names a model, or reports a service tier, "
+    "that the price table has no prices for (a proxy or router falling back to another "
+    "model). By default such a result is booked at its worst case, said in the run and "
+    "counted in `status`.",
+)  # fmt: skip
+@click.option(
     "--via", type=click.Choice(["sync", "batch"]), default=_default(RunSettings, "via"),
     show_default=True,
     help="sync: each request its own API call, as fast as the rate limits allow. batch: the "
@@ -699,6 +806,13 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "--batch-queue-tokens", type=click.IntRange(min=1),
     help="--via batch: keep the input tokens of a model's enqueued batches under this many "
     "(the organization's enqueued-token limit is also waited out when a batch meets it).",
+)  # fmt: skip
+@click.option(
+    "--budget", metavar="NAME",
+    help="Draw on this budget too (see `batchrun budget`): a request is sent only if it fits "
+    "under the job's cap and what the budget has left this period, across every job and "
+    "runner that draws on it. Default: the database's default budget, if it has one; "
+    "'none': no budget.",
 )  # fmt: skip
 @prices_option
 @click.option(
@@ -770,6 +884,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         reuse=not o["no_reuse"],
         retry_failed=_codes(o["retry_failed"]),
         allow_unbounded=o["allow_unbounded"],
+        strict_models=o["strict_models"],
         simulate=o["simulate"],
         quiet=o["quiet"],
         limits=Limits(rpm=o["rpm"], tpm=o["tpm"], concurrency=o["concurrency"]),
@@ -784,6 +899,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         stopping=Stopping(grace=o["grace"], heartbeat_ttl=o["heartbeat_ttl"]),
         via=o["via"],
         batching=_batching(o),
+        budget=o["budget"],
     )
 
 
@@ -911,22 +1027,59 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
     "--only", type=click.Choice(["ok", "failed"]),
     help="Only the requests that succeeded, or only those that failed for good.",
 )  # fmt: skip
-def export(db: str, job_id: int | None, output: str | None, fmt: str, only: str | None) -> None:
-    """Write results, a row per request: Batch API output format, CSV or Parquet.
+@click.option(
+    "--rows", "rows_path", type=click.Path(dir_okay=False, path_type=Path), metavar="ROWS",
+    help="Join the results back to the rows file the job was built from (`batchrun build "
+    "ROWS`): one row per input row, its columns first, then the result's (a name the rows "
+    "already use gets a result_ prefix); with --format csv or parquet.",
+)  # fmt: skip
+@click.option(
+    "--id", "id_column", metavar="COLUMN",
+    help="--rows: the column build took custom_id from (its --id), so each row is checked "
+    "against its result; default: the row number (ROWS must then be the very file the job "
+    "was built from: only the count of rows is checked).",
+)  # fmt: skip
+def export(
+    db: str, job_id: int | None, output: str | None, fmt: str, only: str | None,
+    rows_path: Path | None, id_column: str | None,
+) -> None:  # fmt: skip
+    """Write results, a row per request: Batch API format, CSV or Parquet, or joined to --rows.
 
-    Example: batchrun export --db batchrun.db -o results.jsonl
+    With --rows ROWS (the rows file the job was built from by `batchrun build`), each row of
+    ROWS comes with its request's result: the rows' columns, then the CSV's.
+
+    Example: batchrun export --rows jobs/reviews.csv --format csv -o reviews-results.csv
     """
-    from .export import csv_lines, export_lines, require_parquet, write_lines, write_parquet
+    from .export import (
+        csv_lines,
+        export_lines,
+        require_parquet,
+        write_joined,
+        write_lines,
+        write_parquet,
+    )
 
     target = None if output in (None, "-") else Path(output)  # "./-" is a file named "-"
+    if id_column is not None and rows_path is None:
+        raise UsageError("--id only means something with --rows")
+    if rows_path is not None and fmt == "jsonl":
+        raise UsageError("--rows joins the results to the rows as a table: --format csv or parquet")
     if fmt == "parquet":
         require_parquet()  # before reading a large job
     if target is None:
         _stop_when_unread()
     with _open_readonly(db) as database:
         job = database.job(job_id)
-        rows = job.rows(only)
         protect = [Path(db)] if "://" not in db else []
+        if rows_path is not None:
+            n = write_joined(rows_path, job.rows(), target, fmt=fmt, job_id=job.id,
+                             id_column=id_column, only=only, protect=protect)  # fmt: skip
+            if target is not None:
+                which = f" ({only} only)" if only else ""
+                _say(f"wrote {target}: {n:,} row(s) of {rows_path} with job {job.id}'s "
+                     f"results{which}")  # fmt: skip
+            return
+        rows = job.rows(only)
         if fmt == "parquet":
             n = write_parquet(rows, target, protect)
         else:
@@ -982,6 +1135,116 @@ def upgrade(db: str) -> None:
 
     runner.Database(db, create=False).close()
     _say(f"{db}: up to date")
+
+
+@main.group()
+def budget() -> None:
+    """Named spending limits by day, week or month, held across every job that draws on them.
+
+    A run with `--budget NAME` (or in a database with a default budget) sends a request only
+    if it fits under its job's cap and what the budget has left this period; runs that would
+    pass it stop with exit 3. The cost of a request belongs to the period it was reserved in.
+
+    Example: batchrun budget set team 100 --per month --tz Europe/Paris --default
+    """
+
+
+# A negative amount ("-5") is an amount to refuse in words, not an unknown option.
+@budget.command(name="set", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("amount", required=False, metavar="[USD]")
+@click.option(
+    "--per", type=click.Choice(BUDGET_PERIODS), default=None,
+    help=f"The period the amount is for (a new budget: {BUDGET_PER}; 'total' never resets).",
+)  # fmt: skip
+@click.option(
+    "--tz", default=None,
+    help=f"The time zone its periods start in, an IANA name (a new budget: {BUDGET_TZ}).",
+)  # fmt: skip
+@click.option(
+    "--default/--no-default", "is_default", default=None,
+    help="Make it the database's default budget: every run draws on it unless --budget "
+    "names another (or none).",
+)  # fmt: skip
+@db_option
+def budget_set(
+    name: str, amount: str | None, per: str | None, tz: str | None, is_default: bool | None,
+    db: str,
+) -> None:  # fmt: skip
+    """Create a budget, or change its amount, period, zone or default (at any time).
+
+    Lowered below what its period has spent, it stops new sends at once.
+
+    Example: batchrun budget set team 100 --per month
+    """
+    import runner
+
+    from .report import budget_summary
+
+    runner.check_budget(name, amount, per=per, tz=tz, default=is_default)  # before opening
+    with runner.Database(db) as database:
+        books, new = database.set_budget(name, amount, per=per, tz=tz, default=is_default)
+    what = "created" if new else "set"
+    default = "; the default for every run" if books.budget.is_default else ""
+    _say(f"{what} {budget_summary(books)}{default}")
+
+
+@budget.command(name="list")
+@db_option
+@json_option
+def budget_list(db: str, as_json: bool) -> None:
+    """Every budget in the database, with this period's spend.
+
+    Example: batchrun budget list --db batchrun.db
+    """
+    from .report import budget_json, budget_summary
+
+    with _open_readonly(db) as database:
+        all_books = database.budgets()
+    if as_json:
+        _say(json.dumps({"db": database.name, "budgets": [budget_json(b) for b in all_books]},
+                        indent=2))  # fmt: skip
+        return
+    lines = [
+        budget_summary(b) + (" (default)" if b.budget.is_default else "") for b in all_books
+    ] or [f"{database.name}: no budgets (`batchrun budget set NAME USD` creates one)"]
+    _say("\n".join(lines))
+
+
+@budget.command(name="show")
+@click.argument("name")
+@db_option
+@json_option
+def budget_show(name: str, db: str, as_json: bool) -> None:
+    """One budget: this period's spend, reservations, what is left, when it resets, and the
+    jobs drawing on it.
+
+    Example: batchrun budget show team --json
+    """
+    from .report import budget_json, format_budget
+
+    with _open_readonly(db) as database:
+        books = database.budget(name)
+        draws = database.budget_jobs(name)
+    if as_json:
+        _say(json.dumps(budget_json(books, draws), indent=2))
+    else:
+        _say(format_budget(books, draws))
+
+
+@budget.command(name="rm")
+@click.argument("name")
+@db_option
+def budget_rm(name: str, db: str) -> None:
+    """Remove a budget that no run draws on now (what was booked under it stays booked).
+
+    Example: batchrun budget rm team
+    """
+    import runner
+
+    with runner.Database(db, create=False) as database:
+        database.remove_budget(name)
+    _say(f"removed budget {name}")
 
 
 main.add_command(simulate)

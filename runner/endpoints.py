@@ -34,6 +34,9 @@ MAX_OUTPUT_TOKENS = 10_000_000
 MAX_CHOICES = 128
 # A usage count beyond this is nonsense from a broken server: its cost is booked at worst case.
 MAX_USAGE_TOKENS = 2**31 - 1
+# The Batch API's only completion window: a batch finishes within it, or expires (its completed
+# lines are still returned and billed).
+BATCH_WINDOW = "24h"
 
 
 @dataclass(frozen=True, slots=True)

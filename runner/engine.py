@@ -27,11 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .budgets import BudgetBooks
 from .calibration import PPM, Calibration, ModelCalibration
 from .endpoints import Endpoint, Usage, endpoint_for
 from .errors import BatchrunError
 from .money import format_usd
-from .pricing import PriceTable
+from .pricing import Bill, PriceTable, tier_of_json
 from .redact import redact
 from .settings import Calibrating, Stopping, Writer
 from .store import (
@@ -68,6 +69,7 @@ class RunOutcome(enum.Enum):
     DETACHED = "detached"  # Batch API: stopped watching; the batches go on at OpenAI
     BATCHES_OPEN = "batches_open"  # all that is left is in batches open at OpenAI
     SAMPLED = "sampled"  # ``price --sample``: the sample has its results; the rest waits
+    UNPRICED = "unpriced"  # --strict-models: a response the price table cannot price arrived
 
 
 @dataclass(slots=True)
@@ -92,8 +94,16 @@ class RunStats:
     in_flight: int = 0
     concurrency: int = 0  # the pool's current size (sync backend)
     paused_for: float = 0.0  # seconds every request is held for (a pause is on)
+    limit_rate: float | None = None  # requests/s the rate limits allow this runner, if known
     errors: dict[str, int] = field(default_factory=dict)
+    # Results the price table could not price (a model or service tier the response names),
+    # booked at worst case: name -> results.
+    unpriced: dict[str, int] = field(default_factory=dict)
     notices: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    # The budget the run draws on, as the last claim saw it; and set when that claim stopped
+    # at the budget rather than at the job's cap (the run's end then names the budget).
+    budget: BudgetBooks | None = None
+    budget_stop: BudgetBooks | None = None
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -192,6 +202,7 @@ class Books:
         calibrating: Calibrating | None = None,
         seen: Mapping[str, ModelCalibration] | None = None,
         only: frozenset[int] | None = None,
+        strict_models: bool = False,
     ) -> None:
         self.store = store
         self.job = job
@@ -201,6 +212,7 @@ class Books:
         self.batch = batch  # settle at Batch API prices
         self.allow_unbounded = allow_unbounded
         self.only = only  # claim only these requests (by sequence number): a sample
+        self.strict_models = strict_models  # stop at a response the table cannot price
         self.writer_settings = writer or Writer()
         self.stats = RunStats(cap_pico=job.cap_pico)
         # What the job's results so far taught about how the server counts tokens: the
@@ -273,7 +285,20 @@ class Books:
         )
         self._books_seen(claim.spend)
         self.stats.cap_pico = claim.cap_pico
+        if claim.budget is not None:
+            self.stats.budget = claim.budget
+        self.stats.budget_stop = claim.budget if claim.budget_blocked else None
         return claim
+
+    async def over_budget(self, req: PendingRequest) -> bool:
+        """Whether the budget period ``req`` draws on is past its limit now (an unknown outcome
+        was charged while its reservation still stands): its retry must not be sent."""
+        if self.stats.budget is None:
+            return False
+        books = await self.in_db(self.store.over_budget, req.id)
+        if books is not None:
+            self.stats.budget_stop = books
+        return books is not None
 
     async def open_elsewhere(self, mine: int, *, batches: bool = False) -> int:
         """Requests of the job reserved by other runners (they may still come back), given
@@ -311,12 +336,21 @@ class Books:
         endpoint = endpoint_for(req.url)
         usage = endpoint.read_usage(data) if endpoint is not None else None
         flags: list[ResultFlag] = [ResultFlag.BATCH] if self.batch else []
-        cost = self._cost(req, usage, endpoint)
-        if usage is None or not usage.complete or cost is None:
+        bill = self._cost(req, usage, endpoint, data)
+        cost = bill.pico if bill is not None else None
+        if usage is None or not usage.complete or bill is None or cost is None:
             cost = req.worst_pico
             flags.append(ResultFlag.USAGE_MISSING)
             self.stats.usage_missing += 1
             usage = usage or Usage(None, 0, 0, 0, 0, complete=False)
+        elif not bill.priced:
+            # Its real price is unknown: its worst case, never less than its usage at the
+            # requested model's (and tier's) prices.
+            cost = max(cost, req.worst_pico)
+            flags.append(
+                ResultFlag.UNPRICED_MODEL if bill.unpriced_model else ResultFlag.UNPRICED_TIER
+            )
+            self._unpriced(req, bill, cost)
         ratio = self._learn(req, usage, endpoint) if ResultFlag.USAGE_MISSING not in flags else 0
         if cost > req.worst_pico:
             flags.append(ResultFlag.OVER_RESERVATION)
@@ -350,15 +384,56 @@ class Books:
         self._wrote()
 
     def _cost(
-        self, req: PendingRequest, usage: Usage | None, endpoint: Endpoint | None
-    ) -> int | None:
+        self,
+        req: PendingRequest,
+        usage: Usage | None,
+        endpoint: Endpoint | None,
+        data: Mapping[str, Any],
+    ) -> Bill | None:
+        """The result's bill: by the model the response names and the service tier it reports
+        (the request's own when it reports none). None: book the worst case."""
         if usage is None or not usage.complete:
             return None
+        reported = data.get("service_tier")
         try:
-            cost = self.table.bill(req.model, usage, endpoint=endpoint, batch=self.batch)
+            bill = self.table.settle(
+                req.model,
+                usage,
+                endpoint=endpoint,
+                batch=self.batch,
+                tier=reported if isinstance(reported, str) else None,
+                asked=tier_of_json(req.body),
+            )
         except BatchrunError:
             return None
-        return cost if cost < 2**62 else None  # nonsense usage: book the worst case instead
+        return bill if bill.pico < 2**62 else None  # nonsense usage: book the worst case
+
+    def _unpriced(self, req: PendingRequest, bill: Bill, cost: int) -> None:
+        """A response the price table cannot price: say so once per name, count it (``status``
+        shows them), and with --strict-models stop the run in order."""
+        if bill.unpriced_model:
+            name, what = bill.unpriced_model, f"was answered by model {bill.unpriced_model!r}"
+        else:
+            name = f"service tier {bill.unpriced_tier}"
+            what = f"was served at service tier {bill.unpriced_tier!r}"
+        counts = self.stats.unpriced
+        first = name not in counts
+        counts[name] = counts.get(name, 0) + 1
+        text = (
+            f"request {req.custom_id!r} ({req.model}) {what}, which the price table has no "
+            f"prices for: booked at its worst case, {format_usd(cost)}"
+        )
+        if first:
+            self.event("unpriced", detail=f"{req.custom_id}: {name}")
+            more = "" if self.strict_models else "; `status` counts such results"
+            self.notice(text + more)
+        if self.strict_models:
+            self._flush_now.set()
+            self.control.stop(
+                RunOutcome.UNPRICED,
+                f"{text}; sending stopped (--strict-models). Add its prices to a price file "
+                "(--prices) to run on",
+            )
 
     def _learn(self, req: PendingRequest, usage: Usage, endpoint: Endpoint | None) -> int:
         """Calibrate on one result; its own largest billed/expected ratio (ppm)."""

@@ -57,6 +57,26 @@ class UnknownModelError(PriceError):
         )
 
 
+class UnknownTierError(PriceError):
+    """A service tier the price table has no prices for: priced as standard, a priority
+    request's worst case (and the cap's guard) would be too low, so it is an error."""
+
+    def __init__(self, model: str, tier: str) -> None:
+        self.model = model
+        self.tier = tier
+        if tier in ("flex", "priority"):
+            why = (
+                f"no {tier} prices known for model {model!r}; add {tier}_input and "
+                f"{tier}_output to a price file of your own"
+            )
+        else:
+            why = (
+                f"service tier {tier!r} has no prices (batchrun prices auto, default, flex and "
+                "priority)"
+            )
+        super().__init__(why)
+
+
 class VocabularyError(BatchrunError):
     """A tokenizer vocabulary is missing or does not match tiktoken's expected sha256."""
 

@@ -12,16 +12,18 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 from .endpoints import endpoint_for
 from .errors import UsageError
 from .money import format_exact, pico_to_decimal
+from .rows import PARQUET_INSTALL, Rows, describe_columns, row_id, text_of
 from .store import ExportRow, Job
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -39,7 +41,6 @@ CSV_COLUMNS = (
 PARQUET_BATCH_ROWS = 10_000
 # Exact dollars in Parquet: 19 digits, 12 of them decimals, hold any int64 of picodollars.
 PARQUET_COST_PRECISION, PARQUET_COST_SCALE = 19, 12
-PARQUET_INSTALL = "pip install 'batchrun[parquet]'"
 
 # One request as a table row: custom_id, status, output text, finish reason (or None),
 # input tokens, output tokens, cost in picodollars, error (or None).
@@ -110,16 +111,26 @@ def table_rows(rows: Iterable[ExportRow]) -> Iterator[TableRow]:
         )
 
 
-def csv_lines(rows: Iterable[ExportRow]) -> Iterator[str]:
-    """One CSV row per request (a header first): what people open in a spreadsheet."""
+def _csv_record() -> Callable[[Iterable[object]], str]:
+    """A function that writes one CSV record as a string, without its line end. The writer
+    ends lines with \\r\\n because the csv module quotes a field holding a line end only if
+    that character is in its ``lineterminator``: an output text or a review of several lines
+    must stay one quoted field."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="")
+    writer = csv.writer(buffer, lineterminator="\r\n")
 
     def line(values: Iterable[object]) -> str:
         buffer.seek(0)
         buffer.truncate()
         writer.writerow(values)
-        return buffer.getvalue()
+        return buffer.getvalue()[:-2]
+
+    return line
+
+
+def csv_lines(rows: Iterable[ExportRow]) -> Iterator[str]:
+    """One CSV row per request (a header first): what people open in a spreadsheet."""
+    line = _csv_record()
 
     yield line(CSV_COLUMNS)
     for cid, state, text, reason, tokens_in, tokens_out, cost, error in table_rows(rows):
@@ -253,3 +264,156 @@ def _write(lines: Iterable[str], fh: TextIO) -> int:
         n += 1
     fh.flush()
     return n
+
+
+# -- the results joined back to the rows a job was built from (``export --rows``) ---------------
+
+
+def joined_rows(
+    rows: Rows, results: Iterable[ExportRow], id_column: str | None, job_id: int
+) -> Iterator[tuple[dict[str, Any], TableRow]]:
+    """Each row of ``rows`` with its request's result, streamed: the job's requests are in
+    the rows' order (``batchrun build`` writes one per row), so the two are read side by side
+    and each row's id (its ``id_column``, or ``row-<n>``) must be its request's custom_id."""
+    results = table_rows(results)
+    known: set[str] = set()
+    for number, row in enumerate(rows, 1):
+        if number == 1:
+            known = set(rows.columns)  # a JSONL file's: its first row's keys
+        elif rows.format == "jsonl" and row.keys() != known:
+            extra = [k for k in row if k not in rows.columns]
+            if extra:
+                raise rows.fail(
+                    f"key {extra[0]!r} is not in the first row: the joined table has the first "
+                    f"row's columns ({describe_columns(rows.columns)})"
+                )
+        if id_column is not None and id_column not in row:
+            raise rows.fail(f"no id column {id_column!r}; its columns: {describe_columns(row)}")
+        expected = row_id(row, number, id_column)
+        result = next(results, None)
+        if result is None:
+            raise rows.fail(
+                f"job {job_id} has only {number - 1:,} request(s): was it built from this file?"
+            )
+        if result[0] != expected:
+            how = f"--id {id_column}" if id_column else "no --id (ids row-1, row-2, ...)"
+            raise rows.fail(
+                f"its id {expected!r} (with {how}) is not job {job_id}'s request {number:,} "
+                f"({result[0]!r}): join the rows file the job was built from, with the --id "
+                "build was given"
+            )
+        yield row, result
+    extra_result = next(results, None)
+    if extra_result is not None:
+        raise UsageError(
+            f"{rows.path}: {rows.number:,} row(s), but job {job_id} has more requests (the next "
+            f"is {extra_result[0]!r}): was it built from this file?"
+        )
+
+
+def _result_names(row_columns: Iterable[str]) -> list[str]:
+    """The result columns' names beside the rows' own: a clash takes a ``result_`` prefix."""
+    taken = set(row_columns)
+    return [f"result_{c}" if c in taken else c for c in CSV_COLUMNS]
+
+
+def _only(joined: Iterable[tuple[dict[str, Any], TableRow]], only: str | None) -> Iterator[Any]:
+    state = {"ok": "done", "failed": "failed"}.get(only or "")
+    return (pair for pair in joined if state is None or pair[1][1] == state)
+
+
+def write_joined(
+    source: Path,
+    results: Iterable[ExportRow],
+    output: Path | None,
+    *,
+    fmt: str,
+    job_id: int,
+    id_column: str | None = None,
+    only: str | None = None,
+    protect: Iterable[Path] = (),
+) -> int:
+    """``export --rows``: one row per row of ``source`` (the rows file the job was built from),
+    its columns first, then the result's (:data:`CSV_COLUMNS`), as CSV or Parquet, into
+    ``output`` atomically or to standard output; how many rows. ``only``: the rows whose
+    request succeeded (``ok``) or failed for good (``failed``)."""
+    if fmt not in ("csv", "parquet"):
+        raise UsageError("--rows joins the results to the rows as a table: --format csv or parquet")
+    if output is not None and output.resolve() == source.resolve():
+        raise UsageError(f"{output}: that is the rows file itself; choose another file")
+    if fmt == "parquet":
+        require_parquet()
+    with Rows(source) as rows:
+        joined = _only(joined_rows(rows, results, id_column, job_id), only)
+        if fmt == "csv":
+            return write_lines(_joined_csv(rows, joined), output, protect) - 1  # the header
+        if output is None:
+            if sys.stdout.isatty():
+                raise UsageError("Parquet is binary: give -o FILE, or pipe standard output")
+            sys.stdout.flush()
+            written = _joined_parquet(rows, joined, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return written
+        with _atomic(output, protect, binary=True) as fh:
+            return _joined_parquet(rows, joined, fh)
+
+
+def _joined_csv(rows: Rows, joined: Iterator[tuple[dict[str, Any], TableRow]]) -> Iterator[str]:
+    line = _csv_record()
+
+    first = next(joined, None)  # a JSONL file's columns are its first row's keys
+    columns = list(rows.columns)
+    yield line([*columns, *_result_names(columns)])
+    if first is None:
+        return
+    for row, result in itertools.chain([first], joined):
+        cid, state, text, reason, tokens_in, tokens_out, cost, error = result
+        yield line(
+            [*(text_of(row.get(c)) for c in columns),
+             cid, state, text, reason or "", tokens_in, tokens_out, format_exact(cost), error or ""]
+        )  # fmt: skip
+
+
+def _joined_parquet(
+    rows: Rows,
+    joined: Iterator[tuple[dict[str, Any], TableRow]],
+    fh: IO[bytes],
+    batch_rows: int = PARQUET_BATCH_ROWS,
+) -> int:
+    """The joined table as Parquet in record batches: a Parquet file's columns keep their
+    types, a CSV's or JSONL's are strings; the result columns as in the Parquet export."""
+    pa, pq = _pyarrow()
+    first = next(joined, None)  # a JSONL file's columns are its first row's keys
+    columns = list(rows.columns)
+    fields = [pa.field(c, rows.types.get(c, pa.string())) for c in columns]
+    result_fields = [
+        f.with_name(name) for f, name in zip(parquet_schema(), _result_names(columns), strict=True)
+    ]
+    schema = pa.schema([*fields, *result_fields])
+    native = {c for c in columns if c in rows.types}
+    cost = len(columns) + CSV_COLUMNS.index("cost_usd")
+    n = 0
+    with pq.ParquetWriter(fh, schema) as writer:
+        batch: list[list[Any]] = []
+
+        def flush() -> None:
+            values = [list(c) for c in zip(*batch, strict=True)] or [[] for _ in schema]
+            values[cost] = [pico_to_decimal(p) for p in values[cost]]
+            arrays = [pa.array(v, type=f.type) for v, f in zip(values, schema, strict=True)]
+            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            batch.clear()
+
+        pairs = itertools.chain([first], joined) if first is not None else iter(())
+        for row, result in pairs:
+            cells = [row.get(c) if c in native else _cell_text(row.get(c)) for c in columns]
+            batch.append([*cells, *result])
+            n += 1
+            if len(batch) >= batch_rows:
+                flush()
+        if batch or n == 0:  # an empty export still has its columns
+            flush()
+    return n
+
+
+def _cell_text(value: Any) -> str | None:
+    return None if value is None else text_of(value)

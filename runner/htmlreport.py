@@ -344,6 +344,23 @@ def _cards(status: JobStatus, t: Timeline) -> str:
             f"{status.output_tokens:,} out ({status.cached_tokens:,} cached input)",
         ),
     ]
+    if status.unpriced_models or status.unpriced_tiers:
+        models = status.unpriced_models
+        cards.append(
+            (
+                "unpriced",
+                f"{sum(models.values()) + status.unpriced_tiers:,} result(s)",
+                "booked at worst case: "
+                + ", ".join(
+                    [f"{m} ({n:,})" for m, n in models.items()]
+                    + (
+                        [f"service tier ({status.unpriced_tiers:,})"]
+                        if status.unpriced_tiers
+                        else []
+                    )
+                ),
+            )
+        )
     if t.latency_overall is not None:
         v = t.latency_overall.values
         cards.append(("latency", f"p50 {v[50]:,} ms", f"p90 {v[90]:,} ms · p99 {v[99]:,} ms"))

@@ -25,6 +25,7 @@ from typing import Any
 
 from .endpoints import ENDPOINTS, MAX_CHOICES, MAX_OUTPUT_TOKENS
 from .errors import JobFileError, Problem
+from .pricing import SERVICE_TIERS
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is a problem; never read more than this at once
 MAX_EMBEDDING_INPUTS = 2048  # the embeddings endpoint's documented limit on inputs per request
@@ -240,17 +241,20 @@ class JobReader:
         path: str | Path,
         *,
         known_model: Callable[[str], bool] | None = None,
+        known_tier: Callable[[str, str], str | None] | None = None,
         max_problems: int = 50,
         display_path: str | None = None,
         keep_body_json: bool = True,
     ) -> None:
         """``keep_body_json=False`` (pricing only) leaves ``JobLine.body_json`` empty; the lines
-        accepted and the problems reported are the same either way."""
+        accepted and the problems reported are the same either way. ``known_tier(model,
+        tier)`` says why a known model's service tier cannot be priced (None: it can)."""
         self.path = Path(path)
         self.keep_body_json = keep_body_json
         self._stdin = str(path) == STDIN  # a file named "-" is "./-"
         self.display_path = display_path or ("<stdin>" if self._stdin else str(path))
         self.known_model = known_model
+        self.known_tier = known_tier
         self.max_problems = max_problems
         self.problems: list[Problem] = []
         self.truncated = False
@@ -445,6 +449,7 @@ class JobReader:
 
     def _check_body(self, body: dict[str, Any], kind: str | None, errors: Errors) -> None:
         model = body.get("model")
+        priced = False
         if type(model) is not str or not model:
             errors.append(("body.model", _bad_string(body, "model", model)))
         elif self.known_model is not None and not self._is_known(model):
@@ -454,6 +459,10 @@ class JobReader:
                     f"no price known for model {model!r} (add it to a price file of your own)",
                 )
             )
+        else:
+            priced = True
+        if body.get("service_tier") is not None:
+            self._check_tier(body["service_tier"], model if priced else None, errors)
         if kind == "chat":
             _check_chat(body, errors)
         elif kind == "responses":
@@ -477,6 +486,24 @@ class JobReader:
                     errors.append((f"body.{key}", f"not a parameter of {kind} requests ({hint})"))
         if body.get("stream") not in (None, False):
             errors.append(("body.stream", "streaming is not supported in a job file"))
+
+    def _check_tier(self, tier: Any, model: str | None, errors: Errors) -> None:
+        """A service tier is priced as asked (a priority request at standard prices would let
+        its worst case, and the cap's guard, fall short): one the table cannot price is a
+        problem at its line."""
+        if type(tier) is not str:
+            errors.append(("body.service_tier", f"must be a string, got {_kind(tier)}"))
+        elif tier not in SERVICE_TIERS:
+            errors.append(
+                (
+                    "body.service_tier",
+                    f"must be one of {', '.join(SERVICE_TIERS)}, got {_show(tier)}",
+                )
+            )
+        elif model is not None and self.known_tier is not None:
+            why = self.known_tier(model, tier)
+            if why is not None:
+                errors.append(("body.service_tier", why))
 
     def _is_known(self, model: str) -> bool:
         ok = self._model_ok.get(model)

@@ -2,10 +2,12 @@
 
 One streaming pass over the job file (``plan_job``) counts each valid line's input tokens exactly,
 reads its output limit and adds both to per-model sums; the sums are priced once at the end
-(prices are linear, so the sum of per-request costs is the cost of the sums). The dry run behind
-``batchrun price`` asks for the totals only, which lets it count many texts in one tokenizer call;
-the import behind ``batchrun run`` also asks for one ``NewRequest`` row per line, priced on its
-own for the cap. Both go through the same loop and the same sums.
+(prices are linear, so the sum of per-request costs is the cost of the sums; a request asking
+for a service tier is summed with its model's other requests of that tier, since each tier has
+prices of its own). The dry run behind ``batchrun price`` asks for the totals only, which lets
+it count many texts in one tokenizer call; the import behind ``batchrun run`` also asks for one
+``NewRequest`` row per line, priced on its own for the cap. Both go through the same loop and
+the same sums.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .endpoints import endpoint_for
 from .errors import PriceError
 from .jobfile import JobLine, JobReader
 from .money import MAX_PICO, format_money, format_usd, pico_to_decimal
-from .pricing import Price, PriceTable
+from .pricing import Price, PriceTable, tier_of
 from .store import JobStatus, NewRequest
 from .tokens import TextBatch, TokenCount, count_request
 
@@ -64,6 +66,8 @@ class Plan:
     by_model: dict[str, Totals] = field(default_factory=dict)
     approximate_parts: dict[str, int] = field(default_factory=dict)  # note -> requests
     sha256: str = ""
+    # Requests priced at a service tier's own prices (flex, priority): tier -> requests.
+    tiers: dict[str, int] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -148,6 +152,9 @@ class Estimate:
     reused: int = 0  # requests whose results were copied from an earlier job
     min_seconds: float | None = None
     sustained_seconds: float | None = None
+    via: str = "sync"  # the lane the figures above are at ("batch": Batch API prices) ...
+    sync_floor_pico: int = 0  # ... and the job's floor and worst case at synchronous prices
+    sync_worst_pico: int = 0
     sampling: bool = False  # ``price --sample``: only the sample is sent
     sample: int = 0  # the sample's requests still to send ...
     sample_worst_pico: int = 0  # ... and their worst case
@@ -161,13 +168,14 @@ class Estimate:
 
 
 class _ModelSums:
-    """Running sums for one model."""
+    """Running sums for one model at one service tier (None: standard prices)."""
 
-    __slots__ = ("batch", "model", "price", "totals")
+    __slots__ = ("batch", "model", "price", "tier", "totals")
 
-    def __init__(self, model: str, price: Price) -> None:
+    def __init__(self, model: str, price: Price, tier: str | None = None) -> None:
         self.model = model
         self.price = price
+        self.tier = tier
         self.batch = TextBatch()
         self.totals = Totals()
 
@@ -219,13 +227,14 @@ class Planner:
         self.table = table
         self.progress = progress  # told (requests, bytes) read so far, once per chunk
         self.plan = Plan(path=reader.display_path)
-        self._sums: dict[str, _ModelSums] = {}
+        self._sums: dict[tuple[str, str | None], _ModelSums] = {}
         self._seq = 0  # the next row's place in the file
 
-    def _sums_for(self, model: str) -> _ModelSums:
-        acc = self._sums.get(model)
+    def _sums_for(self, model: str, tier: str | None) -> _ModelSums:
+        key = (model, tier)
+        acc = self._sums.get(key)
         if acc is None:
-            acc = self._sums[model] = _ModelSums(model, self.table.resolve(model))
+            acc = self._sums[key] = _ModelSums(model, self.table.resolve(model), tier)
         return acc
 
     def _note(self, count: TokenCount) -> None:
@@ -251,7 +260,7 @@ class Planner:
             for jl in self.reader:
                 body = jl.body
                 model = body["model"]
-                acc = self._sums_for(model)
+                acc = self._sums_for(model, tier_of(body) if "service_tier" in body else None)
                 first = len(acc.batch.texts)
                 count = count_request(jl.url, body, acc.batch)
                 limit, unlimited = _limit_of(path, jl, acc.price)
@@ -319,7 +328,7 @@ class Planner:
             if counts:
                 tokens += sum(counts[first:last])
             price = acc.price
-            floor, worst = price.bounds(tokens, limit)
+            floor, worst = price.bounds(tokens, limit, tier=acc.tier)
             if worst > MAX_PICO:
                 raise PriceError(
                     f"{self.plan.path}:{line}: body: its worst case ({format_money(worst)}) is "
@@ -336,14 +345,19 @@ class Planner:
     def _finish(self) -> None:
         plan = self.plan
         plan.sha256 = self.reader.sha256
-        for model, acc in self._sums.items():
+        for (model, tier), acc in self._sums.items():
             t = acc.totals
             sums = (t.input_tokens, t.output_limit_tokens)
-            t.floor_pico, t.worst_pico = acc.price.bounds(*sums, requests=t.requests)
+            t.floor_pico, t.worst_pico = acc.price.bounds(*sums, requests=t.requests, tier=tier)
             t.batch_floor_pico, t.batch_worst_pico = acc.price.bounds(
                 *sums, batch=True, requests=t.requests
             )
-            plan.by_model[model] = t
+            if tier is not None:
+                plan.tiers[tier] = plan.tiers.get(tier, 0) + t.requests
+            if model in plan.by_model:
+                plan.by_model[model].add(t)
+            else:
+                plan.by_model[model] = t
             plan.total.add(t)
         if plan.total.worst_pico > MAX_PICO:
             raise PriceError(
@@ -361,8 +375,19 @@ def open_job(
     progress: ReadProgress | None = None,
 ) -> tuple[JobReader, Planner]:
     """A reader for ``path`` that knows which models have prices, and its planner."""
+
+    def known_tier(model: str, tier: str) -> str | None:
+        try:
+            table.resolve(model).rates(tier=tier_of({"service_tier": tier}))
+        except PriceError as exc:
+            return str(exc)
+        return None
+
     reader = JobReader(
-        path, known_model=lambda m: table.lookup(m) is not None, keep_body_json=keep_body_json
+        path,
+        known_model=lambda m: table.lookup(m) is not None,
+        known_tier=known_tier,
+        keep_body_json=keep_body_json,
     )
     return reader, Planner(reader, table, progress)
 

@@ -8,8 +8,10 @@ does not know is an error, never $0: an unpriced request would make the spend ca
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from importlib import resources
@@ -18,7 +20,7 @@ from typing import Any
 
 from .calibration import PPM
 from .endpoints import MAX_OUTPUT_TOKENS, Endpoint, Usage
-from .errors import PriceError, UnknownModelError
+from .errors import PriceError, UnknownModelError, UnknownTierError
 from .money import price_per_mtok_to_pico_per_token
 
 # "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"; "gpt-4-0613" -> "gpt-4"; "gpt-3.5-turbo-0125".
@@ -31,6 +33,37 @@ _PRICE_FIELDS = (
     "batch_cached_input",
     "batch_output",
 )
+# Optional prices of the service tiers a request may ask for (``service_tier``): priority needs
+# its own; flex without its own is billed at the Batch API's prices (OpenAI's flex guide).
+TIER_FIELDS = (
+    "priority_input",
+    "priority_cached_input",
+    "priority_output",
+    "flex_input",
+    "flex_cached_input",
+    "flex_output",
+)
+# The service tiers a request may name; "auto" and "default" are the standard prices.
+SERVICE_TIERS = ("auto", "default", "flex", "priority")
+_STANDARD_TIERS = frozenset({None, "auto", "default"})
+
+
+def tier_of(body: Mapping[str, Any]) -> str | None:
+    """The tier a request body asks for, as priced: None for standard prices (no
+    ``service_tier``, "auto", "default"), else the tier's name (not checked here)."""
+    tier = body.get("service_tier")
+    return None if tier in _STANDARD_TIERS else str(tier)
+
+
+def tier_of_json(body_json: str) -> str | None:
+    """``tier_of`` of a stored (compact) body; parses it only when it names a tier."""
+    if '"service_tier":' not in body_json:
+        return None
+    try:
+        body = json.loads(body_json)
+    except ValueError:
+        return None
+    return tier_of(body) if isinstance(body, dict) else None
 
 
 def _half_up(pico_per_token: int) -> int:
@@ -55,16 +88,46 @@ class Price:
     # Billed input tokens per token tiktoken counts, in ppm: a price file declares it for a
     # model served with its own tokenizer, so worst cases (and the cap) start from it.
     input_factor_ppm: int = PPM
+    # Service-tier prices, None where the table has none: a request asking for priority is
+    # then refused (never priced as standard); flex falls back to the Batch API's prices.
+    priority_input: int | None = None
+    priority_cached_input: int | None = None  # None: priority_input (an upper bound)
+    priority_output: int | None = None
+    flex_input: int | None = None
+    flex_cached_input: int | None = None  # None: flex_input (an upper bound)
+    flex_output: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_cached_input < 0:
             object.__setattr__(self, "batch_cached_input", _half_up(self.cached_input))
 
-    def rates(self, batch: bool = False) -> tuple[int, int, int]:
-        """(input, cached input, output) per token, at Batch API prices when ``batch``."""
+    def rates(self, batch: bool = False, tier: str | None = None) -> tuple[int, int, int]:
+        """(input, cached input, output) per token: the one place a lane and a service tier
+        become prices. The Batch API bills batch prices whatever the tier; otherwise None,
+        "auto" and "default" are standard, "flex" is its own prices or else the Batch API's,
+        and "priority" needs its own. Raises UnknownTierError for a tier without prices."""
         if batch:
             return self.batch_input, self.batch_cached_input, self.batch_output
-        return self.input, self.cached_input, self.output
+        if tier in _STANDARD_TIERS:
+            return self.input, self.cached_input, self.output
+        if tier == "flex":
+            if self.flex_input is None or self.flex_output is None:
+                return self.batch_input, self.batch_cached_input, self.batch_output
+            cached = self.flex_cached_input
+            return self.flex_input, self.flex_input if cached is None else cached, self.flex_output
+        rate_in, rate_out = self.priority_input, self.priority_output
+        if tier == "priority" and rate_in is not None and rate_out is not None:
+            cached = self.priority_cached_input
+            return rate_in, rate_in if cached is None else cached, rate_out
+        raise UnknownTierError(self.model, str(tier))
+
+    def prices_tier(self, tier: str | None) -> bool:
+        """Whether requests at ``tier`` (see ``rates``) can be priced."""
+        try:
+            self.rates(tier=tier)
+        except UnknownTierError:
+            return False
+        return True
 
     def cost(
         self,
@@ -73,13 +136,15 @@ class Price:
         output_tokens: int = 0,
         *,
         batch: bool = False,
+        tier: str | None = None,
     ) -> int:
-        """Picodollars billed for one response's usage, the way the API bills it.
+        """Picodollars billed for one response's usage, the way the API bills it (at ``tier``'s
+        prices, see ``rates``).
 
         Cached tokens are a subset of the input tokens; reasoning tokens are already inside
         ``output_tokens`` and must not be added again.
         """
-        rate_in, rate_cached, rate_out = self.rates(batch)
+        rate_in, rate_cached, rate_out = self.rates(batch, tier)
         cached = min(max(cached_tokens, 0), input_tokens)
         return (input_tokens - cached) * rate_in + cached * rate_cached + output_tokens * rate_out
 
@@ -90,14 +155,16 @@ class Price:
         *,
         batch: bool = False,
         requests: int = 1,
+        tier: str | None = None,
     ) -> tuple[int, int]:
-        """(floor, worst case) of ``requests`` requests with these token sums: input only, and
-        input plus the whole output limit. Linear in the tokens, so sums price like their parts.
+        """(floor, worst case) of ``requests`` requests with these token sums, at ``tier``'s
+        prices: input only, and input plus the whole output limit. Linear in the tokens, so
+        sums (of one tier) price like their parts.
 
         With an ``input_factor`` the input rate is scaled (not the tokens, so sums stay exact),
         and the worst case holds one more input token per request, for the server's rounding.
         """
-        rate_in, _, rate_out = self.rates(batch)
+        rate_in, _, rate_out = self.rates(batch, tier)
         slack = 0
         if self.input_factor_ppm != PPM:
             rate_in = -(-rate_in * self.input_factor_ppm // PPM)
@@ -143,23 +210,67 @@ class PriceTable:
         return price
 
     def for_response(self, requested: str, response_model: str | None) -> Price:
-        """Bill by the model the response names when it has its own entry (a dated snapshot
-        can cost more than its alias), else by the model that was requested."""
+        """Bill by the model the response names when the table knows it (its own entry: a
+        dated snapshot can cost more than its alias; else its family's), else by the model
+        that was requested (see ``settle`` for telling the two apart)."""
         if response_model:
-            own = self.prices.get(response_model)
+            own = self.lookup(response_model)
             if own is not None:
                 return own
         return self.resolve(requested)
 
     def fingerprint(self) -> str:
-        """A digest of every price: a job priced under one table knows when another is used."""
+        """A digest of every price: a job priced under one table knows when another is used.
+        Tier prices count only where set, so tables without them keep their digests."""
         digest = hashlib.sha256()
         for name in sorted(self.prices):
             p = self.prices[name]
             fields = (p.input, p.cached_input, p.output, p.batch_input, p.batch_cached_input)
             factor = f":{p.input_factor_ppm}" if p.input_factor_ppm != PPM else ""
-            digest.update(f"{name}:{fields}:{p.batch_output}:{p.max_output}{factor};".encode())
+            tiers = "".join(
+                f":{key}={value}" for key in TIER_FIELDS if (value := getattr(p, key)) is not None
+            )
+            digest.update(
+                f"{name}:{fields}:{p.batch_output}:{p.max_output}{factor}{tiers};".encode()
+            )
         return digest.hexdigest()
+
+    def settle(
+        self,
+        requested: str,
+        usage: Usage,
+        *,
+        endpoint: Endpoint | None = None,
+        batch: bool = False,
+        tier: str | None = None,
+        asked: str | None = None,
+    ) -> Bill:
+        """What one response costs, by the model it names and the tier it reports (``tier``;
+        the request's own, ``asked``, when it reports none), and what could not be priced.
+
+        A response naming a model the table does not know is priced at the requested model
+        and says so (``Bill.unpriced_model``); one reporting a tier its model has no prices
+        for is priced at the requested tier and says so (``Bill.unpriced_tier``): the caller
+        books such a result at its worst case. At Batch API prices (``batch``) the tier does
+        not matter. An endpoint without output (embeddings) is billed for its input alone.
+        """
+        unpriced_model = None
+        price = self.lookup(usage.model) if usage.model else None
+        if price is None:
+            price = self.resolve(requested)
+            if usage.model:
+                unpriced_model = usage.model
+        reported = asked if tier is None else (None if tier in _STANDARD_TIERS else tier)
+        unpriced_tier = None
+        if not batch and not price.prices_tier(reported):
+            unpriced_tier, reported = reported, asked
+            if not price.prices_tier(reported):
+                reported = None
+        output = usage.output_tokens if endpoint is None or endpoint.has_output else 0
+        pico = price.cost(
+            usage.input_tokens, usage.cached_tokens, output, batch=batch, tier=reported
+        )
+        return Bill(pico, unpriced_model, unpriced_tier)
 
     def bill(
         self,
@@ -168,12 +279,25 @@ class PriceTable:
         *,
         endpoint: Endpoint | None = None,
         batch: bool = False,
+        tier: str | None = None,
     ) -> int:
-        """Picodollars the API bills for one response (at Batch API prices when ``batch``); an
-        endpoint without output (embeddings) is billed for its input alone."""
-        price = self.for_response(requested, usage.model)
-        output = usage.output_tokens if endpoint is None or endpoint.has_output else 0
-        return price.cost(usage.input_tokens, usage.cached_tokens, output, batch=batch)
+        """Picodollars the API bills for one response (at Batch API prices when ``batch``, else
+        at ``tier``'s); see ``settle``."""
+        return self.settle(requested, usage, endpoint=endpoint, batch=batch, tier=tier).pico
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """One response's cost, and what in it the price table could not price (then ``pico`` is
+    at the requested model's or tier's prices: a floor, not the bill)."""
+
+    pico: int
+    unpriced_model: str | None = None  # the model the response names, unknown to the table
+    unpriced_tier: str | None = None  # the tier the response reports, without prices
+
+    @property
+    def priced(self) -> bool:
+        return self.unpriced_model is None and self.unpriced_tier is None
 
 
 def _parse_entry(
@@ -182,7 +306,7 @@ def _parse_entry(
     where = f"{origin}: models.{name}"
     if not isinstance(raw, dict):
         raise PriceError(f"{where}: must be a table")
-    unknown = set(raw) - {*_PRICE_FIELDS, "max_output", "source", "input_factor"}
+    unknown = set(raw) - {*_PRICE_FIELDS, *TIER_FIELDS, "max_output", "source", "input_factor"}
     if unknown:
         raise PriceError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     values: dict[str, int] = {}
@@ -192,6 +316,7 @@ def _parse_entry(
                 values[key] = price_per_mtok_to_pico_per_token(raw[key])
             except (TypeError, ValueError) as exc:
                 raise PriceError(f"{where}: {key}: {exc}") from None
+    tiers = _tier_prices(raw, where)
     max_output = raw.get("max_output")
     if max_output is not None and (
         not isinstance(max_output, int)
@@ -220,7 +345,7 @@ def _parse_entry(
             merged = replace(merged, **{key: val})
         if max_output is not None:
             merged = replace(merged, max_output=max_output)
-        return merged
+        return replace(merged, **tiers) if tiers else merged
     for key in ("input", "output"):
         if key not in values:
             raise PriceError(f"{where}: {key} is required for a model not in the bundled table")
@@ -238,7 +363,28 @@ def _parse_entry(
         source=source,
         origin=origin,
         input_factor_ppm=PPM if factor is None else factor,
+        **tiers,
     )
+
+
+def _tier_prices(raw: dict[str, Any], where: str) -> dict[str, int]:
+    """A price entry's service-tier prices (picodollars per token), those given only. A tier's
+    input and output go together: half a tier could not price a request."""
+    values: dict[str, int] = {}
+    for key in TIER_FIELDS:
+        if key in raw:
+            try:
+                values[key] = price_per_mtok_to_pico_per_token(raw[key])
+            except (TypeError, ValueError) as exc:
+                raise PriceError(f"{where}: {key}: {exc}") from None
+    for tier in ("priority", "flex"):
+        given = [k for k in (f"{tier}_input", f"{tier}_output") if k in values]
+        if len(given) == 1 or (f"{tier}_cached_input" in values and not given):
+            raise PriceError(
+                f"{where}: {tier}_input and {tier}_output must be given together "
+                f"({tier}_cached_input is optional)"
+            )
+    return values
 
 
 def _input_factor(value: Any, where: str) -> int | None:

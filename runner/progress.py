@@ -36,6 +36,7 @@ _DROP_ORDER = (
     "limited", "retries", "tokens", "ok", "speed", "paused", "eta", "spend:short", "failed",
     "done",
 )  # fmt: skip
+_SLOW_LIMIT = 600.0  # seconds: a run the limits hold to at least this long is told so
 _BAR = 22  # columns the bar takes in front of the line ("{bar:20}| ")
 
 
@@ -79,6 +80,7 @@ class Progress:
         self.log_every = log_every
         self._bar: tqdm | None = None
         self._narrow = False  # the terminal was too narrow for a bar when the run started
+        self._limit_said = False
         self._task: asyncio.Task[None] | None = None
         self._last_log = 0.0
         self._samples: deque[tuple[float, int, int]] = deque()
@@ -104,6 +106,30 @@ class Progress:
             return None, None
         return (n1 - n0) / (t1 - t0), (k1 - k0) / (t1 - t0) * 60
 
+    def _eta(self, left: int, rate: float | None) -> str:
+        """From the rate seen; before there is one (or while it is nil), from what the rate
+        limits allow, and said so."""
+        if rate:
+            return f"ETA {_clock(left / rate)}"
+        limit = self.stats.limit_rate
+        if limit:
+            return f"ETA {_clock(left / limit)} at the limit"
+        return "ETA ?"
+
+    def _say_limit(self) -> None:
+        """Once: what the rate limits make of the time left, when they make it long."""
+        limit = self.stats.limit_rate
+        if self._limit_said or not limit:
+            return
+        self._limit_said = True
+        left = self.total - self._finished()
+        if left / limit >= _SLOW_LIMIT:
+            per_minute = limit * 60
+            self.say(
+                f"batchrun: the rate limits allow {per_minute:,.4g} request(s) per minute: the "
+                f"{left:,} request(s) left take at least {_clock(left / limit)}"
+            )
+
     def line(self, width: int | None = None) -> str:
         """What the run is doing, in one line of at most ``width`` characters: below the width
         it needs, fields drop in ``_DROP_ORDER`` (the counts, the failures, the spend and the
@@ -116,7 +142,7 @@ class Progress:
             "ok": f"{s.done:,} ok",
             "failed": f"{s.failed:,} failed",
             "speed": f"{rate:,.1f} req/s" if rate is not None else "- req/s",
-            "eta": f"ETA {_clock(left / rate) if rate else '?'}",
+            "eta": self._eta(left, rate),
             "spend": f"spend {format_money(s.settled_pico)} of {format_money(s.cap_pico)}",
             "tokens": f"{tpm:,.0f} tok/min" if tpm is not None else "- tok/min",
             "retries": f"{s.retries:,} retries",
@@ -179,6 +205,8 @@ class Progress:
         notices = self.stats.notices
         while notices:
             self.say(f"batchrun: {notices.popleft()}")
+        if not self.quiet:
+            self._say_limit()
         if self._bar is not None:
             width = shutil.get_terminal_size((100, 24)).columns
             # The last column is left free (a terminal may wrap at it), and the bar's own.
@@ -246,6 +274,7 @@ class Reading:
         self._last_log = self._start
         self._bar: tqdm | None = None
         self._narrow = False  # the terminal was too narrow for a bar when the run started
+        self._limit_said = False
 
     def __call__(self, requests: int, nbytes: int) -> None:
         if self.quiet:

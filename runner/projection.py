@@ -41,12 +41,24 @@ class Range:
     total_pico: int
     low_pico: int
     high_pico: int
+    known_pico: int = 0  # of which the finished requests, priced at this lane from their tokens
 
     def __add__(self, other: Range) -> Range:
         return Range(
             self.total_pico + other.total_pico,
             self.low_pico + other.low_pico,
             self.high_pico + other.high_pico,
+            self.known_pico + other.known_pico,
+        )
+
+    def after(self, spent_pico: int) -> Range:
+        """The same projection for the open requests on top of what was really spent (a job
+        whose finished requests went by another lane, or were booked otherwise)."""
+        return Range(
+            spent_pico + self.total_pico - self.known_pico,
+            spent_pico + self.low_pico - self.known_pico,
+            spent_pico + self.high_pico - self.known_pico,
+            spent_pico,
         )
 
 
@@ -126,6 +138,7 @@ class _Estimate:
                 self.known + round(self.point),
                 self.known + math.floor(self.low),
                 self.known + math.ceil(self.high),
+                self.known,
             )
         return _interval(self.known, self.point, self.var, self.df, self.low, self.high)
 
@@ -137,6 +150,7 @@ def _interval(known: int, point: float, var: float, df: float, low: float, high:
         known + round(point),
         known + math.floor(max(point - half, low)),
         known + math.ceil(min(point + half, high)),
+        known,
     )
 
 
@@ -162,6 +176,7 @@ def _combine(parts: list[_Estimate]) -> Range:
         known + inner.total_pico + sum(round(p.point) for p in bare),
         known + inner.low_pico + sum(math.floor(p.low) for p in bare),
         known + inner.high_pico + sum(math.ceil(p.high) for p in bare),
+        known,
     )
 
 

@@ -10,10 +10,12 @@ import datetime as dt
 from decimal import Decimal
 from typing import Any
 
+from .budgets import BudgetBooks, JobDraw, describe, iso
 from .calibration import PPM
+from .endpoints import BATCH_WINDOW
 from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
-from .pricing import PriceTable
+from .pricing import TIER_FIELDS, PriceTable
 from .projection import Projection, Range
 from .settings import Limits
 from .store import BatchInfo, JobStatus, RunnerInfo
@@ -72,13 +74,18 @@ def format_plan(
     lines.append("floor = input tokens only; worst case = input + every output limit.")
     total = plan.total
     if batch:
-        lines.append("at Batch API prices (--via batch: up to 24 h per batch).")
+        lines.append(
+            f"at Batch API prices; at synchronous prices: floor {format_usd(total.floor_pico)}, "
+            f"worst case {format_usd(total.worst_pico)}."
+        )
     elif via is None:
         lines.append(
             f"Batch API (--via batch, up to 24 h): floor {format_usd(total.batch_floor_pico)}, "
             f"worst case {format_usd(total.batch_worst_pico)} (saves "
             f"{format_usd(total.worst_pico - total.batch_worst_pico)})."
         )
+    if plan.tiers:
+        lines.append(tier_line(plan.tiers))
     if plan.total.unlimited_requests:
         lines.append(
             f"warning: {plan.total.unlimited_requests:,} request(s) set no output limit; they "
@@ -96,6 +103,13 @@ def format_plan(
             " (previous_response_id, conversation): the earlier turns are billed as input, so "
             "their cost is unbounded; `run` sends them only with --allow-unbounded."
         )
+    if batch:
+        lines.append(
+            f"Batch API: each batch has a {BATCH_WINDOW} completion window; most finish far "
+            "sooner, but nothing shorter is promised and a batch can sit in_progress for hours "
+            "when capacity is short (rate limits do not set its time)."
+        )
+        return "\n".join(lines)
     minimum = plan.min_seconds(rpm, tpm)
     sustained = plan.sustained_seconds(rpm, tpm)
     if minimum is not None and sustained is not None:
@@ -105,6 +119,15 @@ def format_plan(
             f"minute, {_duration(sustained)} at their sustained rate (a key already in use)"
         )
     return "\n".join(lines)
+
+
+def tier_line(tiers: dict[str, int]) -> str:
+    """Which requests the plan priced at a service tier's own prices."""
+    parts = []
+    for tier, n in sorted(tiers.items()):
+        how = " (the Batch API's unless the table has flex prices)" if tier == "flex" else ""
+        parts.append(f"{n:,} at {tier} prices{how}")
+    return f"service tiers: {', '.join(parts)}; the rest at standard prices."
 
 
 def _totals_json(t: Totals) -> dict[str, Any]:
@@ -134,6 +157,7 @@ def plan_json(
         "models": {m: _totals_json(t) for m, t in sorted(plan.by_model.items())},
         "total": _totals_json(plan.total),
         "approximate_parts": plan.approximate_parts,
+        "service_tiers": dict(sorted(plan.tiers.items())),
         "rate_limits": {"rpm": rpm, "tpm": tpm},
         "min_seconds": plan.min_seconds(rpm, tpm),
         "sustained_seconds": plan.sustained_seconds(rpm, tpm),
@@ -234,15 +258,22 @@ def projection_json(p: Projection, via: str | None = None) -> dict[str, Any]:
 def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits: Limits) -> str:
     """What ``run`` prints before sending: the estimate against the cap."""
     lines = []
+    batch = est.via == "batch"
+    lane = " at Batch API prices" if batch else ""
     if plan is not None:
-        lines.append(format_plan(plan, table, limits.rpm, limits.tpm))
+        lines.append(format_plan(plan, table, limits.rpm, limits.tpm, via=est.via))
         lines.append(f"imported as job {est.job_id} into {est.db}")
     else:
         lines.append(
             f"resuming job {est.job_id} ({_count(est.requests, 'request')}, floor "
-            f"{format_money(est.floor_pico)}, worst case {format_money(est.worst_pico)}) from "
-            f"{est.db}"
+            f"{format_money(est.floor_pico)}, worst case {format_money(est.worst_pico)}{lane}) "
+            f"from {est.db}"
         )
+        if batch:
+            lines.append(
+                f"(at synchronous prices: floor {format_money(est.sync_floor_pico)}, worst "
+                f"case {format_money(est.sync_worst_pico)})"
+            )
     if est.orphans:
         lines.append(
             f"{est.orphans:,} request(s) were in flight when a run died: charged "
@@ -251,7 +282,7 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
         )
     if est.sampling:
         return "\n".join(lines)  # the sample's own cap is in its note
-    if est.projected is not None:
+    if est.projected is not None and est.pending:
         total, low, high = est.projected
         lines.append(
             f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}, 95%) for the "
@@ -259,7 +290,7 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
         )
     left = (
         f"{est.fits:,} of {est.pending:,} pending request(s) fit under the cap at worst case"
-        f" ({format_money(est.pending_worst_pico)} for all of them)"
+        f"{lane} ({format_money(est.pending_worst_pico)} for all of them)"
         if est.pending
         else "nothing is left to send"
     )
@@ -303,6 +334,42 @@ def confirm_question(est: Estimate) -> str:
 # -- status ------------------------------------------------------------------------------------
 
 
+def _via(s: JobStatus) -> str:
+    """The lane a job's money is shown in: the Batch API's once it has used batches."""
+    return "batch" if s.batches else "sync"
+
+
+def _bounds(s: JobStatus) -> tuple[int, int]:
+    """The job's floor and worst case at its lane's prices (batch prices need the price table:
+    without the projection's, the synchronous figures)."""
+    if _via(s) == "batch" and s.projection is not None:
+        return s.projection.floor_pico(True), s.projection.worst_pico(True)
+    return s.job.floor_pico, s.job.worst_pico
+
+
+def _lane_note(s: JobStatus) -> str:
+    if _via(s) == "batch" and s.projection is not None:
+        return f" at Batch API prices (synchronous: worst case {format_money(s.job.worst_pico)})"
+    return ""
+
+
+def _lane_of(s: JobStatus) -> Range:
+    """The job's projection at its lane, on top of what it really spent."""
+    assert s.projection is not None
+    return s.projection.lane(_via(s) == "batch").after(s.spend.settled_pico)
+
+
+def projected_text(s: JobStatus) -> str:
+    """The projected total, with its interval while requests are open (then it is exact)."""
+    if s.projection is None:
+        return format_money(projected_pico(s))
+    r = _lane_of(s)
+    if r.low_pico == r.high_pico:
+        return format_money(r.total_pico)
+    low, high = format_money(r.low_pico), format_money(r.high_pico)
+    return f"{format_money(r.total_pico)} ({low}-{high}, 95%)"
+
+
 def status_json(s: JobStatus) -> dict[str, Any]:
     j = s.job
     return {
@@ -316,9 +383,14 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "spent_usd": format_exact(s.spend.settled_pico),
         "reserved_usd": format_exact(s.spend.reserved_pico),
         "unknown_outcome_usd": format_exact(s.unknown_pico),
-        "estimate_floor_usd": format_exact(j.floor_pico),
-        "estimate_worst_usd": format_exact(j.worst_pico),
-        "projected_total_usd": format_exact(projected_pico(s)),
+        "lane": _via(s),
+        "estimate_floor_usd": format_exact(_bounds(s)[0]),
+        "estimate_worst_usd": format_exact(_bounds(s)[1]),
+        "sync_estimate_worst_usd": format_exact(j.worst_pico),
+        "projected_total_usd": format_exact(
+            projected_pico(s) if s.projection is None else _lane_of(s).total_pico
+        ),
+        "projection": None if s.projection is None else projection_json(s.projection, _via(s)),
         "input_tokens": s.input_tokens,
         "cached_tokens": s.cached_tokens,
         "output_tokens": s.output_tokens,
@@ -327,8 +399,11 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "reused": s.reused,
         "reused_usd": format_exact(s.reused_pico),
         "usage_missing": s.usage_missing,
+        "unpriced_models": s.unpriced_models,
+        "unpriced_tiers": s.unpriced_tiers,
         "by_model": {m: _group_json(g) for m, g in s.by_model.items()},
         "by_endpoint": {u: _group_json(g) for u, g in s.by_endpoint.items()},
+        "budgets": [_status_budget_json(b, d) for b, d in s.budgets],
         "runners": [
             {
                 "id": r.id,
@@ -355,6 +430,24 @@ def status_json(s: JobStatus) -> dict[str, Any]:
             for m, c in sorted(s.calibration.items())
         },
     }
+
+
+def unpriced_lines(s: JobStatus) -> list[str]:
+    """Results the price table could not price (their books hold their worst case)."""
+    lines = []
+    if s.unpriced_models:
+        named = ", ".join(f"{m!r} ({n:,})" for m, n in s.unpriced_models.items())
+        lines.append(
+            f"{sum(s.unpriced_models.values()):,} response(s) named a model the price table "
+            f"does not know: {named}; booked at worst case (add its prices with --prices, or "
+            "stop at the first with --strict-models)"
+        )
+    if s.unpriced_tiers:
+        lines.append(
+            f"{s.unpriced_tiers:,} response(s) reported a service tier without prices; booked "
+            "at worst case"
+        )
+    return lines
 
 
 def _ppm(value: int) -> str:
@@ -466,8 +559,8 @@ def format_status(s: JobStatus) -> str:
             if s.unknown_pico
             else ""
         ),
-        f"  estimate   floor {format_money(j.floor_pico)}, worst case {format_money(j.worst_pico)},"
-        f" projected total {format_money(projected_pico(s))}",
+        f"  estimate   floor {format_money(_bounds(s)[0])}, worst case "
+        f"{format_money(_bounds(s)[1])}{_lane_note(s)}, projected total {projected_text(s)}",
         f"  tokens     {s.input_tokens:,} in ({s.cached_tokens:,} cached),"
         f" {s.output_tokens:,} out ({s.reasoning_tokens:,} reasoning)",
     ]
@@ -481,8 +574,12 @@ def format_status(s: JobStatus) -> str:
             f"  usage      {s.usage_missing:,} result(s) came without readable usage: "
             "charged at worst case"
         )
+    for line in unpriced_lines(s):
+        lines.append(f"  unpriced   {line}")
     for line in calibration_lines(s):
         lines.append(f"  counting   {line}")
+    for line in budget_lines(s):
+        lines.append(f"  budget     {line}")
     for title, groups in (("models", s.by_model), ("endpoints", s.by_endpoint)):
         if len(groups) > 1 or title == "models":
             cost = ", ".join(
@@ -556,6 +653,14 @@ def format_prices(table: PriceTable) -> str:
         out.append("  ".join(cells))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
+    tiers = [
+        f"{name} {tier} {' / '.join(_per_mtok(r) for r in p.rates(tier=tier))}"
+        for name, p in sorted(table.prices.items())
+        for tier in ("priority", "flex")
+        if getattr(p, f"{tier}_input") is not None
+    ]
+    if tiers:  # flex without prices of its own bills at the Batch API's; priority is refused
+        out.append("service tiers (input / cached / output): " + "; ".join(tiers))
     if table.sources:
         out.append("sources: " + "; ".join(f"{k}: {v}" for k, v in table.sources.items()))
     return "\n".join(out)
@@ -579,6 +684,11 @@ def prices_json(table: PriceTable) -> dict[str, Any]:
                 "max_output": p.max_output,
                 "source": p.source,
                 "origin": p.origin,
+                **{
+                    key: _per_mtok(value)
+                    for key in TIER_FIELDS
+                    if (value := getattr(p, key)) is not None
+                },
             }
             for name, p in sorted(table.prices.items())
         },
@@ -603,3 +713,87 @@ def failed_json(job_id: int, failed: list[tuple[str, str | None, str | None]]) -
         "job": job_id,
         "failed": [{"custom_id": c, "code": code, "message": m} for c, code, m in failed],
     }
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+
+def budget_summary(b: BudgetBooks) -> str:
+    """One line: "budget team: $5.00 of $100.00 this month; resets 2027-01-01 00:00 UTC"."""
+    return describe(b)
+
+
+def budget_fit(b: BudgetBooks, worst_pico: int) -> str:
+    """``price --budget``: whether the job's worst case fits what the budget has left."""
+    left = format_money(b.left_pico)
+    verdict = (
+        f"the job's worst case {format_money(worst_pico)} fits in the {left} left"
+        if worst_pico <= b.left_pico
+        else f"the job's worst case {format_money(worst_pico)} does not fit in the {left} left"
+    )
+    return f"{describe(b)}: {verdict}"
+
+
+def _draw_json(d: JobDraw) -> dict[str, Any]:
+    return {
+        "job": d.job_id,
+        "path": d.path,
+        "spent_usd": format_exact(d.settled_pico),
+        "reserved_usd": format_exact(d.reserved_pico),
+        "unknown_outcome_usd": format_exact(d.unknown_pico),
+    }
+
+
+def budget_json(b: BudgetBooks, draws: list[JobDraw] | None = None) -> dict[str, Any]:
+    """A budget's period as ``budget show --json`` prints it (exact amounts as strings)."""
+    out: dict[str, Any] = {
+        "name": b.budget.name,
+        "amount_usd": format_exact(b.budget.amount_pico),
+        "per": b.budget.per,
+        "tz": b.budget.tz,
+        "default": b.budget.is_default,
+        "period_start": iso(b.period.start, b.budget.tz) if b.period.end is not None else None,
+        "resets_at": iso(b.period.end, b.budget.tz),
+        "spent_usd": format_exact(b.settled_pico),
+        "reserved_usd": format_exact(b.reserved_pico),
+        "unknown_outcome_usd": format_exact(b.unknown_pico),
+        "left_usd": format_exact(b.left_pico),
+    }
+    if draws is not None:
+        out["jobs"] = [_draw_json(d) for d in draws]
+    return out
+
+
+def format_budget(b: BudgetBooks, draws: list[JobDraw]) -> str:
+    """``budget show``: the period's books and the jobs drawing on it."""
+    lines = [describe(b) + (" (the database's default)" if b.budget.is_default else "")]
+    lines.append(
+        f"  spent      {format_money(b.settled_pico)}"
+        + (f" (includes {format_money(b.unknown_pico)} charged for unknown outcomes)"
+           if b.unknown_pico else "")
+    )  # fmt: skip
+    lines.append(f"  reserved   {format_money(b.reserved_pico)} by requests in flight")
+    lines.append(f"  left       {format_money(b.left_pico)}")
+    for d in draws:
+        extra = f" (+{format_money(d.reserved_pico)} reserved)" if d.reserved_pico else ""
+        lines.append(f"  job {d.job_id:<6} {format_money(d.settled_pico)}{extra}  {d.path}")
+    if not draws:
+        lines.append("  no job has drawn on it this period")
+    return "\n".join(lines)
+
+
+def _status_budget_json(b: BudgetBooks, d: JobDraw) -> dict[str, Any]:
+    return {
+        **budget_json(b),
+        "job_spent_usd": format_exact(d.settled_pico),
+        "job_reserved_usd": format_exact(d.reserved_pico),
+    }
+
+
+def budget_lines(s: JobStatus) -> list[str]:
+    """``status``: each budget the job draws on, and this job's part of its period."""
+    return [
+        f"{describe(b).removeprefix('budget ')}; this job {format_money(d.settled_pico)}"
+        + (f" (+{format_money(d.reserved_pico)} reserved)" if d.reserved_pico else "")
+        for b, d in s.budgets
+    ]

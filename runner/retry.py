@@ -13,6 +13,7 @@ import email.utils
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,6 +112,21 @@ def _limit_kind(etype: str | None, message: str) -> str:
     return "requests"
 
 
+UNREADABLE = "unreadable"  # the code of a 2xx whose body is not a JSON object
+
+
+def describe_body(out: Outcome, limit: int = 60) -> str:
+    """What came back, for a person: its content type and its first words (an HTML page's
+    title), e.g. "text/html: 'Welcome to nginx!'"."""
+    kind = (out.headers.get("content-type") or "no content type").split(";")[0].strip()
+    text = out.body[:4096].decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    words = " ".join((title.group(1) if title else re.sub(r"<[^>]+>", " ", text)).split())
+    if len(words) > limit:
+        words = words[: limit - 3] + "..."
+    return f"{kind}: {words!r}" if words else f"{kind}, an empty body"
+
+
 def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") -> Verdict:
     """Decide what one attempt's outcome means. ``endpoint`` and ``request`` (the body sent)
     let a 2xx be checked against what was asked (n choices, one vector per input)."""
@@ -129,6 +145,7 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
             return Verdict(
                 Action.RETRY,
                 "invalid_response",
+                code=UNREADABLE,
                 message=f"HTTP {status} with an unreadable body",
                 maybe_billed=True,
             )
@@ -142,6 +159,17 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
                     maybe_billed=True,
                 )
         return Verdict(Action.OK, "ok", data=data)
+    if 300 <= status < 400:
+        # The API never redirects: a redirect is a base URL that points somewhere else (a
+        # login page, http to https). Not followed: the body would be sent where it was not
+        # meant to go.
+        target = out.headers.get("location") or "nowhere given"
+        return Verdict(
+            Action.FAIL,
+            "redirect",
+            message=f"HTTP {status} redirect to {_text(target)} (redirects are not followed: "
+            "point the base URL at the API itself)",
+        )
     err = _error_object(out.body)
     code = _text(err.get("code")) if err else None
     etype = _text(err.get("type")) if err else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from .budgets import NO_BUDGET, Budget, BudgetBooks, Clock, describe
 from .engine import (
     Backend,
     Books,
@@ -39,11 +40,10 @@ from .plan import (
     least_seconds,
     open_job,
     plan_rows,
-    projected_pico,
 )
-from .pricing import PriceTable, load_price_table
+from .pricing import PriceTable, load_price_table, tier_of_json
 from .progress import Reading
-from .report import format_estimate
+from .report import format_estimate, projected_text
 from .sampling import Drawn
 from .settings import RunSettings
 from .store import Job, JobStatus, Store, open_store
@@ -175,17 +175,17 @@ async def _api_key(settings: RunSettings, notes: list[str], given: str | None = 
     return key
 
 
-def _rates(table: PriceTable) -> Callable[[str], tuple[int, int, int, int, int, int]]:
-    """What the store re-prices pending requests with (unknown models raise): per-token rates
-    (input, output, batch input, batch output) and what each worst case adds per request, as
-    ``Price.bounds`` prices them."""
+def _rates(table: PriceTable) -> Callable[[str, str | None], tuple[int, int, int, int, int, int]]:
+    """What the store re-prices pending requests with (unknown models and tiers without
+    prices raise): per-token rates (input, output, batch input, batch output) at a service
+    tier's prices and what each worst case adds per request, as ``Price.bounds`` prices them."""
 
-    def rates(model: str) -> tuple[int, int, int, int, int, int]:
+    def rates(model: str, tier: str | None) -> tuple[int, int, int, int, int, int]:
         price = table.resolve(model)
-        floor, worst = price.bounds(1, 0)
+        floor, worst = price.bounds(1, 0, tier=tier)
         batch_floor, batch_worst = price.bounds(1, 0, batch=True)
         return (
-            floor, price.output, batch_floor, price.batch_output,
+            floor, price.rates(tier=tier)[2], batch_floor, price.batch_output,
             worst - floor, batch_worst - batch_floor,
         )  # fmt: skip
 
@@ -331,12 +331,19 @@ async def _watch_stop(stop: StopEvent, control: Control) -> None:
 class _Runner:
     """This process's registration on the job, for as long as it runs."""
 
-    def __init__(self, store: Store, job: Job, settings: RunSettings) -> None:
+    def __init__(
+        self, store: Store, job: Job, settings: RunSettings, budget: Budget | None = None
+    ) -> None:
         self.store = store
         self.job = job
         self.host = socket.gethostname()
         self.id = store.register_runner(
-            job.id, self.host, os.getpid(), settings.via, settings.stopping.heartbeat_ttl
+            job.id,
+            self.host,
+            os.getpid(),
+            settings.via,
+            settings.stopping.heartbeat_ttl,
+            budget.id if budget is not None else None,
         )
 
     def retire(self) -> None:
@@ -344,14 +351,65 @@ class _Runner:
             self.store.retire_runner(self.id)
 
 
+def find_budget(store: Store, settings: RunSettings) -> Budget | None:
+    """The budget the run draws on: the one ``--budget`` names, none for ``--budget none``,
+    else the database's default (if it has one). Looked up before anything is imported, so
+    an unknown name changes nothing."""
+    name = settings.budget
+    if name is not None and name.lower() == NO_BUDGET:
+        return None
+    if name is None:
+        return store.default_budget()
+    budget = store.budget_named(name)
+    if budget is None:
+        known = ", ".join(b.name for b in store.budgets()) or "none yet"
+        raise UsageError(
+            f"{store.name}: no budget {name!r} (budgets: {known}); create it with `batchrun "
+            f"budget set {name} USD --db ...`, or run with --budget none"
+        )
+    return budget
+
+
+def budget_line(store: Store, job: Job, budget: Budget, settings: RunSettings) -> str:
+    """Whether the job's pending requests fit in what the budget has left this period."""
+    books = store.budget_books(budget)
+    spend, cap = store.books(job.id)
+    room = min(cap - spend.total_pico, books.left_pico)
+    batch = settings.via == "batch"
+    pending = store.state_counts(job.id).get("pending", 0)
+    fits = store.fits_under(job.id, room, batch=batch)
+    head = f"{describe(books)}; {format_usd(books.left_pico)} left"
+    if not pending:
+        return head
+    if fits >= pending:
+        return f"{head}: the job's {pending:,} pending request(s) fit at worst case"
+    line = f"{head}: {fits:,} of {pending:,} pending request(s) fit at worst case"
+    ratio = store.output_ratio(job.id)
+    if ratio[1]:
+        likely = store.fits_under(job.id, room, batch=batch, ratio=ratio)
+        line += f" (~{likely:,} at the output seen so far)"
+    return line
+
+
+def _batch_bounds(store: Store, job: Job, table: PriceTable) -> tuple[int, int]:
+    """(floor, worst case) of the whole job at Batch API prices."""
+    floor = worst = 0
+    for model, (n, tokens, limit) in store.model_totals(job.id).items():
+        f, w = table.resolve(model).bounds(tokens, limit, batch=True, requests=n)
+        floor, worst = floor + f, worst + w
+    return floor, worst
+
+
 def estimate(
     store: Store,
     job: Job,
     plan: Plan | None,
+    table: PriceTable,
     settings: RunSettings,
     orphans: tuple[int, int],
 ) -> Estimate:
-    """The job against its cap, as ``run`` shows it before sending."""
+    """The job against its cap, as ``run`` shows it before sending: at the prices of the lane
+    it goes by (``--via``), with the synchronous figures beside them for a batch job."""
     spend, cap = store.books(job.id)
     states = store.state_counts(job.id)
     batch = settings.via == "batch"
@@ -361,16 +419,20 @@ def estimate(
     weight = job.input_tokens + job.output_limit_tokens
     share = pending / job.requests if job.requests else 0.0
     ratio = store.output_ratio(job.id)
+    batch_floor, batch_worst = _batch_bounds(store, job, table)
     return Estimate(
         job_id=job.id,
         db=store.name,
         requests=job.requests,
-        floor_pico=job.floor_pico,
-        worst_pico=job.worst_pico,
+        floor_pico=batch_floor if batch else job.floor_pico,
+        worst_pico=batch_worst if batch else job.worst_pico,
         cap_pico=cap,
         spent_pico=spend.settled_pico,
         pending=pending,
-        pending_worst_pico=store.pending_worst(job.id),
+        pending_worst_pico=store.pending_worst(job.id, batch=batch),
+        via=settings.via,
+        sync_floor_pico=job.floor_pico,
+        sync_worst_pico=job.worst_pico,
         fits=store.fits_under(job.id, room, batch=batch),
         projected_fits=store.fits_under(job.id, room, batch=batch, ratio=ratio)
         if ratio[1]
@@ -428,21 +490,48 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
             failed,
             report.signal or 2,
         )
+    stop = report.stats.budget_stop
+    if outcome in (RunOutcome.CAPPED, RunOutcome.COMPLETE) and pending and stop is not None:
+        return Conclusion(RunOutcome.CAPPED, budget_message(stop, pending), failed)
     if outcome is RunOutcome.CAPPED or (outcome is RunOutcome.COMPLETE and pending):
         worst = status.spend.settled_pico + status.pending_worst_pico
-        likely = projected_pico(status)
         return Conclusion(
             RunOutcome.CAPPED,
             f"stopped at the spend cap: {pending:,} request(s) not sent, because the next "
             f"one's worst case would pass the cap of {format_money(status.job.cap_pico)}. A cap "
-            f"of {format_money(worst)} finishes the job at worst case (about "
-            f"{format_money(likely)} at the output seen so far); run again with a higher cap "
+            f"of {format_money(worst)} finishes the job at worst case (projected "
+            f"{projected_text(status)} from the results in); run again with a higher cap "
             "to continue.",
             failed,
         )
     if outcome is not RunOutcome.COMPLETE:
         return Conclusion(outcome, f"stopped: {report.message}", failed)
     return Conclusion(outcome, None, failed)
+
+
+def _budget_after(store: Store, stats: RunStats) -> None:
+    """The books of the period the run stopped at, read again once its own requests settled
+    (the claim that stopped saw them with its reservations)."""
+    stopped = stats.budget_stop
+    if stopped is None:
+        return
+    with contextlib.suppress(Exception):  # the stop's own books still say which budget
+        budget = store.budget_named(stopped.budget.name) or stopped.budget
+        stats.budget_stop = store.budget_books(budget, at=stopped.period.start)
+
+
+def budget_message(books: BudgetBooks, pending: int) -> str:
+    """Why a run stopped at its budget, and what lets it go on."""
+    after = (
+        "raise it (`batchrun budget set "
+        f"{books.budget.name} USD`) or wait until it resets, then run the same command again"
+        if books.period.end is not None
+        else f"raise it (`batchrun budget set {books.budget.name} USD`) to continue"
+    )
+    return (
+        f"stopped at the budget: {describe(books)}. {pending:,} request(s) not sent, because "
+        f"the next one's worst case would pass it; {after}."
+    )
 
 
 async def run_job(
@@ -456,6 +545,7 @@ async def run_job(
     display: Display | None = None,
     progress: Callable[[RunStats], None] | None = None,
     progress_every: float = 1.0,
+    clock: Clock | None = None,
 ) -> tuple[RunReport, Store, Job]:
     """Import or resume the job and run it; ``conclude`` says how it ended.
 
@@ -463,14 +553,17 @@ async def run_job(
     (a library caller, a test). ``api_key``: the key (default: from the environment).
     ``stop``: an event that, once set, stops the run in order. ``display`` builds what shows
     the run (the command line's progress bar); ``progress`` is a plain callback instead, called
-    with the live counters every ``progress_every`` seconds."""
+    with the live counters every ``progress_every`` seconds. ``clock`` (epoch seconds) says
+    which budget period claims fall in (default: the database's clock)."""
     table = load_price_table(settings.prices)
     notes: list[str] = []
     api_key = await _api_key(settings, notes, api_key)
     if display is None:
         display = _callback_display(progress, progress_every)
     store = open_store(settings.db, create=settings.jobfile is not None)
+    store.clock = clock
     try:
+        budget = find_budget(store, settings)
         job, plan = find_job(store, settings, table, notes)
         if settings.cap_pico is not None and job.cap_pico != settings.cap_pico:
             store.set_job(job.id, cap_pico=settings.cap_pico)
@@ -481,7 +574,7 @@ async def run_job(
             notes.append(f"{n:,} failed request(s) ({which}) queued again")
         fingerprint = table.fingerprint()
         if job.prices_fingerprint != fingerprint:
-            n, before, after = store.reprice(job.id, _rates(table), fingerprint)
+            n, before, after = store.reprice(job.id, _rates(table), fingerprint, tier_of_json)
             if n and before != after:
                 notes.append(
                     f"the price table changed since job {job.id} was priced: {n:,} pending "
@@ -501,13 +594,15 @@ async def run_job(
             drawn, job = _draw_sample(store, job, plan, table, settings, notes)
         from .backends import sync  # noqa: F401 - loaded before the heartbeat starts to count
 
-        runner = _Runner(store, job, settings)
+        runner = _Runner(store, job, settings, budget)
     except BaseException:
         store.close()
         raise
     try:
         orphans = store.recover(job.id, runner.host, process_alive)
-        est = estimate(store, job, plan, settings, orphans)
+        if budget is not None and drawn is None:
+            notes.insert(0, budget_line(store, job, budget, settings))
+        est = estimate(store, job, plan, table, settings, orphans)
         if drawn is not None:
             est = replace(
                 est, sampling=True, sample=len(drawn.pending), sample_worst_pico=drawn.worst_pico
@@ -529,6 +624,7 @@ async def run_job(
         )  # fmt: skip
         if drawn is not None and report.outcome is RunOutcome.COMPLETE:
             report = replace(report, outcome=RunOutcome.SAMPLED)
+        _budget_after(store, report.stats)
     finally:
         runner.retire()
     final = {
@@ -630,6 +726,7 @@ async def _drive(
         control,
         batch=settings.via == "batch",
         allow_unbounded=settings.allow_unbounded,
+        strict_models=settings.strict_models,
         calibrating=settings.calibrating,
         seen=store.calibration(job.id),
         only=only,

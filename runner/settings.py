@@ -99,6 +99,9 @@ class RunSettings:
     reuse: bool = True  # copy results of unchanged rows from the job the file replaced
     retry_failed: frozenset[str] | None = None  # error codes to retry; empty set: every failure
     allow_unbounded: bool = False
+    # Stop the run (in order) at a response naming a model, or reporting a service tier, that
+    # the price table has no prices for; by default it is booked at worst case and counted.
+    strict_models: bool = False
     simulate: bool = False
     quiet: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -108,6 +111,8 @@ class RunSettings:
     stopping: Stopping = field(default_factory=Stopping)
     calibrating: Calibrating = field(default_factory=Calibrating)
     sample: Sample | None = None  # send only a sample of the job (``price --sample``)
+    # The budget this run draws on: a name, "none", or None for the database's default one.
+    budget: str | None = None
     seed: int | None = None  # jitter seed, for reproducible tests
 
 
@@ -117,3 +122,10 @@ class Writer:
 
     interval: float = 0.05  # seconds between commits
     rows: int = 1000  # commit sooner when this many outcomes wait
+
+
+# The periods a budget may be per ("total": it never resets), and a new budget's period and
+# time zone unless ``budget set`` names them (see ``budgets``).
+BUDGET_PERIODS = ("day", "week", "month", "total")
+BUDGET_PER = "month"
+BUDGET_TZ = "UTC"

@@ -114,10 +114,15 @@ class OpenAITransport:
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
         timeout = settings.timeout
+        # Redirects are not followed (the openai client's default follows them): the API
+        # never redirects, so a redirect is a base URL pointing elsewhere, said as such
+        # (``retry.classify``), instead of a request body sent on to wherever it leads.
         http_client = (
-            openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
+            openai.DefaultAioHttpClient(timeout=timeout, limits=limits, follow_redirects=False)
             if settings.kind == "aiohttp"
-            else openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
+            else openai.DefaultAsyncHttpxClient(
+                timeout=timeout, limits=limits, follow_redirects=False
+            )
         )
         self.timeout = timeout
         self.client = openai.AsyncOpenAI(

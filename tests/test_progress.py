@@ -186,3 +186,20 @@ async def test_the_bar_and_its_line_never_wrap_on_a_terminal(
     assert any("of $12,500.00" in row for row in visible)  # the line was drawn
     for row in visible:
         assert len(row) < columns, row
+
+
+def test_before_any_rate_is_seen_the_eta_comes_from_the_limits_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server whose headers allow 1 request per minute: not "ETA ?" but the limit's time."""
+    bar, stats, _ = _run(monkeypatch, total=400)
+    assert "ETA ?" in bar.line()
+    stats.limit_rate = 1 / 60
+    assert "ETA 6:40:00 at the limit" in bar.line()
+    screen = io.StringIO()
+    bar.stream = screen
+    bar.refresh()
+    bar.refresh()
+    said = screen.getvalue()
+    assert said.count("the rate limits allow 1 request(s) per minute") == 1
+    assert "the 400 request(s) left take at least 6:40:00" in said

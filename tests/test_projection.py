@@ -21,7 +21,7 @@ from runner.money import usd_to_pico
 from runner.plan import Estimate
 from runner.pricing import load_price_table
 from runner.projection import _t
-from runner.report import confirm_question
+from runner.report import confirm_question, format_status, status_json
 from runner.sampling import allocate, draw, weights
 from runner.settings import RunSettings, Sample, Transport
 from runner.simulator import SimConfig, SimulatorThread
@@ -147,6 +147,13 @@ async def test_price_then_run_pays_every_body_once_and_the_run_shows_the_project
     # The job a sample imports is capped at the sample's own worst case.
     assert usd_to_pico(result.status["cap_usd"]) <= usd_to_pico(result.status["estimate_worst_usd"])
     assert sim.ledger_snapshot()["requests_billed"] == 40
+    # status shows it too, from everything finished so far.
+    with runner.Database(db, readonly=True) as database:
+        summary = database.job(int(result.status["job"])).summary()
+    assert "95%)" in format_status(summary)
+    status = status_json(summary)
+    assert status["projection"]["sampled"] == 40
+    assert status["projected_total_usd"] == status["projection"]["total_usd"]
     ran = await run_in_process(job, db, sim.base_url, cap="5")
     assert ran.status.states == {"done": 400}
     estimate = ran.printed[0]
@@ -154,6 +161,8 @@ async def test_price_then_run_pays_every_body_once_and_the_run_shows_the_project
     bill = sim.ledger_snapshot()
     assert bill["requests_billed"] == 400 and bill["duplicate_bodies"] == 0
     assert ran.status.spend.settled_pico == bill["billed_pico"]
+    # Once every request is in, the projection is what was spent.
+    assert ran.report.status["projection"]["total_usd"] == ran.report.status["spent_usd"]
     r = projection.sync
     assert r.low_pico <= bill["billed_pico"] <= r.high_pico
 

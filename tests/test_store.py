@@ -84,7 +84,7 @@ def test_a_new_database_is_private_in_wal_mode_and_at_the_migration_head(tmp_pat
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003"
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
 
 
 def test_the_migrations_build_exactly_the_schema_the_code_queries(store: Store) -> None:

@@ -43,7 +43,7 @@ import httpx2
 import openai
 from openai.types import Batch
 
-from ..endpoints import endpoint_for
+from ..endpoints import BATCH_WINDOW, endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..money import format_money, format_usd
 from ..retry import QUOTA_CODES, RETRY_STATUSES, Backoff
@@ -562,7 +562,7 @@ class BatchBackend:
                 return await self.client.batches.create(
                     input_file_id=info.file_id,
                     endpoint=info.url,  # type: ignore[arg-type]
-                    completion_window="24h",
+                    completion_window=BATCH_WINDOW,
                     metadata=self._metadata(info),
                 )
             except openai.APIStatusError as exc:

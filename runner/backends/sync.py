@@ -32,7 +32,7 @@ from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..errors import BatchrunError
 from ..governor import Governor
-from ..retry import Action, Backoff, Verdict, classify
+from ..retry import UNREADABLE, Action, Backoff, Verdict, classify, describe_body
 from ..settings import Limits, Retry
 from ..store import Beat, Claim, PendingRequest
 from ..transport import OpenAITransport, Outcome
@@ -217,6 +217,8 @@ class SyncBackend:
         self._holding: dict[int, PendingRequest] = {}  # claimed by a worker, sent or not
         self._outage = _Outage()
         self._refusals = _FirstRefusals(retry.same_error_limit)
+        self._answered = False  # a readable answer has come: the server speaks the API
+        self._unreadable = 0  # unreadable 2xx answers before the first readable one
         self._books: Books | None = None
         self._control: Control | None = None
         self._failure: Exception | None = None
@@ -367,7 +369,9 @@ class SyncBackend:
             async with asyncio.timeout(_RESIZE_EVERY):
                 await pool.known.wait()
         while True:
-            await pool.resize(governor.rate(), governor.headroom())
+            rate = governor.rate()
+            await pool.resize(rate, governor.headroom())
+            books.stats.limit_rate = rate
             books.stats.concurrency = pool.size
             books.stats.paused_for = governor.paused_for
             await asyncio.sleep(_RESIZE_EVERY)
@@ -459,6 +463,10 @@ class SyncBackend:
             )  # fmt: skip
             if verdict.kind != "connect":
                 self._outage.reached()
+            if verdict.code != UNREADABLE:
+                self._answered = True
+            elif not self._answered and await self._unreadable_first(req, out, verdict):
+                return
             if verdict.action is Action.OK:
                 for held in self._refusals.close():
                     self._fail(held)
@@ -493,7 +501,9 @@ class SyncBackend:
             # The charge must be durable before the request can be billed again: a crash in
             # between would leave one reservation standing for two bills.
             spend = await books.flush()
-            if spend is not None and spend.total_pico > books.stats.cap_pico:
+            if spend is not None and (
+                spend.total_pico > books.stats.cap_pico or await books.over_budget(req)
+            ):
                 books.release(req, verdict.message)  # its retry no longer fits under the cap
                 return False
         if verdict.rate_limited:
@@ -535,6 +545,29 @@ class SyncBackend:
             books.release(req, verdict.message)
             return False
         await asyncio.sleep(wait)
+        return True
+
+    async def _unreadable_first(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> bool:
+        """Whether the run stops here: the first answers are all unreadable (a captive portal,
+        a web server's default page), so the base URL is not the API. The request is charged
+        as an unknown outcome (it may have been billed) and stays pending."""
+        self._unreadable += 1
+        if self._unreadable < max(self.retry.same_error_limit, 1):
+            return False
+        books, control = self._books_(), self._control
+        assert control is not None
+        if not control.stopping:
+            where = str(self.transport.client.base_url).rstrip("/")
+            control.stop(
+                RunOutcome.REFUSED,
+                f"the first {self._unreadable} answers were unreadable: {where} answered HTTP "
+                f"{out.status} with {describe_body(out)}. Check the base URL; the requests "
+                "stay pending (each unreadable answer is booked at its worst case as an unknown "
+                "outcome, in case it was billed)",
+            )
+        books.charge_unknown(req)
+        await books.flush()
+        books.release(req, verdict.message)
         return True
 
     def _server_wait(self, seconds: float | None) -> float | None:

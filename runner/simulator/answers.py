@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..endpoints import CHAT, EMBEDDINGS, ENDPOINTS, RESPONSES, Endpoint
+from ..errors import UnknownTierError
 from ..pricing import Price, PriceTable
 from ..tokens import count_request
 from .config import SimConfig
@@ -27,6 +28,8 @@ from .config import SimConfig
 # Aliases the real API answers with a dated snapshot; pricing must follow the snapshot.
 _SNAPSHOTS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}
 _MAX_COMPLETION = 64
+# The service tiers the real API accepts (OpenAPI spec); another value is a 400.
+_SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
 _EMBED_DIMS = 8
 _PROMPT_CACHE_MAX = 65_536
 _WORDS = (
@@ -104,6 +107,16 @@ class _Request:
     digest: bytes  # sha256 of the body's bytes
     prompt: int  # input tokens as counted by ``runner.tokens``
     limit: int | None  # output tokens per choice, if the request sets a limit
+    tier: str = "default"  # the service tier the reply reports and is billed at
+
+    def cost(self, tokens: _Tokens, *, batch: bool = False) -> int:
+        """What the reply is billed: at the tier it reports (standard prices when the price
+        table has none for it), or at Batch API prices."""
+        tier = None if self.tier in ("auto", "default") else self.tier
+        try:
+            return self.price.cost(*tokens.billed, batch=batch, tier=tier)
+        except UnknownTierError:
+            return self.price.cost(*tokens.billed, batch=batch)
 
     @property
     def weight(self) -> int:
@@ -146,8 +159,9 @@ class _Answers:
         self._prompt_cache.clear()
 
     def price(self, requested: str, served: str | None = None) -> Price | None:
-        """The response's snapshot has its own price when it costs differently."""
-        own = self.prices.prices.get(served) if served else None
+        """The price of the model the response names when the table knows it (a snapshot
+        with its own entry costs what it costs), else the requested model's."""
+        own = self.prices.lookup(served) if served else None
         return own or self.prices.lookup(requested)
 
     def prompt_tokens(self, url: str, body: dict[str, Any], digest: bytes) -> int:
@@ -180,7 +194,18 @@ class _Answers:
                 "resulted in 131072 tokens. Please reduce the length of the messages."
             )
             raise _ApiError(400, message, code="context_length_exceeded", param="messages")
-        served = _SNAPSHOTS.get(model, model)
+        asked = body.get("service_tier")
+        if asked is not None and asked not in _SERVICE_TIERS:
+            message = (
+                f"Invalid value for 'service_tier': {json.dumps(asked)}. Supported values are: "
+                + ", ".join(f"'{t}'" for t in _SERVICE_TIERS)
+                + "."
+            )
+            raise _ApiError(400, message, param="service_tier")
+        tier = self.config.response_service_tier or (
+            "default" if asked in (None, "auto") else asked
+        )
+        served = self.config.response_model or _SNAPSHOTS.get(model, model)
         price = None if b"__sim_404__" in raw else self.price(model, served)
         if price is None:
             message = f"The model `{model}` does not exist or you do not have access to it."
@@ -194,7 +219,7 @@ class _Answers:
             prompt = self.prompt_tokens(url, body, digest)
         except Exception as exc:  # the token counter refused the body: so would the API
             raise _ApiError(400, f"Invalid request body: {exc}") from None
-        return _Request(endpoint, body, model, served, price, digest, prompt, limit)
+        return _Request(endpoint, body, model, served, price, digest, prompt, limit, tier)
 
     def reply(self, req: _Request) -> tuple[dict[str, Any], _Tokens]:
         """The 200 body and its usage."""
@@ -280,7 +305,7 @@ def _chat(req: _Request, sizes: list[int], tokens: _Tokens) -> dict[str, Any]:
         "model": req.served,
         "choices": choices,
         "usage": _usage(CHAT, tokens),
-        "service_tier": "default",
+        "service_tier": req.tier,
         "system_fingerprint": "fp_simulator",
     }
 
@@ -317,6 +342,7 @@ def _response(req: _Request, tokens: _Tokens) -> dict[str, Any]:
         "tool_choice": "auto",
         "tools": [],
         "top_p": body.get("top_p", 1.0),
+        "service_tier": req.tier,
         "usage": _usage(RESPONSES, tokens),
     }
 

@@ -115,6 +115,18 @@ class SimConfig:
     fixed_output_tokens: int | None = _setting(
         None, "Every completion is this many tokens, whatever its limit (a mock model)."
     )
+    response_model: str | None = _setting(
+        None,
+        "Name this model in every response instead of the one requested (a proxy or router "
+        "falling back to another model); billed at its prices when the simulator's price table "
+        "knows it, else at the requested model's.",
+    )
+    response_service_tier: str | None = _setting(
+        None,
+        "Report this service_tier in every response, and bill at its prices, instead of the "
+        "request's own (which is echoed, auto as default, as the real API does); a tier the "
+        "simulator's price table has no prices for is billed at standard prices.",
+    )
     conversation_tokens: int = _setting(
         0,
         "Extra input tokens billed for a Responses request with previous_response_id or "
@@ -199,7 +211,13 @@ class SimConfig:
         for name in ("batch_lines_per_s", "batch_window_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("retry_after", "retry_after_ms", "api_key"):
+        for name in (
+            "retry_after",
+            "retry_after_ms",
+            "api_key",
+            "response_model",
+            "response_service_tier",
+        ):
             value = getattr(self, name)
             if value is not None and (not value or not value.isprintable()):
                 raise ValueError(f"{name} must be a non-empty printable string")

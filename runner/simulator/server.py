@@ -314,7 +314,7 @@ class Simulator:
             return "502", web.Response(status=502, body=_HTML_502, headers=headers)
 
         payload, tokens = self._answers.reply(req)
-        self.ledger.bill(req.model, req.digest, tokens.billed, req.price.cost(*tokens.billed))
+        self.ledger.bill(req.model, req.digest, tokens.billed, req.cost(tokens))
         _spoil(payload, fault, req.endpoint)
         data = json.dumps(self._echo(payload, key)).encode()
         if fault == "inf_header":
@@ -343,7 +343,7 @@ class Simulator:
         except _ApiError as err:
             return err.status, err.body(key=key if self.config.echo_key else ""), None
         payload, tokens = self._answers.reply(req)
-        pico = req.price.cost(*tokens.billed, batch=True)
+        pico = req.cost(tokens, batch=True)
         self.ledger.bill(req.model, req.digest, tokens.billed, pico)
         self.ledger.count_batch_line(pico)
         return 200, self._echo(payload, key), tokens

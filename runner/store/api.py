@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import UsageError
 from .base import Dialect
 from .batches import BatchesMixin
+from .budgets import BudgetsMixin
 from .claims import ClaimsMixin
 from .jobs import JobsMixin
 from .migrate import check_schema
@@ -16,7 +17,7 @@ from .sqlite import SQLite
 from .timeline import TimelineMixin
 
 
-class Store(JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin, TimelineMixin):
+class Store(BudgetsMixin, JobsMixin, BatchesMixin, ClaimsMixin, ReadsMixin, TimelineMixin):
     """One open database. Use :func:`open_store`."""
 
 

@@ -136,6 +136,13 @@ class StoreBase:
         self.engine = engine
         self.dialect = dialect
         self.readonly = readonly
+        # Which budget period a claim falls in: this clock when set (tests move it across a
+        # period boundary), else the database's (every runner of a server agrees on it).
+        self.clock: Callable[[], float] | None = None
+
+    def wall_clock(self, conn: Connection) -> float:
+        """Now, in epoch seconds, as budget periods count it."""
+        return self.clock() if self.clock is not None else self.dialect.now(conn)
 
     @property
     def name(self) -> str:

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import RunnerLostError
+from .budgets import move_budgets
 from .claims import LIVE, ClaimsMixin, _move_books
 from .reads import ReadsMixin
 from .records import BatchInfo, JobStatus, PendingRequest, RequestState
@@ -172,12 +173,22 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
                     sa.func.count(), sa.func.coalesce(sa.func.sum(requests.c.reserved_pico), 0)
                 ).where(_held(chunk_id))
             ).one()
+            by_budget = conn.execute(
+                sa.select(
+                    requests.c.budget_id,
+                    requests.c.budget_period,
+                    sa.func.sum(requests.c.reserved_pico),
+                )
+                .where(_held(chunk_id), requests.c.budget_id.is_not(None))
+                .group_by(requests.c.budget_id, requests.c.budget_period)
+            ).all()
             conn.execute(
                 requests.update()
                 .where(_held(chunk_id))
                 .values(state=RequestState.PENDING, reserved_pico=0, last_error=reason)
             )
             _move_books(conn, job_id, 0, -int(held[1]))
+            move_budgets(conn, {(int(b), int(p)): [0, -int(n), 0] for b, p, n in by_budget})
             conn.execute(
                 batches.update()
                 .where(batches.c.id == chunk_id)

@@ -34,6 +34,7 @@ from .base import (
     idempotent,
     retry_conflicts,
 )
+from .budgets import Deltas, add, hold_budget, move_budgets, tags_of
 from .reads import Sharing
 from .records import (
     Beat,
@@ -99,7 +100,10 @@ class ClaimsMixin(StoreBase):
     # the database's clock, so runners on machines whose clocks disagree still agree.
 
     @retry_conflicts
-    def register_runner(self, job_id: int, host: str, pid: int, via: str, ttl: float) -> int:
+    def register_runner(
+        self, job_id: int, host: str, pid: int, via: str, ttl: float, budget_id: int | None = None
+    ) -> int:
+        """Register a runner of the job; its claims draw on ``budget_id`` (if any) too."""
         with self.writing() as conn:
             now = self.dialect.now(conn)
             return int(
@@ -113,14 +117,19 @@ class ClaimsMixin(StoreBase):
                         heartbeat_at=now,
                         expires_at=now + ttl,
                         state=LIVE,
+                        budget_id=budget_id,
                     )
                 ).inserted_primary_key[0]
             )
 
     def _fence(self, conn: Connection, runner_id: int) -> int:
         """Lock this runner's row; refuse if it was declared dead. Returns its job id."""
+        return int(self._fence_row(conn, runner_id).job_id)
+
+    def _fence_row(self, conn: Connection, runner_id: int) -> Any:
+        """``_fence``, returning the runner's row (its job and its budget)."""
         row = conn.execute(
-            sa.select(runners.c.state, runners.c.job_id)
+            sa.select(runners.c.state, runners.c.job_id, runners.c.budget_id)
             .where(runners.c.id == runner_id)
             .with_for_update()
         ).first()
@@ -130,7 +139,7 @@ class ClaimsMixin(StoreBase):
                 "(was it suspended?) and another batchrun process took over its requests; it "
                 "stops here, and what it had in flight was charged at worst case"
             )
-        return int(row.job_id)
+        return row
 
     @retry_conflicts
     @idempotent  # run twice, it changes nothing more
@@ -231,7 +240,13 @@ class ClaimsMixin(StoreBase):
                 .label("via")
             )
             rows = conn.execute(
-                sa.select(requests.c.id, requests.c.reserved_pico, via)
+                sa.select(
+                    requests.c.id,
+                    requests.c.reserved_pico,
+                    via,
+                    requests.c.budget_id,
+                    requests.c.budget_period,
+                )
                 .where(
                     requests.c.job_id == job_id,
                     requests.c.state == RequestState.RESERVED,
@@ -252,13 +267,22 @@ class ClaimsMixin(StoreBase):
             # A Batch API runner sends a request only in a recorded chunk's file: what it
             # claimed but never handed to a chunk was never sent, so it goes back uncharged.
             unknown = [r for r in rows if r.via != "batch"]
+            deltas: Deltas = {}
+            for r in rows:
+                held = int(r.reserved_pico)
+                charged = held if r.via != "batch" else 0
+                add(deltas, _tag(r), charged, -held, charged)
             if unknown:
                 self.dialect.insert_many(
                     conn,
                     ledger,
                     _LEDGER_COLUMNS,
-                    [(job_id, r.id, "unknown", r.reserved_pico, now) for r in unknown],
-                )
+                    [
+                        (job_id, r.id, "unknown", r.reserved_pico, now, r.budget_id,
+                         r.budget_period)
+                        for r in unknown
+                    ],
+                )  # fmt: skip
             self.dialect.update_many(
                 conn,
                 requests,
@@ -268,6 +292,7 @@ class ClaimsMixin(StoreBase):
             )
             charged = sum(int(r.reserved_pico) for r in unknown)
             _move_books(conn, job_id, charged, -sum(int(r.reserved_pico) for r in rows))
+            move_budgets(conn, deltas)
         return len(unknown), charged
 
     # -- claims -------------------------------------------------------------------------------
@@ -335,8 +360,11 @@ class ClaimsMixin(StoreBase):
         """One claim transaction; ``draft`` holds what it takes, for a caller whose COMMIT was
         cut off to look up."""
         taken = draft.taken
+        budget = None
+        budget_blocked = False
         with self.writing() as conn:
-            job_id = draft.job_id = self._fence(conn, runner_id)
+            fenced = self._fence_row(conn, runner_id)
+            job_id = draft.job_id = int(fenced.job_id)
             spend, cap = _books(conn, job_id)
             where = [requests.c.job_id == job_id, requests.c.state == RequestState.PENDING]
             if url is not None:
@@ -354,13 +382,21 @@ class ClaimsMixin(StoreBase):
             ).all()
             draft.rows = len(rows)
             room = cap - spend.total_pico
+            # The budget's room, checked with the cap's, under the budget's lock (taken last).
+            if rows and fenced.budget_id is not None:
+                budget = hold_budget(conn, int(fenced.budget_id), self.wall_clock(conn))
+            left = budget.left_pico if budget is not None else 0
             for r in rows:
                 worst = int(r.batch_worst_pico if batch else r.worst_pico)
                 if r.model in scales:
                     worst = scaled(worst, scales[r.model])
                 if worst > room:
                     break
+                if budget is not None and worst > left:
+                    budget_blocked = True
+                    break
                 room -= worst
+                left -= worst
                 taken.append(
                     PendingRequest(
                         id=r.id,
@@ -378,20 +414,29 @@ class ClaimsMixin(StoreBase):
                     )
                 )
             if taken:
+                tag = {"budget_id": None, "budget_period": None}
+                if budget is not None:
+                    tag = {"budget_id": budget.budget.id, "budget_period": budget.period.start}
                 self.dialect.update_many(
                     conn,
                     requests,
                     ("id", "reserved_pico"),
                     [(r.id, r.worst_pico) for r in taken],
-                    {"state": RequestState.RESERVED.value, "runner_id": runner_id},
+                    {"state": RequestState.RESERVED.value, "runner_id": runner_id, **tag},
                 )
-                spend = _move_books(conn, job_id, 0, sum(r.worst_pico for r in taken))
+                held = sum(r.worst_pico for r in taken)
+                spend = _move_books(conn, job_id, 0, held)
+                if budget is not None:
+                    move_budgets(conn, {(budget.budget.id, budget.period.start): [0, held, 0]})
+                    budget = replace(budget, reserved_pico=budget.reserved_pico + held)
         return Claim(
             requests=taken,
             spend=spend,
             cap_pico=cap,
             blocked=len(taken) < len(rows),
             exhausted=not rows,
+            budget=budget,
+            budget_blocked=budget_blocked,
         )
 
     def books(self, job_id: int) -> tuple[Spend, int]:
@@ -456,6 +501,14 @@ class ClaimsMixin(StoreBase):
     def _record(self, conn: Connection, job_id: int, runner_id: int, out: Outcomes) -> Spend:
         insert_many, update_many = self.dialect.insert_many, self.dialect.update_many
         settled = reserved = 0
+        # Each request's cost is booked in the budget period it was reserved in.
+        tags = tags_of(
+            conn,
+            [c.request_id for c in out.charges]
+            + [r.request_id for r in out.results]
+            + [r.request_id for r in out.releases],
+        )
+        deltas: Deltas = {}
         if out.attempts:
             insert_many(
                 conn,
@@ -472,9 +525,21 @@ class ClaimsMixin(StoreBase):
                 conn,
                 ledger,
                 _LEDGER_COLUMNS,
-                [(job_id, c.request_id, "unknown", c.amount_pico, c.at) for c in out.charges],
+                [
+                    (
+                        job_id,
+                        c.request_id,
+                        "unknown",
+                        c.amount_pico,
+                        c.at,
+                        *_pair(tags, c.request_id),
+                    )
+                    for c in out.charges
+                ],
             )
             settled += sum(c.amount_pico for c in out.charges)
+            for c in out.charges:
+                add(deltas, tags.get(c.request_id), c.amount_pico, 0, c.amount_pico)
         if out.results:
             insert_many(conn, results, _RESULT_COLUMNS, [_result_row(r) for r in out.results])
             billed = [r for r in out.results if r.cost_pico]
@@ -483,9 +548,15 @@ class ClaimsMixin(StoreBase):
                     conn,
                     ledger,
                     _LEDGER_COLUMNS,
-                    [(job_id, r.request_id, "result", r.cost_pico, r.finished_at) for r in billed],
-                )
+                    [
+                        (job_id, r.request_id, "result", r.cost_pico, r.finished_at,
+                         *_pair(tags, r.request_id))
+                        for r in billed
+                    ],
+                )  # fmt: skip
                 settled += sum(r.cost_pico for r in billed)
+            for r in out.results:
+                add(deltas, tags.get(r.request_id), r.cost_pico, -r.reserved_pico, 0)
             update_many(
                 conn,
                 requests,
@@ -503,6 +574,8 @@ class ClaimsMixin(StoreBase):
                 {"state": RequestState.PENDING.value, "reserved_pico": 0, "runner_id": None},
             )
             reserved -= sum(r.reserved_pico for r in out.releases)
+            for rel in out.releases:
+                add(deltas, tags.get(rel.request_id), 0, -rel.reserved_pico, 0)
         if out.events:
             insert_many(
                 conn,
@@ -510,7 +583,9 @@ class ClaimsMixin(StoreBase):
                 _EVENT_COLUMNS,
                 [(job_id, runner_id, e.at, e.kind, e.seconds, e.detail) for e in out.events],
             )
-        return _move_books(conn, job_id, settled, reserved)
+        spend = _move_books(conn, job_id, settled, reserved)
+        move_budgets(conn, deltas)  # after the job's row: the lock order claims keep
+        return spend
 
 
 @dataclass(slots=True)
@@ -545,7 +620,26 @@ def _bare(r: ResultRecord, reason: str) -> ResultRecord:
 _ATTEMPT_COLUMNS = (
     "request_id", "attempt", "started_at", "latency_ms", "status_code", "error_kind",
 )  # fmt: skip
-_LEDGER_COLUMNS = ("job_id", "request_id", "kind", "amount_pico", "at")
+_LEDGER_COLUMNS = (
+    "job_id",
+    "request_id",
+    "kind",
+    "amount_pico",
+    "at",
+    "budget_id",
+    "budget_period",
+)
+
+
+def _tag(row: Any) -> tuple[int, int] | None:
+    return None if row.budget_id is None else (int(row.budget_id), int(row.budget_period))
+
+
+def _pair(tags: Mapping[int, tuple[int, int]], request_id: int) -> tuple[int | None, int | None]:
+    """A ledger row's budget columns: those of the request's reservation, or none."""
+    return tags.get(request_id, (None, None))
+
+
 _EVENT_COLUMNS = ("job_id", "runner_id", "at", "kind", "seconds", "detail")
 _RESULT_COLUMNS = (
     "request_id", "status_code", "body", "response_model", "api_request_id", "prompt_tokens",

@@ -257,14 +257,18 @@ class JobsMixin(StoreBase):
     def reprice(
         self,
         job_id: int,
-        rates: Callable[[str], tuple[int, int, int, int, int, int]],
+        rates: Callable[[str, str | None], tuple[int, int, int, int, int, int]],
         fingerprint: str,
+        tier_of: Callable[[str], str | None] | None = None,
     ) -> tuple[int, int, int]:
-        """Price the job's pending requests again under a changed price table: ``rates(model)``
-        gives (input, output, batch input, batch output) picodollars per token and what a
-        worst case adds per request (sync, batch). Returns (requests repriced, pending worst
-        case before, after)."""
+        """Price the job's pending requests again under a changed price table: ``rates(model,
+        tier)`` gives (input, output, batch input, batch output) picodollars per token and what
+        a worst case adds per request (sync, batch), at a service tier's prices (None:
+        standard). ``tier_of(body)`` reads the tier a stored body asks for: the few bodies
+        that name one are priced in Python, the rest by one statement per model. Returns
+        (requests repriced, pending worst case before, after)."""
         pending = sa.and_(requests.c.job_id == job_id, requests.c.state == RequestState.PENDING)
+        names_tier = requests.c.body.like('%"service_tier":%')
         with self.writing() as conn:
             models = [
                 r[0] for r in conn.execute(sa.select(requests.c.model).where(pending).distinct())
@@ -275,11 +279,14 @@ class JobsMixin(StoreBase):
             n = 0
             tokens_in = sa.cast(requests.c.input_tokens, sa.BigInteger)
             tokens_out = sa.cast(requests.c.output_limit, sa.BigInteger)
+            if tier_of is not None:
+                n += self._reprice_tiered(conn, sa.and_(pending, names_tier), rates, tier_of)
             for model in models:
-                rate_in, rate_out, batch_in, batch_out, slack, batch_slack = rates(model)
+                rate_in, rate_out, batch_in, batch_out, slack, batch_slack = rates(model, None)
                 n += conn.execute(
                     requests.update()
                     .where(pending, requests.c.model == model)
+                    .where(~names_tier if tier_of is not None else sa.true())
                     .values(
                         floor_pico=tokens_in * rate_in,
                         worst_pico=tokens_in * rate_in + tokens_out * rate_out + slack,
@@ -295,6 +302,50 @@ class JobsMixin(StoreBase):
                 jobs.update().where(jobs.c.id == job_id).values(prices_fingerprint=fingerprint)
             )
         return n, int(before), int(after)
+
+    @staticmethod
+    def _reprice_tiered(
+        conn: sa.Connection,
+        where: sa.ColumnElement[bool],
+        rates: Callable[[str, str | None], tuple[int, int, int, int, int, int]],
+        tier_of: Callable[[str], str | None],
+    ) -> int:
+        """Reprice the pending requests whose bodies name a service tier, each at its tier."""
+        rows = conn.execute(
+            sa.select(
+                requests.c.id,
+                requests.c.model,
+                requests.c.body,
+                requests.c.input_tokens,
+                requests.c.output_limit,
+            ).where(where)
+        ).all()
+        values = []
+        for r in rows:
+            rate_in, rate_out, batch_in, batch_out, slack, batch_slack = rates(
+                r.model, tier_of(r.body)
+            )
+            tin, tout = int(r.input_tokens), int(r.output_limit)
+            values.append(
+                {
+                    "rid": r.id,
+                    "new_floor": tin * rate_in,
+                    "new_worst": tin * rate_in + tout * rate_out + slack,
+                    "new_batch_worst": tin * batch_in + tout * batch_out + batch_slack,
+                }
+            )
+        for start in range(0, len(values), IDS_PER_STATEMENT):
+            conn.execute(
+                requests.update()
+                .where(requests.c.id == sa.bindparam("rid"))
+                .values(
+                    floor_pico=sa.bindparam("new_floor"),
+                    worst_pico=sa.bindparam("new_worst"),
+                    batch_worst_pico=sa.bindparam("new_batch_worst"),
+                ),
+                values[start : start + IDS_PER_STATEMENT],
+            )
+        return len(values)
 
     def request_fingerprints(self, job_id: int) -> Iterator[tuple[str, str]]:
         """(custom_id, body) of every request, in file order, streamed."""

@@ -96,6 +96,28 @@ def _done_sums(
     return {str(r[0]): dict(zip(_SUM_KEYS, map(int, r[1:]), strict=True)) for r in rows}
 
 
+def _unpriced(conn: sa.Connection, job_id: int) -> tuple[dict[str, int], int]:
+    """The job's results the price table could not price: per model the responses named
+    (``ResultFlag.UNPRICED_MODEL``), and how many reported a tier without prices."""
+    model = sa.func.coalesce(results.c.response_model, "?")
+    flagged_model = _flagged(ResultFlag.UNPRICED_MODEL)
+    flagged_tier = _flagged(ResultFlag.UNPRICED_TIER)
+    rows = conn.execute(
+        sa.select(model, flagged_model, sa.func.count())
+        .select_from(results.join(requests, results.c.request_id == requests.c.id))
+        .where(requests.c.job_id == job_id, sa.or_(flagged_model, flagged_tier))
+        .group_by(model, flagged_model)
+    ).all()
+    models: dict[str, int] = {}
+    tiers = 0
+    for name, is_model, n in rows:
+        if is_model:
+            models[str(name)] = models.get(str(name), 0) + int(n)
+        else:
+            tiers += int(n)
+    return dict(sorted(models.items())), tiers
+
+
 class Sharing:
     """How the job's live runners share its rate limits now: equally while requests wait to be
     claimed; once none is left, in proportion to what each still holds, so that they finish
@@ -191,12 +213,13 @@ class ReadsMixin(StoreBase):
         with self.reading() as conn:
             return {str(state): int(n) for state, n in conn.execute(q.group_by(requests.c.state))}
 
-    def pending_worst(self, job_id: int) -> int:
-        """The worst case of every request not yet sent."""
+    def pending_worst(self, job_id: int, *, batch: bool = False) -> int:
+        """The worst case of every request not yet sent (at Batch API prices when ``batch``)."""
+        worst = requests.c.batch_worst_pico if batch else requests.c.worst_pico
         with self.reading() as conn:
             return int(
                 conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(requests.c.worst_pico), 0)).where(
+                    sa.select(sa.func.coalesce(sa.func.sum(worst), 0)).where(
                         requests.c.job_id == job_id, requests.c.state == RequestState.PENDING
                     )
                 ).scalar_one()
@@ -348,6 +371,25 @@ class ReadsMixin(StoreBase):
                 ).scalar_one()
             )
 
+    def model_totals(self, job_id: int) -> dict[str, tuple[int, int, int]]:
+        """Per model of the job: requests, counted input tokens and output limits (what
+        ``Price.bounds`` prices the job's floor and worst case from, at either lane)."""
+        big = sa.BigInteger
+        with self.reading() as conn:
+            return {
+                str(m): (int(n), int(i or 0), int(lim or 0))
+                for m, n, i, lim in conn.execute(
+                    sa.select(
+                        requests.c.model,
+                        sa.func.count(),
+                        sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+                        sa.func.sum(sa.cast(requests.c.output_limit, big)),
+                    )
+                    .where(requests.c.job_id == job_id)
+                    .group_by(requests.c.model)
+                )
+            }
+
     def models_of(self, job_id: int) -> list[str]:
         """The models the job's requests name."""
         with self.reading() as conn:
@@ -484,6 +526,7 @@ class ReadsMixin(StoreBase):
             books = conn.execute(
                 sa.select(jobs.c.settled_pico, jobs.c.reserved_pico).where(jobs.c.id == job_id)
             ).one()
+            unpriced_models, unpriced_tiers = _unpriced(conn, job_id)
         errors: dict[str, int] = {f"failed: {k}": int(n) for k, n in failed_kinds}
         errors.update({f"attempts: {k}": int(n) for k, n in retried})
         return JobStatus(
@@ -502,6 +545,8 @@ class ReadsMixin(StoreBase):
             reused=tot["reused"],
             reused_pico=tot["reused_pico"],
             usage_missing=tot["usage_missing"],
+            unpriced_models=unpriced_models,
+            unpriced_tiers=unpriced_tiers,
             by_model=by_model,
             by_endpoint=by_endpoint,
             runners=self.live_runners(job_id),

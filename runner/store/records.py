@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..budgets import BudgetBooks, JobDraw
 from ..calibration import ModelCalibration
 
 
@@ -31,6 +33,10 @@ class ResultFlag(enum.StrEnum):
     OVER_RESERVATION = "over_reservation"  # billed more than its reserved worst case
     REUSED = "reused"  # copied from an earlier job's identical request; not spent again
     BATCH = "batch"  # came back through the Batch API, billed at batch prices
+    # The response named a model (kept in ``response_model``) or reported a service tier that
+    # the price table has no prices for: charged at worst case.
+    UNPRICED_MODEL = "unpriced_model"
+    UNPRICED_TIER = "unpriced_tier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +191,10 @@ class Claim:
     cap_pico: int
     blocked: bool  # the next pending request does not fit under the cap now
     exhausted: bool  # no pending request was left to claim
+    # The budget the claim drew on, its period's books after the claim; and whether the
+    # budget (not the job's cap) is what the next request did not fit under.
+    budget: BudgetBooks | None = None
+    budget_blocked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +282,10 @@ class JobStatus:
     reused: int = 0
     reused_pico: int = 0
     usage_missing: int = 0
+    # Results whose response named a model the price table does not know (model -> results),
+    # and those that reported a service tier without prices: booked at worst case.
+    unpriced_models: dict[str, int] = field(default_factory=dict)
+    unpriced_tiers: int = 0
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     by_endpoint: dict[str, dict[str, int]] = field(default_factory=dict)
     runners: list[RunnerInfo] = field(default_factory=list)
@@ -279,6 +293,12 @@ class JobStatus:
     in_batches: int = 0  # reserved requests held by open Batch API batches
     # model -> the largest ratios its results were billed at (see ``calibration``)
     calibration: dict[str, ModelCalibration] = field(default_factory=dict)
+    # What the job will really cost (a ``projection.Projection``), from the results in: set by
+    # a reader that has the price table (the store has none), else None.
+    projection: Any = None
+    # The budgets the job draws on (its runners and its booked spend), their current period;
+    # with this job's share of each.
+    budgets: list[tuple[BudgetBooks, JobDraw]] = field(default_factory=list)
 
 
 # The stratum (of a sample, a projection) of requests priced at their model's largest output;

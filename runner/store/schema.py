@@ -47,6 +47,7 @@ runners = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
     sa.Column("state", sa.String(12), nullable=False, server_default="live"),
+    sa.Column("budget_id", sa.Integer),  # the budget its claims draw on (see ``budgets``)
     sa.Index("ix_runners_job_state", "job_id", "state"),
 )
 
@@ -76,6 +77,9 @@ requests = sa.Table(
     # The Batch API chunk that holds (or last held) it: a reserved request with a chunk and no
     # runner belongs to that chunk's batch, not to a runner (see ``batches``).
     sa.Column("chunk_id", sa.Integer),
+    # The budget and period (its start) its reservation was made in: its cost is booked there.
+    sa.Column("budget_id", sa.Integer),
+    sa.Column("budget_period", sa.BigInteger),
     sa.UniqueConstraint("job_id", "seq", name="uq_requests_job_seq"),
     sa.UniqueConstraint("job_id", "custom_id", name="uq_requests_job_custom_id"),
     sa.Index("ix_requests_job_state_seq", "job_id", "state", "seq"),
@@ -124,7 +128,11 @@ ledger = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("amount_pico", sa.BigInteger, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    # The budget period the charge belongs to (that of the request's reservation), if any.
+    sa.Column("budget_id", sa.Integer),
+    sa.Column("budget_period", sa.BigInteger),
     sa.Index("ix_ledger_job", "job_id"),
+    sa.Index("ix_ledger_budget", "budget_id", "budget_period"),
 )
 
 events = sa.Table(
@@ -172,4 +180,32 @@ batches = sa.Table(
     sa.Column("closed_at", sa.Float),
     sa.Column("error", sa.Text),
     sa.Index("ix_batches_job_state", "job_id", "state"),
+)
+
+# A named spending limit shared by every job that draws on it (see ``runner.budgets``).
+budgets = sa.Table(
+    "budgets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("amount_pico", sa.BigInteger, nullable=False),
+    sa.Column("per", sa.String(8), nullable=False),  # day, week, month, total
+    sa.Column("tz", sa.Text, nullable=False, server_default="UTC"),
+    sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# A budget's books for one period, kept in step with the ledger and the reservations in the
+# same transactions (as a job's are on its row), so a claim reads one row.
+budget_periods = sa.Table(
+    "budget_periods",
+    metadata,
+    sa.Column(
+        "budget_id", sa.Integer, sa.ForeignKey("budgets.id"), primary_key=True, autoincrement=False
+    ),
+    sa.Column("start", sa.BigInteger, primary_key=True, autoincrement=False),  # epoch s; total: 0
+    sa.Column("settled_pico", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reserved_pico", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("unknown_pico", sa.BigInteger, nullable=False, server_default="0"),
 )
