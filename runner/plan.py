@@ -48,6 +48,8 @@ class Totals:
     unbounded_requests: int = 0  # may cost more than their worst case (stored conversations)
     batch_floor_pico: int = 0  # the same at Batch API prices
     batch_worst_pico: int = 0
+    unlimited_limit_tokens: int = 0  # the output tokens the unlimited requests are priced at ...
+    unlimited_worst_pico: int = 0  # ... and what that is of the worst case
 
     def add(self, other: Totals) -> None:
         for f in fields(self):
@@ -270,6 +272,8 @@ class Planner:
                 t.input_tokens += count.tokens
                 t.output_limit_tokens += limit
                 t.unlimited_requests += unlimited
+                if unlimited:
+                    t.unlimited_limit_tokens += limit
                 t.approximate_requests += count.approximate
                 t.unbounded_requests += unbounded
                 if count.notes:
@@ -352,6 +356,7 @@ class Planner:
             t.batch_floor_pico, t.batch_worst_pico = acc.price.bounds(
                 *sums, batch=True, requests=t.requests
             )
+            t.unlimited_worst_pico = t.unlimited_limit_tokens * acc.price.rates(tier=tier)[2]
             if tier is not None:
                 plan.tiers[tier] = plan.tiers.get(tier, 0) + t.requests
             if model in plan.by_model:

@@ -87,9 +87,13 @@ def format_plan(
     if plan.tiers:
         lines.append(tier_line(plan.tiers))
     if plan.total.unlimited_requests:
+        t = plan.total
+        share = t.unlimited_worst_pico / t.worst_pico if t.worst_pico else 0.0
         lines.append(
-            f"warning: {plan.total.unlimited_requests:,} request(s) set no output limit; they "
-            "are priced at their model's largest possible output."
+            f"warning: {t.unlimited_requests:,} request(s) set no output limit; they are priced "
+            f"at their model's largest possible output ({t.unlimited_limit_tokens:,} tokens): "
+            f"{format_usd(t.unlimited_worst_pico)} of the worst case ({share:.0%}). Setting "
+            "max_completion_tokens (or max_output_tokens) lowers it."
         )
     if plan.approximate_parts:
         parts = ", ".join(f"{k} ({n:,})" for k, n in sorted(plan.approximate_parts.items()))
@@ -134,6 +138,7 @@ def _totals_json(t: Totals) -> dict[str, Any]:
     d: dict[str, Any] = t.as_dict()
     d["floor_usd"] = format_exact(d.pop("floor_pico"))
     d["worst_usd"] = format_exact(d.pop("worst_pico"))
+    d["unlimited_worst_usd"] = format_exact(d.pop("unlimited_worst_pico"))
     return d
 
 

@@ -144,11 +144,14 @@ def test_json_is_one_object_with_the_same_totals_as_price_job(example_plan: Plan
         d: dict[str, object] = t.as_dict()
         d["floor_usd"] = format_exact(d.pop("floor_pico"))  # type: ignore[arg-type]
         d["worst_usd"] = format_exact(d.pop("worst_pico"))  # type: ignore[arg-type]
+        d["unlimited_worst_usd"] = format_exact(d.pop("unlimited_worst_pico"))  # type: ignore[arg-type]
         return d
 
     assert data["total"] == as_json(example_plan.total)
     assert data["models"] == {m: as_json(t) for m, t in example_plan.by_model.items()}
     assert data["total"]["floor_usd"] == "0.00027488"  # exact, not rounded for display
+    # The two requests without a limit: 93% of the worst case, at their models' largest output.
+    assert data["total"]["unlimited_worst_usd"] == "0.0229376"
     assert data["sha256"] == example_plan.sha256
     assert data["prices_as_of"] == "2026-11-01"
     assert data["rate_limits"] == {"rpm": 10, "tpm": 1000}

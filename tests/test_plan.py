@@ -125,6 +125,9 @@ def test_per_model_totals_follow_the_rules_by_hand(tmp_path: Path, table: PriceT
             unlimited_requests=2,
             floor_pico=mini_input * MINI_IN,
             worst_pico=mini_input * MINI_IN + mini_limit * MINI_OUT,
+            # the two without a limit (n=1 and n=3): what they add to the worst case
+            unlimited_limit_tokens=4 * MINI_MAX_OUTPUT,
+            unlimited_worst_pico=4 * MINI_MAX_OUTPUT * MINI_OUT,
         ),
         "gpt-4o-mini-2024-07-18": Totals(1, 8, 10, 0, 0, 8 * MINI_IN, 8 * MINI_IN + 10 * MINI_OUT),
         "gpt-4.1-mini": Totals(1, 15, 30, 0, 0, 15 * MINI41_IN, 15 * MINI41_IN + 30 * MINI41_OUT),
@@ -140,6 +143,8 @@ def test_per_model_totals_follow_the_rules_by_hand(tmp_path: Path, table: PriceT
         approximate_requests=0,
         floor_pico=13_690_000,
         worst_pico=39_539_290_000,
+        unlimited_limit_tokens=65_536,
+        unlimited_worst_pico=39_321_600_000,
     )
     assert sum(t.worst_pico for t in plan.by_model.values()) == plan.total.worst_pico
 
