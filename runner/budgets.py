@@ -24,7 +24,7 @@ from .settings import BUDGET_PERIODS as PERIODS
 NO_BUDGET = "none"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # What the text says of a period: "$5.00 of $10.00 this month".
-_THIS = {"day": "today", "week": "this week", "month": "this month", "total": "in total"}
+THIS_PERIOD = {"day": "today", "week": "this week", "month": "this month", "total": "in total"}
 
 # Wall-clock time in epoch seconds. The store takes one (``Store.clock``) so that tests move it
 # across a period boundary; by default it reads the database's clock (see ``Dialect.now``).
@@ -165,7 +165,8 @@ def describe(books: BudgetBooks) -> str:
     """ "budget team: $100.00 of $100.00 this month; resets 2027-01-01 00:00 UTC"."""
     b = books.budget
     spent = books.settled_pico + books.reserved_pico
-    text = f"budget {b.name}: {format_usd(spent)} of {format_usd(b.amount_pico)} {_THIS[b.per]}"
+    this = THIS_PERIOD[b.per]
+    text = f"budget {b.name}: {format_usd(spent)} of {format_usd(b.amount_pico)} {this}"
     if books.reserved_pico:
         text += f" ({format_usd(books.reserved_pico)} of it reserved by requests in flight)"
     if books.period.end is not None:

@@ -157,6 +157,9 @@ class Estimate:
     via: str = "sync"  # the lane the figures above are at ("batch": Batch API prices) ...
     sync_floor_pico: int = 0  # ... and the job's floor and worst case at synchronous prices
     sync_worst_pico: int = 0
+    budget_name: str | None = None  # the budget the run draws on, what it has left ...
+    budget_left_pico: int = 0
+    budget_period: str = ""  # ... "this month" (``fits`` counts under it too)
     sampling: bool = False  # ``price --sample``: only the sample is sent
     sample: int = 0  # the sample's requests still to send ...
     sample_worst_pico: int = 0  # ... and their worst case

@@ -330,9 +330,15 @@ def confirm_question(est: Estimate) -> str:
         # What is still to spend: the projection less what is spent.
         total, low, high = (max(0, x - est.spent_pico) for x in est.projected)
         projected = f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}), "
+    budget = ""
+    if est.budget_name is not None:
+        budget = (
+            f" (budget {est.budget_name}: {format_money(est.budget_left_pico)} left "
+            f"{est.budget_period})"
+        )
     return (
         f"Send {send}, {projected}worst case {format_money(worst)} of cap "
-        f"{format_money(est.cap_pico)}?"
+        f"{format_money(est.cap_pico)}{budget}?"
     )
 
 

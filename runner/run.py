@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from .budgets import NO_BUDGET, Budget, BudgetBooks, Clock, describe
+from .budgets import NO_BUDGET, THIS_PERIOD, Budget, BudgetBooks, Clock, describe
 from .engine import (
     Backend,
     Books,
@@ -370,6 +370,24 @@ def find_budget(store: Store, settings: RunSettings) -> Budget | None:
     return budget
 
 
+def _with_budget(
+    store: Store, job: Job, est: Estimate, budget: Budget, settings: RunSettings
+) -> Estimate:
+    """The estimate with what the budget has left: the requests that fit are those that fit
+    under both the cap and the budget (the question asks about those)."""
+    books = store.budget_books(budget)
+    spend, cap = store.books(job.id)
+    room = min(cap - spend.total_pico, books.left_pico)
+    fits = store.fits_under(job.id, room, batch=settings.via == "batch")
+    return replace(
+        est,
+        fits=min(est.fits, fits),
+        budget_name=budget.name,
+        budget_left_pico=books.left_pico,
+        budget_period=THIS_PERIOD[budget.per],
+    )
+
+
 def budget_line(store: Store, job: Job, budget: Budget, settings: RunSettings) -> str:
     """Whether the job's pending requests fit in what the budget has left this period."""
     books = store.budget_books(budget)
@@ -609,6 +627,8 @@ async def run_job(
             )
         else:
             est = replace(est, projected=_projected(store, job, table, settings))
+        if budget is not None and drawn is None:
+            est = _with_budget(store, job, est, budget, settings)
         echo("\n".join([format_estimate(est, plan, table, settings.limits), *notes]))
         if confirm is not None and not confirm(est):
             raise Declined(

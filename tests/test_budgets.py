@@ -23,9 +23,10 @@ from click.testing import CliRunner
 from runner import run_with
 from runner.budgets import NO_BUDGET, check_amount, period_of
 from runner.cli import exit_status, main
-from runner.errors import StoreError, UsageError
+from runner.errors import Declined, StoreError, UsageError
 from runner.money import pico_to_decimal, usd_to_pico
 from runner.pricing import load_price_table
+from runner.report import confirm_question
 from runner.run import open_or_import
 from runner.settings import Retry, RunSettings, Stopping, Transport
 from runner.simulator import SimulatorThread
@@ -334,6 +335,32 @@ async def test_a_run_stopped_by_its_budget_exits_3_and_names_it(
         books = s.budget_books(s.budget_named("team"))  # type: ignore[arg-type]
     assert books.billed_pico == billed and books.reserved_pico == 0
     assert [b.budget.name for b, _ in ran.status.budgets] == ["team"]
+
+
+async def test_the_question_before_a_run_counts_what_fits_under_the_budget_too(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 400)
+    with _Opened(db) as s:
+        s.set_budget("team", usd_to_pico("0.005"), per="month")
+    asked: list[str] = []
+
+    def confirm(est: Any) -> bool:
+        asked.append(confirm_question(est))
+        return False
+
+    run_settings = RunSettings(
+        cap_pico=usd_to_pico("5"), jobfile=job, db=str(db), quiet=True, budget="team",
+        transport=Transport(base_url=sim.base_url),
+    )  # fmt: skip
+    with pytest.raises(Declined):
+        await run_with(run_settings, confirm=confirm, api_key="sk-test")
+    (question,) = asked
+    assert question.startswith("Send up to ") and " of 400 requests" in question
+    assert question.endswith("of cap $5.00 (budget team: $0.005 left this month)?")
+    assert sim.ledger_snapshot()["requests_received"] == 0
 
 
 async def test_the_default_budget_holds_unless_a_run_says_none(
