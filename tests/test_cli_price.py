@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -27,15 +28,14 @@ PROBLEM = re.compile(r"^(?:batchrun: )?(?P<file>.+?):(?P<line>\d+): (?P<field>[\
 
 
 def batchrun(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """Run the real command; no API key in the environment (pricing must not need one)."""
-    env = {"PATH": str(BATCHRUN.parent), "LC_ALL": "C.UTF-8"}
-    return subprocess.run(
-        [str(BATCHRUN), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=60,
+    """Run the command in this process (click's runner: its output needs no process of its
+    own); no API key in the environment (pricing must not need one)."""
+    with contextlib.chdir(cwd):
+        result = CliRunner(env={"OPENAI_API_KEY": None}).invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(
+        ["batchrun", *map(str, args)], result.exit_code, result.stdout, result.stderr
     )
 
 
