@@ -227,6 +227,10 @@ class Books:
         # its heartbeat or hear of a pause late; nor may a stuck heartbeat delay a commit.
         self._beats = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-beat")
         self._out = Outcomes()
+        # Held while outcomes are being committed: a flush waits for a commit under way, so
+        # "flushed" means durable (a crash test kills right after it).
+        self._committing = asyncio.Lock()
+        self._spend: Spend | None = None  # the books as the last commit left them
         self._flush_now = asyncio.Event()
         self._settled = asyncio.Event()  # something settled or was released
         # Set when an allowed unbounded request cost more than its worst case: send nothing
@@ -602,11 +606,16 @@ class Books:
                 return
 
     async def flush(self) -> Spend | None:
-        """Commit what is waiting; the job's books as the store has them afterwards."""
-        if not self._out:
-            return None
-        out, self._out = self._out, Outcomes()
-        spend = await self.in_db(self.store.record, self.runner_id, out)
+        """Commit what is waiting: when this returns, everything recorded before the call is
+        durable, also what a commit already under way (the writer's) had taken. The job's
+        books as the store has them afterwards; None when there was nothing to commit."""
+        waited = self._committing.locked()
+        async with self._committing:
+            if not self._out:
+                return self._spend if waited else None
+            out, self._out = self._out, Outcomes()
+            spend = await self.in_db(self.store.record, self.runner_id, out)
+            self._spend = spend
         self._books_seen(spend)
         if spend.settled_pico > self.stats.cap_pico and not self.control.stopping:
             self.control.stop(
