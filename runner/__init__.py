@@ -34,6 +34,8 @@ _PUBLIC = {
     "run_with": "api",
     "cancel_with": "api",
     "sample_with": "api",
+    "deadline_plan": "deadline",
+    "resolve_deadline": "deadline",
     "Projection": "projection",
     "Sample": "settings",
     "Plan": "plan",

@@ -320,6 +320,15 @@ class Job:
 
         return project(self.db._store, self.id, load_price_table(prices))
 
+    def output_schema(self) -> Any:
+        """The JSON schema the job's outputs follow (a ``structured.Schema``): that of its first
+        request asking for JSON (a ``json_schema`` format, or JSON mode), or None when none
+        does. ``export --fields`` writes a column per top-level property of it."""
+        from .structured import schema_of_body
+
+        found = self.db._store.json_format_request(self.id)
+        return schema_of_body(*found) if found is not None else None
+
     def failed(self) -> list[Any]:
         """The requests that failed for good: custom_id, error code and message."""
         return list(self.db._store.failed(self.id))
@@ -327,6 +336,41 @@ class Job:
     def timeline(self) -> Any:
         """What happened when: the samples behind ``batchrun report``."""
         return self.db._store.timeline(self.id)
+
+    def projection_over_time(
+        self, points: int = 12, prices: str | Path | None = None
+    ) -> list[tuple[float, Projection]]:
+        """What the projection said at ``points`` moments from the first result to the last:
+        (epoch seconds, projection), for the report. Empty before two results are in or when
+        the price table does not know one of the job's models."""
+        from .errors import BatchrunError
+        from .pricing import load_price_table
+        from .projection import project
+
+        store = self.db._store
+        first, last = store.results_span(self.id)
+        if first is None or last is None or last <= first:
+            return []
+        try:
+            table = load_price_table(prices)
+            step = (last - first) / max(points - 1, 1)
+            return [
+                (first + k * step, project(store, self.id, table, until=first + k * step))
+                for k in range(points)
+            ]
+        except BatchrunError:
+            return []
+
+    def budget_spend(self) -> list[tuple[Any, dict[int, str], list[tuple[int, float, int]]]]:
+        """Per budget the job draws on: its books this period, the jobs drawing on it (id ->
+        path), and their spend over time (job id, time, picodollars booked), for the report's
+        budget chart."""
+        store = self.db._store
+        out = []
+        for books, _ in store.status(self.id).budgets:
+            draws = {d.job_id: d.path for d in store.budget_jobs(books)}
+            out.append((books, draws, store.budget_spend(books)))
+        return out
 
     def rows(self, only: str | None = None) -> Iterator[Any]:
         """Every request with its result, in job-file order, streamed (the export's rows)."""
@@ -405,6 +449,7 @@ class Job:
         prices: str | Path | None = None,
         allow_unbounded: bool = False,
         retry_failed: Iterable[str] | None = None,
+        retry_invalid: bool = False,
         confirm: Callable[[Any], bool] | None = None,
         echo: Callable[[str], None] | None = None,
     ) -> RunResult:
@@ -416,8 +461,13 @@ class Job:
         or cancelling the task stops the run in order: requests in flight get their grace
         period and the books stay conservative. The settings dataclasses (``limits``, ``retry``,
         ``transport``, ...) are the ones the command line builds; ``rpm``, ``tpm`` and
-        ``base_url`` override fields of theirs.
+        ``base_url`` override fields of theirs. ``retry_failed`` (error codes; empty: every
+        failure) and ``retry_invalid`` queue requests again as ``run --retry-failed
+        [--invalid]`` does: ``retry_invalid`` also sends those whose outputs did not match the
+        JSON schema they asked for (they were billed, and are paid again).
         """
+        if retry_invalid and retry_failed is None:
+            retry_failed = ()
 
         self.db._writable()
         if via not in ("sync", "batch"):
@@ -435,6 +485,7 @@ class Job:
             prices=Path(prices) if prices is not None else None,
             via=via,
             retry_failed=frozenset(retry_failed) if retry_failed is not None else None,
+            retry_invalid=retry_invalid,
             allow_unbounded=allow_unbounded,
             simulate=simulate,
             quiet=True,
@@ -487,7 +538,7 @@ async def run_with(
         progress_every=PROGRESS_EVERY,
         clock=clock,
     )
-    return _result(report, store, record)
+    return _result(report, store, record, settings.prices)
 
 
 async def sample_with(

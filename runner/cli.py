@@ -33,6 +33,7 @@ from .settings import (
     DEFAULT_DB,
     DEMO_CAP_USD,
     Batching,
+    Deadline,
     Limits,
     Retry,
     RunSettings,
@@ -491,6 +492,20 @@ def build(
     help="Say whether the job fits what this budget in --db has left this period (at worst "
     "case; see `batchrun budget`).",
 )  # fmt: skip
+@click.option(
+    "--deadline", metavar="WHEN",
+    help="Print the plan `run --via auto --deadline WHEN` would follow (nothing is sent): "
+    "the cost all by batch and all sync, the synchronous tail's time at --rpm/--tpm, and the "
+    "latest time the batches may run to.",
+)  # fmt: skip
+@click.option(
+    "--deadline-margin", type=click.FloatRange(min=0), default=_default(Deadline, "margin"),
+    show_default=True, help="--deadline: as `run --deadline-margin`.",
+)  # fmt: skip
+@click.option(
+    "--deadline-slack", type=_Seconds(0), default=_default(Deadline, "slack"),
+    show_default=True, help="--deadline: as `run --deadline-slack`.",
+)  # fmt: skip
 @json_option
 def price(
     jobfile: Path,
@@ -505,6 +520,9 @@ def price(
     simulate: bool,
     yes: bool,
     budget: str | None,
+    deadline: str | None,
+    deadline_margin: float,
+    deadline_slack: float,
     as_json: bool,
 ) -> None:
     """Price JOBFILE in full; with --sample, send a sample and project the real cost.
@@ -520,6 +538,8 @@ def price(
 
     from .report import budget_fit, budget_json, format_plan, plan_json
 
+    if sample is not None and deadline is not None:
+        raise UsageError("--deadline prints the plan of the whole job: give it without --sample")
     if sample is not None:
         _price_sample(jobfile, prices, rpm, tpm, via, sample, seed, db, base_url, simulate, yes,
                       as_json)  # fmt: skip
@@ -541,15 +561,28 @@ def price(
     finally:
         reading.close()
     worst = plan.total.batch_worst_pico if via == "batch" else plan.total.worst_pico
+    by_deadline = None
+    if deadline is not None:
+        by_deadline = runner.deadline_plan(
+            plan, Deadline(spec=deadline, margin=deadline_margin, slack=deadline_slack), rpm, tpm
+        )
     if as_json:
+        from .report import deadline_plan_json
+
         out = plan_json(plan, table, rpm, tpm, via=via)
         if books is not None:
             out["budget"] = {**budget_json(books), "fits_worst_case": worst <= books.left_pico}
+        if by_deadline is not None:
+            out["deadline"] = deadline_plan_json(by_deadline)
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(format_plan(plan, table, rpm, tpm, via=via))
         if books is not None:
             click.echo(budget_fit(books, worst))
+        if by_deadline is not None:
+            from .report import format_deadline_plan
+
+            click.echo(format_deadline_plan(by_deadline))
     if books is not None:
         return  # a database was opened: let it close as usual
     global _nothing_open
@@ -770,6 +803,13 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "them under the same cap.",
 )  # fmt: skip
 @click.option(
+    "--invalid", "retry_invalid", is_flag=True,
+    help="With --retry-failed: also queue the requests whose outputs did not parse or did not "
+    "match the JSON schema they asked for (response_format / text.format; `status` counts "
+    "them). They were billed: sending them again is paid again, under the same cap. CODES "
+    "output_not_json or output_mismatch pick one kind.",
+)  # fmt: skip
+@click.option(
     "--allow-unbounded",
     is_flag=True,
     help="Send requests that continue a stored "
@@ -784,11 +824,31 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "counted in `status`.",
 )  # fmt: skip
 @click.option(
-    "--via", type=click.Choice(["sync", "batch"]), default=_default(RunSettings, "via"),
+    "--via", type=click.Choice(["sync", "batch", "auto"]), default=_default(RunSettings, "via"),
     show_default=True,
     help="sync: each request its own API call, as fast as the rate limits allow. batch: the "
-    "OpenAI Batch API, at half the price, each batch taking up to 24 h. A job may go on with "
-    "the other --via (its pending requests).",
+    "OpenAI Batch API, at half the price, each batch taking up to 24 h. auto: the Batch API "
+    "first, then synchronously what its batches did not finish (expired or failed lines, or "
+    "by --deadline). A job may go on with another --via (its pending requests).",
+)  # fmt: skip
+@click.option(
+    "--deadline", metavar="WHEN",
+    help="--via auto: finish by WHEN (an ISO time, 2026-12-03T08:00, or a duration, 8h, 90s, "
+    "counted from the first run that gives it), as cheaply as that allows: the batches are "
+    "cancelled (what they finished is kept) and the rest is sent synchronously once the time "
+    "left comes down to what the synchronous API needs at the rate limits, with the margin.",
+)  # fmt: skip
+@click.option(
+    "--deadline-margin", type=click.FloatRange(min=0), default=_default(Deadline, "margin"),
+    show_default=True,
+    help="--deadline: plan the synchronous tail this share longer than the rate limits "
+    "allow (retries, 429s, limits shared with other work).",
+)  # fmt: skip
+@click.option(
+    "--deadline-slack", type=_Seconds(0), default=_default(Deadline, "slack"),
+    show_default=True,
+    help="--deadline: seconds added to the plan on top of the margin (cancelling the "
+    "batches, the last requests' latency).",
 )  # fmt: skip
 @click.option(
     "--batch-requests", type=click.IntRange(1, 50_000),
@@ -866,6 +926,15 @@ def _codes(value: str | None) -> frozenset[str] | None:
     return frozenset(code.strip() for code in value.split(",") if code.strip())
 
 
+def _retry_invalid(o: dict[str, Any]) -> bool:
+    if o["retry_invalid"] and o["retry_failed"] is None:
+        raise UsageError(
+            "--invalid goes with --retry-failed: `--retry-failed --invalid` sends the requests "
+            "whose outputs did not match their JSON schema again (they are paid again)"
+        )
+    return bool(o["retry_invalid"])
+
+
 def _run_settings(o: dict[str, Any]) -> RunSettings:
     """``run``'s options as settings (defaults were taken from ``settings`` by the options)."""
     if (o["jobfile"] is None) == (o["job_id"] is None):
@@ -883,6 +952,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         prices=o["prices"],
         reuse=not o["no_reuse"],
         retry_failed=_codes(o["retry_failed"]),
+        retry_invalid=_retry_invalid(o),
         allow_unbounded=o["allow_unbounded"],
         strict_models=o["strict_models"],
         simulate=o["simulate"],
@@ -898,8 +968,26 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         transport=Transport(base_url=o["base_url"], timeout=o["timeout"]),
         stopping=Stopping(grace=o["grace"], heartbeat_ttl=o["heartbeat_ttl"]),
         via=o["via"],
+        deadline=_deadline(o),
         batching=_batching(o),
         budget=o["budget"],
+    )
+
+
+def _deadline(o: dict[str, Any]) -> Deadline:
+    """``--deadline``: checked here (a bad WHEN is a usage error before anything opens); the
+    run resolves it against the job (a duration counts from the first run that gave it)."""
+    spec = o.get("deadline")
+    if spec is not None:
+        import runner
+
+        runner.resolve_deadline(spec, 0.0)
+        if o["via"] != "auto":
+            raise UsageError("--deadline plans across both APIs: give it with --via auto")
+    return Deadline(
+        spec=spec,
+        margin=o.get("deadline_margin", _default(Deadline, "margin")),
+        slack=o.get("deadline_slack", _default(Deadline, "slack")),
     )
 
 
@@ -1039,9 +1127,16 @@ def status(db: str, job_id: int | None, list_failed: bool, as_json: bool) -> Non
     "against its result; default: the row number (ROWS must then be the very file the job "
     "was built from: only the count of rows is checked).",
 )  # fmt: skip
+@click.option(
+    "--fields", "with_fields", is_flag=True,
+    help="With --format csv or parquet: a column per top-level property of the JSON schema "
+    "the job's requests ask for (response_format / text.format; `batchrun build --schema`), "
+    "from each output parsed (nested values as JSON text; in Parquet, typed when the property "
+    "has one scalar type). A name already taken gets a field_ prefix.",
+)  # fmt: skip
 def export(
     db: str, job_id: int | None, output: str | None, fmt: str, only: str | None,
-    rows_path: Path | None, id_column: str | None,
+    rows_path: Path | None, id_column: str | None, with_fields: bool,
 ) -> None:  # fmt: skip
     """Write results, a row per request: Batch API format, CSV or Parquet, or joined to --rows.
 
@@ -1051,6 +1146,7 @@ def export(
     Example: batchrun export --rows jobs/reviews.csv --format csv -o reviews-results.csv
     """
     from .export import (
+        Fields,
         csv_lines,
         export_lines,
         require_parquet,
@@ -1064,6 +1160,8 @@ def export(
         raise UsageError("--id only means something with --rows")
     if rows_path is not None and fmt == "jsonl":
         raise UsageError("--rows joins the results to the rows as a table: --format csv or parquet")
+    if with_fields and fmt == "jsonl":
+        raise UsageError("--fields writes the outputs' fields as columns: --format csv or parquet")
     if fmt == "parquet":
         require_parquet()  # before reading a large job
     if target is None:
@@ -1071,9 +1169,19 @@ def export(
     with _open_readonly(db) as database:
         job = database.job(job_id)
         protect = [Path(db)] if "://" not in db else []
+        fields = None
+        if with_fields:
+            schema = job.output_schema()
+            if schema is None:
+                raise UsageError(
+                    f"--fields: no request of job {job.id} asks for JSON (a response_format or "
+                    "text.format with a JSON schema; `batchrun build --schema FILE` writes one)"
+                )
+            fields = Fields(schema)
         if rows_path is not None:
             n = write_joined(rows_path, job.rows(), target, fmt=fmt, job_id=job.id,
-                             id_column=id_column, only=only, protect=protect)  # fmt: skip
+                             id_column=id_column, only=only, protect=protect,
+                             fields=fields)  # fmt: skip
             if target is not None:
                 which = f" ({only} only)" if only else ""
                 _say(f"wrote {target}: {n:,} row(s) of {rows_path} with job {job.id}'s "
@@ -1081,9 +1189,9 @@ def export(
             return
         rows = job.rows(only)
         if fmt == "parquet":
-            n = write_parquet(rows, target, protect)
+            n = write_parquet(rows, target, protect, fields)
         else:
-            lines = csv_lines(rows) if fmt == "csv" else export_lines(job.record, rows)
+            lines = csv_lines(rows, fields) if fmt == "csv" else export_lines(job.record, rows)
             n = write_lines(lines, target, protect) - (1 if fmt == "csv" else 0)  # the header
     if target is not None:  # on standard output, the rows alone
         which = f" ({only} only)" if only else ""
@@ -1115,8 +1223,12 @@ def report_cmd(db: str, job_id: int | None, output: Path) -> None:
         raise UsageError(f"{output}: no such folder {output.resolve().parent}")
     with _open_readonly(db) as database:
         job = database.job(job_id)
-        status, timeline = job.summary(), job.timeline()
-    page = render(status, timeline, db=database.name, generated_at=time.time())
+        status, timeline, budgets = job.summary(), job.timeline(), job.budget_spend()
+        projections = job.projection_over_time()
+    page = render(
+        status, timeline, db=database.name, generated_at=time.time(), budgets=budgets,
+        projections=projections,
+    )  # fmt: skip
     write_lines([page], output, [Path(db)] if "://" not in db else [])
     _say(f"wrote {output}: the report of job {job.id} ({job.path})")
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from . import structured
 from .budgets import BudgetBooks
 from .calibration import PPM, Calibration, ModelCalibration
 from .endpoints import Endpoint, Usage, endpoint_for
@@ -95,10 +96,14 @@ class RunStats:
     concurrency: int = 0  # the pool's current size (sync backend)
     paused_for: float = 0.0  # seconds every request is held for (a pause is on)
     limit_rate: float | None = None  # requests/s the rate limits allow this runner, if known
+    # The job's projected total (total, low, high of the 95% interval), from the results in.
+    projected: tuple[int, int, int] | None = None
     errors: dict[str, int] = field(default_factory=dict)
     # Results the price table could not price (a model or service tier the response names),
     # booked at worst case: name -> results.
     unpriced: dict[str, int] = field(default_factory=dict)
+    # Results whose outputs are not the JSON their requests asked for: flag value -> results.
+    invalid_outputs: dict[str, int] = field(default_factory=dict)
     notices: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     # The budget the run draws on, as the last claim saw it; and set when that claim stopped
     # at the budget rather than at the job's cap (the run's end then names the budget).
@@ -241,6 +246,26 @@ class Books:
         self._shared_until = 0.0  # the latest pause told to the other runners
         self._sharing: set[asyncio.Task[None]] = set()
 
+    def lane(self, *, batch: bool, only: frozenset[int] | None = None) -> Books:
+        """Books of the same runner and job for another lane (``--via auto``: the Batch API's
+        requests are claimed and settled at batch prices, the synchronous ones at standard
+        prices): the same store, control, counters and calibration, a writer of its own."""
+        other = Books(
+            self.store,
+            self.job,
+            self.runner_id,
+            self.table,
+            self.control,
+            batch=batch,
+            allow_unbounded=self.allow_unbounded,
+            writer=self.writer_settings,
+            only=only if only is not None else self.only,
+            strict_models=self.strict_models,
+        )
+        other.stats = self.stats
+        other.calibration = self.calibration
+        return other
+
     # -- plumbing -------------------------------------------------------------------------------
 
     async def in_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -359,6 +384,9 @@ class Books:
         if cost > req.worst_pico:
             flags.append(ResultFlag.OVER_RESERVATION)
             self._overrun(req, cost, ratio)
+        invalid = self._invalid_output(req, data) if endpoint is not None else None
+        if invalid is not None:
+            flags.append(invalid[0])
         stats = self.stats
         stats.done += 1
         stats.input_tokens += usage.input_tokens
@@ -382,10 +410,35 @@ class Books:
                 latency_ms=int(latency * 1000),
                 finished_at=time.time(),
                 reserved_pico=req.worst_pico,
+                error_code=invalid[0].value if invalid is not None else None,
+                error_message=invalid[1] if invalid is not None else None,
                 flags=tuple(flags),
             )
         )
         self._wrote()
+
+    def _invalid_output(
+        self, req: PendingRequest, data: Mapping[str, Any]
+    ) -> tuple[ResultFlag, str] | None:
+        """Whether the output is not the JSON the request asked for (``structured.check``):
+        the flag and a short reason; the first of each kind is said while the run goes on."""
+        checked = structured.check(req.url, req.body, data)
+        if checked is None:
+            return None
+        flag, reason = ResultFlag(checked[0]), redact(checked[1])
+        counts = self.stats.invalid_outputs
+        counts[flag.value] = counts.get(flag.value, 0) + 1
+        if counts[flag.value] == 1:
+            what = (
+                "is not the JSON it asked for"
+                if flag is ResultFlag.OUTPUT_NOT_JSON
+                else "does not match the JSON schema it asked for"
+            )
+            self.notice(
+                f"request {req.custom_id!r}: its output {what} ({reason}); kept as a result "
+                "(it was billed), `status` counts such outputs"
+            )
+        return flag, reason
 
     def _cost(
         self,

@@ -25,6 +25,7 @@ from .errors import UsageError
 from .money import format_exact, pico_to_decimal
 from .rows import PARQUET_INSTALL, Rows, describe_columns, row_id, text_of
 from .store import ExportRow, Job
+from .structured import Schema, parsed_output
 
 FORMATS = ("jsonl", "csv", "parquet")
 CSV_COLUMNS = (
@@ -43,8 +44,89 @@ PARQUET_BATCH_ROWS = 10_000
 PARQUET_COST_PRECISION, PARQUET_COST_SCALE = 19, 12
 
 # One request as a table row: custom_id, status, output text, finish reason (or None),
-# input tokens, output tokens, cost in picodollars, error (or None).
-TableRow = tuple[str, str, str, str | None, int, int, int, str | None]
+# input tokens, output tokens, cost in picodollars, error (or None); with ``Fields``, then the
+# parsed output's fields (raw JSON values, None when absent).
+TableRow = tuple[Any, ...]
+_BASE = len(CSV_COLUMNS)
+
+
+class Fields:
+    """``export --fields``: a column per top-level property of the job's JSON schema, filled
+    from each output parsed as JSON (the first choice's). In CSV a string is itself, another
+    value its JSON text (nested objects and arrays too); in Parquet a property of one scalar
+    type (string, integer, number, boolean, nullable or not) is a column of that type, the rest
+    strings of JSON text. A value of another type than its column's (an output that does not
+    match) is empty in Parquet and its JSON text in CSV; an output that does not parse leaves
+    every field empty (the error column says why)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.properties = schema.properties()
+        if not self.properties:
+            raise UsageError(
+                "--fields: the job's JSON schema has no top-level properties to write as columns"
+            )
+        self.kinds = [_kind(sub) for _name, sub in self.properties]
+
+    def names(self, taken: Iterable[str]) -> list[str]:
+        """The columns' names: the properties', a name already taken getting a ``field_``
+        prefix."""
+        used = set(taken)
+        out = []
+        for name, _sub in self.properties:
+            while name in used:
+                name = f"field_{name}"
+            used.add(name)
+            out.append(name)
+        return out
+
+    def values(self, output: Any) -> tuple[Any, ...]:
+        if not isinstance(output, dict):
+            return (None,) * len(self.properties)
+        return tuple(output.get(name) for name, _sub in self.properties)
+
+    def arrow_types(self) -> list[Any]:
+        pa, _pq = _pyarrow()
+        types = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
+                 "boolean": pa.bool_()}  # fmt: skip
+        return [types.get(kind, pa.string()) for kind in self.kinds]
+
+
+def _kind(schema: Any) -> str:
+    """A property's column type: string, integer, number or boolean when it has one such type
+    (or that and null), else json (its values written as JSON text)."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    kinds = [k for k in (kind if isinstance(kind, list) else [kind]) if k != "null"]
+    if len(kinds) == 1 and kinds[0] in ("string", "integer", "number", "boolean"):
+        return str(kinds[0])
+    enum = schema.get("enum") if isinstance(schema, dict) else None
+    if kind is None and isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        return "string"
+    return "json"
+
+
+def _typed(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "string":
+        return value if isinstance(value, str) else None
+    if kind == "boolean":
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if kind == "integer":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return value if isinstance(value, int) and -(2**63) <= value < 2**63 else None
+    if kind == "number":
+        return float(value) if isinstance(value, int | float) else None
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _field_text(value: Any) -> str:
+    """A field's CSV cell: a string as itself, nothing for null or absent, else JSON text."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def export_lines(job: Job, rows: Iterable[ExportRow]) -> Iterator[str]:
@@ -86,11 +168,11 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def table_rows(rows: Iterable[ExportRow]) -> Iterator[TableRow]:
-    """One row per request, the columns of :data:`CSV_COLUMNS`: the CSV and Parquet exports
-    share it so they never disagree."""
+def table_rows(rows: Iterable[ExportRow], fields: Fields | None = None) -> Iterator[TableRow]:
+    """One row per request, the columns of :data:`CSV_COLUMNS` (then those of ``fields``): the
+    CSV and Parquet exports share it so they never disagree."""
     for r in rows:
-        text, reason = "", None
+        text, reason, output = "", None, None
         if r.state == "done" and r.body:
             endpoint = endpoint_for(r.url)
             try:
@@ -99,6 +181,9 @@ def table_rows(rows: Iterable[ExportRow]) -> Iterator[TableRow]:
                 data = None
             if endpoint is not None and isinstance(data, dict):
                 text, reason = endpoint.text_of(data)
+                if fields is not None:
+                    output = parsed_output(r.url, data)
+        extra = fields.values(output) if fields is not None else ()
         yield (
             r.custom_id,
             r.state,
@@ -108,6 +193,7 @@ def table_rows(rows: Iterable[ExportRow]) -> Iterator[TableRow]:
             r.completion_tokens,
             r.cost_pico,
             r.error_message or r.last_error or None,
+            *extra,
         )
 
 
@@ -128,15 +214,23 @@ def _csv_record() -> Callable[[Iterable[object]], str]:
     return line
 
 
-def csv_lines(rows: Iterable[ExportRow]) -> Iterator[str]:
-    """One CSV row per request (a header first): what people open in a spreadsheet."""
+def _csv_cells(row: TableRow) -> list[object]:
+    """A table row's CSV cells (exact dollars, empty for None)."""
+    cid, state, text, reason, tokens_in, tokens_out, cost, error = row[:_BASE]
+    return [
+        cid, state, text, reason or "", tokens_in, tokens_out, format_exact(cost), error or "",
+        *(_field_text(v) for v in row[_BASE:]),
+    ]  # fmt: skip
+
+
+def csv_lines(rows: Iterable[ExportRow], fields: Fields | None = None) -> Iterator[str]:
+    """One CSV row per request (a header first): what people open in a spreadsheet; with
+    ``fields``, a column per field of the parsed outputs after the usual ones."""
     line = _csv_record()
 
-    yield line(CSV_COLUMNS)
-    for cid, state, text, reason, tokens_in, tokens_out, cost, error in table_rows(rows):
-        yield line(
-            (cid, state, text, reason or "", tokens_in, tokens_out, format_exact(cost), error or "")
-        )
+    yield line([*CSV_COLUMNS, *(fields.names(CSV_COLUMNS) if fields is not None else ())])
+    for row in table_rows(rows, fields):
+        yield line(_csv_cells(row))
 
 
 def _pyarrow() -> tuple[Any, Any]:
@@ -154,11 +248,15 @@ def require_parquet() -> None:
     _pyarrow()
 
 
-def parquet_schema() -> Any:
+def parquet_schema(fields: Fields | None = None) -> Any:
     """The Parquet export's columns: text as strings, tokens as int64, cost as exact decimal
-    dollars (decimal128(19, 12): money is never a float)."""
+    dollars (decimal128(19, 12): money is never a float); then ``fields``' columns."""
     pa, _pq = _pyarrow()
     dollars = pa.decimal128(PARQUET_COST_PRECISION, PARQUET_COST_SCALE)
+    extra = []
+    if fields is not None:
+        names = fields.names(CSV_COLUMNS)
+        extra = [pa.field(n, t) for n, t in zip(names, fields.arrow_types(), strict=True)]
     return pa.schema(
         [
             pa.field("custom_id", pa.string(), nullable=False),
@@ -169,30 +267,37 @@ def parquet_schema() -> Any:
             pa.field("output_tokens", pa.int64(), nullable=False),
             pa.field("cost_usd", dollars, nullable=False),
             pa.field("error", pa.string()),
+            *extra,
         ]
     )
 
 
 def write_parquet_to(
-    rows: Iterable[ExportRow], fh: IO[bytes], batch_rows: int = PARQUET_BATCH_ROWS
+    rows: Iterable[ExportRow],
+    fh: IO[bytes],
+    batch_rows: int = PARQUET_BATCH_ROWS,
+    fields: Fields | None = None,
 ) -> int:
     """Write one Parquet row per request to the binary stream ``fh`` in record batches of
     ``batch_rows`` (memory does not grow with the job); how many rows."""
     pa, pq = _pyarrow()
-    schema = parquet_schema()
+    schema = parquet_schema(fields)
     cost = CSV_COLUMNS.index("cost_usd")
     n = 0
     with pq.ParquetWriter(fh, schema) as writer:
         batch: list[TableRow] = []
 
         def flush() -> None:
-            columns = [list(c) for c in zip(*batch, strict=True)] or [[] for _ in CSV_COLUMNS]
+            columns = [list(c) for c in zip(*batch, strict=True)] or [[] for _ in schema]
             columns[cost] = [pico_to_decimal(p) for p in columns[cost]]
+            if fields is not None:
+                for k, kind in enumerate(fields.kinds, _BASE):
+                    columns[k] = [_typed(v, kind) for v in columns[k]]
             arrays = [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)]
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             batch.clear()
 
-        for row in table_rows(rows):
+        for row in table_rows(rows, fields):
             batch.append(row)
             n += 1
             if len(batch) >= batch_rows:
@@ -203,7 +308,10 @@ def write_parquet_to(
 
 
 def write_parquet(
-    rows: Iterable[ExportRow], output: Path | None, protect: Iterable[Path] = ()
+    rows: Iterable[ExportRow],
+    output: Path | None,
+    protect: Iterable[Path] = (),
+    fields: Fields | None = None,
 ) -> int:
     """The Parquet export into ``output`` atomically, or to standard output's binary buffer
     (refused on a terminal: it is binary); how many rows."""
@@ -213,11 +321,11 @@ def write_parquet(
             raise UsageError("Parquet is binary: give -o FILE, or pipe standard output")
         sys.stdout.flush()
         out = sys.stdout.buffer
-        written = write_parquet_to(rows, out)
+        written = write_parquet_to(rows, out, fields=fields)
         out.flush()
         return written
     with _atomic(output, protect, binary=True) as fh:
-        return write_parquet_to(rows, fh)
+        return write_parquet_to(rows, fh, fields=fields)
 
 
 def write_lines(lines: Iterable[str], output: Path | None, protect: Iterable[Path] = ()) -> int:
@@ -270,12 +378,16 @@ def _write(lines: Iterable[str], fh: TextIO) -> int:
 
 
 def joined_rows(
-    rows: Rows, results: Iterable[ExportRow], id_column: str | None, job_id: int
+    rows: Rows,
+    results: Iterable[ExportRow],
+    id_column: str | None,
+    job_id: int,
+    fields: Fields | None = None,
 ) -> Iterator[tuple[dict[str, Any], TableRow]]:
     """Each row of ``rows`` with its request's result, streamed: the job's requests are in
     the rows' order (``batchrun build`` writes one per row), so the two are read side by side
     and each row's id (its ``id_column``, or ``row-<n>``) must be its request's custom_id."""
-    results = table_rows(results)
+    results = table_rows(results, fields)
     known: set[str] = set()
     for number, row in enumerate(rows, 1):
         if number == 1:
@@ -311,10 +423,12 @@ def joined_rows(
         )
 
 
-def _result_names(row_columns: Iterable[str]) -> list[str]:
-    """The result columns' names beside the rows' own: a clash takes a ``result_`` prefix."""
+def _result_names(row_columns: Iterable[str], fields: Fields | None = None) -> list[str]:
+    """The result columns' names beside the rows' own: a clash takes a ``result_`` prefix (a
+    field's, a ``field_`` prefix)."""
     taken = set(row_columns)
-    return [f"result_{c}" if c in taken else c for c in CSV_COLUMNS]
+    names = [f"result_{c}" if c in taken else c for c in CSV_COLUMNS]
+    return names + (fields.names([*taken, *names]) if fields is not None else [])
 
 
 def _only(joined: Iterable[tuple[dict[str, Any], TableRow]], only: str | None) -> Iterator[Any]:
@@ -332,11 +446,13 @@ def write_joined(
     id_column: str | None = None,
     only: str | None = None,
     protect: Iterable[Path] = (),
+    fields: Fields | None = None,
 ) -> int:
     """``export --rows``: one row per row of ``source`` (the rows file the job was built from),
     its columns first, then the result's (:data:`CSV_COLUMNS`), as CSV or Parquet, into
     ``output`` atomically or to standard output; how many rows. ``only``: the rows whose
-    request succeeded (``ok``) or failed for good (``failed``)."""
+    request succeeded (``ok``) or failed for good (``failed``). ``fields``: the parsed outputs'
+    fields too, as :func:`csv_lines` writes them."""
     if fmt not in ("csv", "parquet"):
         raise UsageError("--rows joins the results to the rows as a table: --format csv or parquet")
     if output is not None and output.resolve() == source.resolve():
@@ -344,34 +460,33 @@ def write_joined(
     if fmt == "parquet":
         require_parquet()
     with Rows(source) as rows:
-        joined = _only(joined_rows(rows, results, id_column, job_id), only)
+        joined = _only(joined_rows(rows, results, id_column, job_id, fields), only)
         if fmt == "csv":
-            return write_lines(_joined_csv(rows, joined), output, protect) - 1  # the header
+            lines = _joined_csv(rows, joined, fields)
+            return write_lines(lines, output, protect) - 1  # the header
         if output is None:
             if sys.stdout.isatty():
                 raise UsageError("Parquet is binary: give -o FILE, or pipe standard output")
             sys.stdout.flush()
-            written = _joined_parquet(rows, joined, sys.stdout.buffer)
+            written = _joined_parquet(rows, joined, sys.stdout.buffer, fields=fields)
             sys.stdout.buffer.flush()
             return written
         with _atomic(output, protect, binary=True) as fh:
-            return _joined_parquet(rows, joined, fh)
+            return _joined_parquet(rows, joined, fh, fields=fields)
 
 
-def _joined_csv(rows: Rows, joined: Iterator[tuple[dict[str, Any], TableRow]]) -> Iterator[str]:
+def _joined_csv(
+    rows: Rows, joined: Iterator[tuple[dict[str, Any], TableRow]], fields: Fields | None = None
+) -> Iterator[str]:
     line = _csv_record()
 
     first = next(joined, None)  # a JSONL file's columns are its first row's keys
     columns = list(rows.columns)
-    yield line([*columns, *_result_names(columns)])
+    yield line([*columns, *_result_names(columns, fields)])
     if first is None:
         return
     for row, result in itertools.chain([first], joined):
-        cid, state, text, reason, tokens_in, tokens_out, cost, error = result
-        yield line(
-            [*(text_of(row.get(c)) for c in columns),
-             cid, state, text, reason or "", tokens_in, tokens_out, format_exact(cost), error or ""]
-        )  # fmt: skip
+        yield line([*(text_of(row.get(c)) for c in columns), *_csv_cells(result)])
 
 
 def _joined_parquet(
@@ -379,17 +494,19 @@ def _joined_parquet(
     joined: Iterator[tuple[dict[str, Any], TableRow]],
     fh: IO[bytes],
     batch_rows: int = PARQUET_BATCH_ROWS,
+    fields: Fields | None = None,
 ) -> int:
     """The joined table as Parquet in record batches: a Parquet file's columns keep their
     types, a CSV's or JSONL's are strings; the result columns as in the Parquet export."""
     pa, pq = _pyarrow()
     first = next(joined, None)  # a JSONL file's columns are its first row's keys
     columns = list(rows.columns)
-    fields = [pa.field(c, rows.types.get(c, pa.string())) for c in columns]
+    row_fields = [pa.field(c, rows.types.get(c, pa.string())) for c in columns]
     result_fields = [
-        f.with_name(name) for f, name in zip(parquet_schema(), _result_names(columns), strict=True)
+        f.with_name(name)
+        for f, name in zip(parquet_schema(fields), _result_names(columns, fields), strict=True)
     ]
-    schema = pa.schema([*fields, *result_fields])
+    schema = pa.schema([*row_fields, *result_fields])
     native = {c for c in columns if c in rows.types}
     cost = len(columns) + CSV_COLUMNS.index("cost_usd")
     n = 0
@@ -399,6 +516,9 @@ def _joined_parquet(
         def flush() -> None:
             values = [list(c) for c in zip(*batch, strict=True)] or [[] for _ in schema]
             values[cost] = [pico_to_decimal(p) for p in values[cost]]
+            if fields is not None:
+                for k, kind in enumerate(fields.kinds, len(columns) + _BASE):
+                    values[k] = [_typed(v, kind) for v in values[k]]
             arrays = [pa.array(v, type=f.type) for v, f in zip(values, schema, strict=True)]
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             batch.clear()

@@ -22,8 +22,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import __version__
+from .budgets import describe
 from .money import PICO_PER_USD, format_money, format_usd
-from .report import status_json
+from .report import budget_lines, calibration_lines, projected_text, status_json
 from .store import JobStatus
 
 if TYPE_CHECKING:
@@ -46,8 +47,17 @@ _HEIGHT = "380px"
 _DOLLARS = {"tickprefix": "$", "tickformat": ",.6~f"}  # $0.0005, not 500µ
 
 
-def render(status: JobStatus, timeline: Timeline, *, db: str, generated_at: float) -> str:
-    """The whole page, as text."""
+def render(
+    status: JobStatus,
+    timeline: Timeline,
+    *,
+    db: str,
+    generated_at: float,
+    budgets: list[tuple[Any, dict[int, str], list[tuple[int, float, int]]]] | None = None,
+    projections: list[tuple[float, Any]] | None = None,
+) -> str:
+    """The whole page, as text. ``budgets``: what ``Job.budget_spend`` gives, for a chart of
+    each budget's period (the jobs drawing on it, stacked, against its limit)."""
     headline = status_json(status)
     figures = {
         "chart-spend": _spend(status, timeline),
@@ -56,8 +66,16 @@ def render(status: JobStatus, timeline: Timeline, *, db: str, generated_at: floa
         "chart-errors": _errors(timeline),
         "chart-cost": _cost(status),
     }
+    charts = list(CHARTS)
+    if projections:
+        figures["chart-projection"] = _projection(status, projections)
+        charts.insert(1, ("chart-projection", "What the job will cost, as projected over time"))
+    for k, (books, draws, spend) in enumerate(budgets or []):
+        div_id = f"chart-budget-{k}"
+        figures[div_id] = _budget(books, draws, spend)
+        charts.append((div_id, f"Budget {books.budget.name}: this period, every job"))
     sections = []
-    for i, (div_id, heading) in enumerate(CHARTS):
+    for i, (div_id, heading) in enumerate(charts):
         chart = figures[div_id].to_html(
             full_html=False,
             include_plotlyjs=i == 0,  # plotly.js inlined once, before the first chart
@@ -68,7 +86,7 @@ def render(status: JobStatus, timeline: Timeline, *, db: str, generated_at: floa
         )
         sections.append(
             f'<section class="chart"><h2>{html.escape(heading)}</h2>'
-            f'<p class="explain">{_EXPLAIN[div_id]}</p>{chart}</section>'
+            f'<p class="explain">{_EXPLAIN.get(div_id, _BUDGET_EXPLAIN)}</p>{chart}</section>'
         )
     job = status.job
     title = f"batchrun report: job {job.id} ({job.path})"
@@ -167,6 +185,76 @@ def _spend(status: JobStatus, t: Timeline) -> go.Figure:
             yref="paper", x=0, y=1, xanchor="left", yanchor="bottom", font={"color": "#d62728"},
         )  # fmt: skip
     return _layout(fig, title, b, yaxis=yaxis)
+
+
+_BUDGET_EXPLAIN = (
+    "What every job drawing on the budget has booked in its current period (settled costs and "
+    "unknown outcomes at worst case), stacked, against the budget's limit."
+)
+
+
+def _budget(books: Any, draws: dict[int, str], spend: list[tuple[int, float, int]]) -> go.Figure:
+    limit = books.budget.amount_pico
+    title = describe(books)
+    fig = go.Figure()
+    if not spend:
+        return _nothing(_layout(fig, title, None), "nothing booked in this period yet")
+    times = sorted({t for _, t, _ in spend})
+    start = [books.period.start] if books.period.start else [times[0]]
+    for job_id in sorted({j for j, _, _ in spend}):
+        booked = {t: a for j, t, a in spend if j == job_id}
+        total, ys = 0, [0]
+        for t in times:
+            total += booked.get(t, 0)
+            ys.append(total)
+        fig.add_scatter(
+            x=[_local(t) for t in start + times], y=[_usd(p) for p in ys], mode="lines",
+            stackgroup="jobs", name=f"job {job_id} ({draws.get(job_id, '?')})",
+            customdata=[format_usd(p) for p in ys], hovertemplate="%{customdata}",
+        )  # fmt: skip
+    edges = [_local(start[0]), _local(times[-1])]
+    fig.add_scatter(
+        x=edges, y=[_usd(limit)] * 2, name=f"limit {format_money(limit)}", mode="lines",
+        line={"color": "#d62728", "dash": "dash", "width": 2},
+        hovertemplate=f"limit {format_money(limit)}",
+    )  # fmt: skip
+    yaxis: dict[str, Any] = {"title": {"text": "USD"}, "rangemode": "tozero", **_DOLLARS}
+    fig.update_xaxes(type="date")
+    return _layout(fig, title, None, yaxis=yaxis)
+
+
+def _projection(status: JobStatus, series: list[tuple[float, Any]]) -> go.Figure:
+    batch = bool(status.batches)
+    x = [_local(t) for t, _ in series]
+    ranges = [p.lane(batch) for _, p in series]
+    last = ranges[-1]
+    title = f"Projected {format_usd(last.total_pico)} ({format_usd(last.low_pico)}-" + (
+        f"{format_usd(last.high_pico)}) at {'Batch API' if batch else 'synchronous'} prices"
+    )
+    fig = go.Figure()
+    fig.add_scatter(
+        x=x, y=[_usd(r.high_pico) for r in ranges], mode="lines", line={"width": 0},
+        name="95% interval, high", showlegend=False, hoverinfo="skip",
+    )  # fmt: skip
+    fig.add_scatter(
+        x=x, y=[_usd(r.low_pico) for r in ranges], mode="lines", line={"width": 0},
+        fill="tonexty", fillcolor="rgba(31,119,180,0.2)", name="95% interval",
+        customdata=[f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}" for r in ranges],
+        hovertemplate="%{customdata}",
+    )  # fmt: skip
+    fig.add_scatter(
+        x=x, y=[_usd(r.total_pico) for r in ranges], mode="lines+markers", name="projected",
+        line={"color": "#1f77b4", "width": 2.5},
+        customdata=[format_usd(r.total_pico) for r in ranges], hovertemplate="%{customdata}",
+    )  # fmt: skip
+    spent = status.spend.settled_pico
+    fig.add_scatter(
+        x=[x[0], x[-1]], y=[_usd(spent)] * 2, mode="lines", name=f"spent {format_usd(spent)}",
+        line={"color": "#2ca02c", "dash": "dash"}, hovertemplate=f"spent {format_usd(spent)}",
+    )  # fmt: skip
+    fig.update_xaxes(type="date")
+    yaxis: dict[str, Any] = {"title": {"text": "USD"}, "rangemode": "tozero", **_DOLLARS}
+    return _layout(fig, title, None, yaxis=yaxis)
 
 
 def _throughput(t: Timeline) -> go.Figure:
@@ -300,6 +388,9 @@ _EXPLAIN = {
     "time bucket; the title gives them over the whole job. Failed attempts are left out.",
     "chart-errors": "Attempts that did not get a usable answer, by kind, per time bucket. "
     "Retried ones are included: a request can fail several times and still succeed.",
+    "chart-projection": "The projected total of the whole job (and its 95% interval) from the "
+    "results in at each moment: a ratio estimator per model and output-limit stratum (see "
+    "`batchrun price --sample`). It closes in on what was spent as results come in.",
     "chart-cost": "What the finished requests cost, per model (reused results excluded), and "
     "what was charged at worst case for requests whose outcome is unknown.",
 }
@@ -361,6 +452,14 @@ def _cards(status: JobStatus, t: Timeline) -> str:
                 ),
             )
         )
+    if status.projection is not None and states.get("pending", 0) + states.get("reserved", 0):
+        cards.append(("projected", projected_text(status), "the job's total, from the results in"))
+    for line in calibration_lines(status):
+        model, _, how = line.partition(": ")
+        cards.append(("counting", model, how))
+    for line in budget_lines(status):
+        name, _, how = line.partition(": ")
+        cards.append(("budget", name, how))
     if t.latency_overall is not None:
         v = t.latency_overall.values
         cards.append(("latency", f"p50 {v[50]:,} ms", f"p90 {v[90]:,} ms · p99 {v[99]:,} ms"))

@@ -33,8 +33,8 @@ NARROW = 80  # columns: below this the bar is dropped, never the spend, the cap 
 
 # Which fields of the progress line go first when the terminal is too narrow for all of them.
 _DROP_ORDER = (
-    "limited", "retries", "tokens", "ok", "speed", "paused", "eta", "spend:short", "failed",
-    "done",
+    "limited", "retries", "tokens", "ok", "speed", "projected", "paused", "eta", "spend:short",
+    "failed", "done",
 )  # fmt: skip
 _SLOW_LIMIT = 600.0  # seconds: a run the limits hold to at least this long is told so
 _BAR = 22  # columns the bar takes in front of the line ("{bar:20}| ")
@@ -116,6 +116,13 @@ class Progress:
             return f"ETA {_clock(left / limit)} at the limit"
         return "ETA ?"
 
+    def _projected(self) -> str:
+        p = self.stats.projected
+        if p is None:
+            return ""
+        total, low, high = p
+        return f"projected {format_money(total)} ({format_money(low)}-{format_money(high)})"
+
     def _say_limit(self) -> None:
         """Once: what the rate limits make of the time left, when they make it long."""
         limit = self.stats.limit_rate
@@ -144,6 +151,7 @@ class Progress:
             "speed": f"{rate:,.1f} req/s" if rate is not None else "- req/s",
             "eta": self._eta(left, rate),
             "spend": f"spend {format_money(s.settled_pico)} of {format_money(s.cap_pico)}",
+            "projected": self._projected(),
             "tokens": f"{tpm:,.0f} tok/min" if tpm is not None else "- tok/min",
             "retries": f"{s.retries:,} retries",
             "limited": f"{s.rate_limited:,} rate-limited",

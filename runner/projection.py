@@ -236,9 +236,10 @@ def _key(a: str, b: str) -> str:
     return "".join(sorted((a, b), key=_COLUMNS.index))
 
 
-def project(store: Store, job_id: int, table: PriceTable) -> Projection:
-    """The job's projected total from its results so far (see the module's docstring)."""
-    strata = store.model_samples(job_id, open_from(store, job_id, table))
+def project(store: Store, job_id: int, table: PriceTable, until: float | None = None) -> Projection:
+    """The job's projected total from its results so far (see the module's docstring), or
+    from those finished by ``until`` (epoch seconds): what a projection said then."""
+    strata = store.model_samples(job_id, open_from(store, job_id, table), until)
     sync: dict[str, list[_Estimate]] = {}
     batch: dict[str, list[_Estimate]] = {}
     sums: dict[str, list[int]] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 from .budgets import BudgetBooks, JobDraw, describe, iso
 from .calibration import PPM
+from .deadline import DeadlinePlan
 from .endpoints import BATCH_WINDOW
 from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
@@ -410,6 +411,8 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "reused": s.reused,
         "reused_usd": format_exact(s.reused_pico),
         "usage_missing": s.usage_missing,
+        "outputs_not_json": s.outputs_not_json,
+        "outputs_mismatch": s.outputs_mismatch,
         "unpriced_models": s.unpriced_models,
         "unpriced_tiers": s.unpriced_tiers,
         "by_model": {m: _group_json(g) for m, g in s.by_model.items()},
@@ -609,6 +612,9 @@ def format_status(s: JobStatus) -> str:
             f"  failed     {failed:,} request(s) failed for good: `batchrun status --job {j.id} "
             f"--failed` lists them; `batchrun run --job {j.id} --retry-failed` sends them again"
         )
+    invalid = invalid_outputs_line(s)
+    if invalid:
+        lines.append(f"  outputs    {invalid}")
     if s.runners:
         live = len(_live(s))
         gone = len(s.runners) - live
@@ -619,6 +625,23 @@ def format_status(s: JobStatus) -> str:
     if s.batches:
         lines.extend(_batch_lines(s.batches))
     return "\n".join(lines)
+
+
+def invalid_outputs_line(s: JobStatus) -> str | None:
+    """``status``: the results whose outputs are not the JSON their requests asked for, and how
+    to send them again (they were billed: sending them again is paid again)."""
+    parts = []
+    if s.outputs_mismatch:
+        parts.append(f"{s.outputs_mismatch:,} output(s) do not match their JSON schema")
+    if s.outputs_not_json:
+        parts.append(f"{s.outputs_not_json:,} output(s) are not JSON")
+    if not parts:
+        return None
+    return (
+        f"{' and '.join(parts)} (billed, kept as results; their reasons are in the export's "
+        f"error column): `batchrun run --job {s.job.id} --retry-failed --invalid` sends them "
+        "again, paid again"
+    )
 
 
 def _runner_line(r: RunnerInfo) -> str:
@@ -808,3 +831,88 @@ def budget_lines(s: JobStatus) -> list[str]:
         + (f" (+{format_money(d.reserved_pico)} reserved)" if d.reserved_pico else "")
         for b, d in s.budgets
     ]
+
+
+def format_deadline_plan(plan: DeadlinePlan) -> str:
+    """The ``--deadline`` plan, as ``run --via auto`` shows it before sending and ``price
+    --deadline`` prints it: what goes where, by when, and the cost range."""
+    from .deadline import clock_text, span
+
+    now = plan.now
+    lines = [
+        f"deadline {plan.spec + ': ' if plan.spec else ''}{clock_text(plan.deadline, now)}; "
+        f"{plan.requests:,} request(s) not yet finished",
+        f"  all by batch (Batch API prices): {format_usd(plan.batch_floor_pico)} floor, "
+        f"{format_usd(plan.batch_worst_pico)} worst case; the Batch API promises only "
+        f"{BATCH_WINDOW}",
+        f"  all sync (standard prices):      {format_usd(plan.sync_floor_pico)} floor, "
+        f"{format_usd(plan.sync_worst_pico)} worst case",
+        f"  cost range: {format_usd(plan.batch_floor_pico)} (all by batch, at floor) .. "
+        f"{format_usd(plan.sync_worst_pico)} (all sync, at worst case)",
+        f"  rate limits: {plan.limits.describe()}",
+    ]
+    if plan.tail_seconds is None:
+        lines.append(
+            "  sync tail: unknown until a rate limit is known (give --rpm/--tpm, or the run "
+            "learns them from one synchronous request first)"
+        )
+        return "\n".join(lines)
+    assert plan.planned is not None and plan.latest_switch is not None
+    lines.append(
+        f"  sync tail at the limits: {span(plan.tail_seconds)}; planned "
+        f"{span(plan.planned)} ({plan.margin:.0%} margin for retries and 429s, plus "
+        f"{plan.slack:g} s)"
+    )
+    if plan.feasible is False:
+        lines.append(
+            f"  the deadline cannot be met even all sync at the limits: the "
+            f"{plan.requests:,} request(s) need {span(plan.tail_seconds)}, and "
+            f"{span(max(0.0, plan.deadline - now))} are left; the run goes all sync at once, "
+            "as fast as it can"
+        )
+    elif plan.latest_switch <= now:
+        lines.append(
+            "  latest switch: now (the margin leaves the batches no time): all sync at once"
+        )
+    else:
+        lines.append(
+            f"  latest switch: {clock_text(plan.latest_switch, now)}: batches still open then "
+            "are cancelled (what they finished is kept, billed at batch prices) and the rest "
+            "goes sync; batches that finish sooner finish the job at half price"
+        )
+    return "\n".join(lines)
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
+def deadline_plan_json(plan: DeadlinePlan) -> dict[str, Any]:
+    """The ``--deadline`` plan for ``--json`` (exact dollar strings, epoch seconds)."""
+    return {
+        "deadline": plan.deadline,
+        "deadline_iso": _iso(plan.deadline),
+        "spec": plan.spec or None,
+        "now": plan.now,
+        "requests": plan.requests,
+        "tokens": plan.weight,
+        "batch": {
+            "floor_usd": format_exact(plan.batch_floor_pico),
+            "worst_usd": format_exact(plan.batch_worst_pico),
+        },
+        "sync": {
+            "floor_usd": format_exact(plan.sync_floor_pico),
+            "worst_usd": format_exact(plan.sync_worst_pico),
+        },
+        "cost_range_usd": [format_exact(plan.batch_floor_pico), format_exact(plan.sync_worst_pico)],
+        "limits": {"rpm": plan.limits.rpm, "tpm": plan.limits.tpm, "source": plan.limits.source},
+        "sync_tail_seconds": plan.tail_seconds,
+        "planned_seconds": plan.planned,
+        "margin": plan.margin,
+        "slack_seconds": plan.slack,
+        "latest_switch": plan.latest_switch,
+        "latest_switch_iso": _iso(plan.latest_switch),
+        "feasible": plan.feasible,
+    }

@@ -14,12 +14,14 @@ import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from .budgets import NO_BUDGET, THIS_PERIOD, Budget, BudgetBooks, Clock, describe
+from .deadline import DeadlinePlan
 from .engine import (
     Backend,
     Books,
@@ -43,7 +45,7 @@ from .plan import (
 )
 from .pricing import PriceTable, load_price_table, tier_of_json
 from .progress import Reading
-from .report import format_estimate, projected_text
+from .report import format_deadline_plan, format_estimate, projected_text
 from .sampling import Drawn
 from .settings import RunSettings
 from .store import Job, JobStatus, Store, open_store
@@ -224,6 +226,9 @@ def _draw_sample(
     return drawn, job
 
 
+PROJECT_EVERY = 15.0  # seconds between the projections a run's progress line shows
+
+
 def _projected(
     store: Store, job: Job, table: PriceTable, settings: RunSettings
 ) -> tuple[int, int, int] | None:
@@ -235,6 +240,17 @@ def _projected(
         return None
     lane = projection.lane(settings.via == "batch")
     return lane.total_pico, lane.low_pico, lane.high_pico
+
+
+async def _projecting(
+    store: Store, job: Job, table: PriceTable, settings: RunSettings, stats: RunStats
+) -> None:
+    """Keep ``stats.projected`` (what the progress line shows) learning from the results in:
+    every ``PROJECT_EVERY`` seconds, read off the event loop (a few aggregate queries)."""
+    while True:
+        await asyncio.sleep(PROJECT_EVERY)
+        with contextlib.suppress(Exception):  # a projection is a courtesy, never a failure
+            stats.projected = await asyncio.to_thread(_projected, store, job, table, settings)
 
 
 def find_job(
@@ -465,6 +481,58 @@ def estimate(
     )
 
 
+def _job_deadline(
+    store: Store, job: Job, runner: _Runner, settings: RunSettings, clock: Clock | None
+) -> RunSettings:
+    """The settings with the deadline in epoch seconds. A duration counts from the first run
+    that gave it (recorded in the job), so the same command resumes against the same
+    deadline; an ISO time is the same in every run."""
+    from .deadline import DEADLINE_EVENT, is_relative, resolve
+    from .store import EventRecord, Outcomes
+
+    spec = settings.deadline.spec
+    if spec is None:
+        return settings
+    if settings.via != "auto":
+        raise UsageError("--deadline plans across both APIs: run it with --via auto")
+    now = (clock or time.time)()
+    at = None
+    if is_relative(spec):
+        found = store.last_event(job.id, DEADLINE_EVENT)
+        if found is not None and found[1] and found[1].rpartition("|")[0] == spec:
+            at = float(found[1].rpartition("|")[2])
+    if at is None:
+        at = resolve(spec, now)
+        store.record(runner.id, Outcomes(events=[EventRecord(now, DEADLINE_EVENT, 0.0,
+                                                             f"{spec}|{at!r}")]))  # fmt: skip
+    return replace(settings, deadline=replace(settings.deadline, at=at))
+
+
+def deadline_plan(
+    store: Store, job: Job, table: PriceTable, settings: RunSettings, clock: Clock | None = None
+) -> DeadlinePlan:
+    """The deadline's plan for the job's requests not yet finished (``run`` shows it before
+    sending), at the limits given (the learned ones are known only once a request is sent)."""
+    from .deadline import TailLimits, make_plan
+
+    states = store.state_counts(job.id)
+    left = states.get("pending", 0) + states.get("reserved", 0)
+    share = left / job.requests if job.requests else 0.0
+    weight = int((job.input_tokens + job.output_limit_tokens) * share)
+    batch_floor, batch_worst = _batch_bounds(store, job, table)
+    limits = settings.limits
+    tail = TailLimits(limits.rpm, limits.tpm, "given" if limits.rpm or limits.tpm else "unknown")
+    return make_plan(
+        settings.deadline,
+        (clock or time.time)(),
+        left,
+        weight,
+        tail,
+        (int(batch_floor * share), int(batch_worst * share)),
+        (int(job.floor_pico * share), int(job.worst_pico * share)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Conclusion:
     """How a run ends for the user: its outcome, how many requests failed for good, and,
@@ -552,6 +620,22 @@ def budget_message(books: BudgetBooks, pending: int) -> str:
     )
 
 
+def _requeue_invalid(store: Store, job: Job, settings: RunSettings) -> str:
+    """``--retry-failed --invalid``: queue the results whose outputs were not the JSON their
+    requests asked for, and say that they were billed and will be paid again."""
+    codes = settings.retry_failed or frozenset()
+    again = store.requeue_invalid(job.id, codes)
+    if not again.requests:
+        return "no result had an output that does not parse or match its JSON schema (--invalid)"
+    worst = again.batch_worst_pico if settings.via == "batch" else again.worst_pico
+    return (
+        f"{again.requests:,} request(s) whose outputs did not parse or match their JSON schema "
+        f"queued again (--invalid): they were billed {format_usd(again.billed_pico)} already "
+        f"(kept in the spend) and will be paid again, up to {format_usd(worst)} at worst case "
+        "(in the estimate above, under the same cap)"
+    )
+
+
 async def run_job(
     settings: RunSettings,
     echo: Echo,
@@ -590,6 +674,8 @@ async def run_job(
             n = store.requeue_failed(job.id, settings.retry_failed)
             which = ", ".join(sorted(settings.retry_failed)) or "any error"
             notes.append(f"{n:,} failed request(s) ({which}) queued again")
+            if settings.retry_invalid:
+                notes.append(_requeue_invalid(store, job, settings))
         fingerprint = table.fingerprint()
         if job.prices_fingerprint != fingerprint:
             n, before, after = store.reprice(job.id, _rates(table), fingerprint, tier_of_json)
@@ -620,6 +706,7 @@ async def run_job(
         orphans = store.recover(job.id, runner.host, process_alive)
         if budget is not None and drawn is None:
             notes.insert(0, budget_line(store, job, budget, settings))
+        settings = _job_deadline(store, job, runner, settings, clock)
         est = estimate(store, job, plan, table, settings, orphans)
         if drawn is not None:
             est = replace(
@@ -629,7 +716,10 @@ async def run_job(
             est = replace(est, projected=_projected(store, job, table, settings))
         if budget is not None and drawn is None:
             est = _with_budget(store, job, est, budget, settings)
-        echo("\n".join([format_estimate(est, plan, table, settings.limits), *notes]))
+        shown = [format_estimate(est, plan, table, settings.limits), *notes]
+        if settings.deadline.at is not None:
+            shown.append(format_deadline_plan(deadline_plan(store, job, table, settings, clock)))
+        echo("\n".join(shown))
         if confirm is not None and not confirm(est):
             raise Declined(
                 f"nothing sent; the job is job {job.id} in {store.name}: run the same command "
@@ -640,7 +730,7 @@ async def run_job(
         store.heartbeat(runner.id, settings.stopping.heartbeat_ttl, 0)
         report = await _drive(
             store, job, table, settings, runner.id, signals, api_key, stop, display,
-            drawn.pending if drawn is not None else None,
+            drawn.pending if drawn is not None else None, clock=clock,
         )  # fmt: skip
         if drawn is not None and report.outcome is RunOutcome.COMPLETE:
             report = replace(report, outcome=RunOutcome.SAMPLED)
@@ -723,6 +813,8 @@ async def _drive(
     stop: StopEvent | None,
     display: Display,
     only: frozenset[int] | None = None,
+    *,
+    clock: Clock | None = None,
 ) -> RunReport:
     from .backends.sync import SyncBackend
     from .governor import Governor
@@ -756,6 +848,23 @@ async def _drive(
         from .backends.batch import BatchBackend
 
         backend = BatchBackend(transport, settings.batching, settings.retry, settings.seed)
+    elif settings.via == "auto":
+        from .backends.auto import AutoBackend
+        from .backends.batch import BatchBackend
+
+        backend = AutoBackend(
+            BatchBackend(transport, settings.batching, settings.retry, settings.seed, lane=True),
+            SyncBackend(
+                transport,
+                Governor(settings.limits.rpm, settings.limits.tpm),
+                settings.limits,
+                settings.retry,
+                settings.seed,
+            ),
+            settings.deadline,
+            settings.limits,
+            clock or time.time,
+        )
     else:
         backend = SyncBackend(
             transport,
@@ -785,6 +894,7 @@ async def _drive(
     for sig in signals:
         loop.add_signal_handler(sig, control.interrupt, int(sig), sig.name)
     watching = asyncio.create_task(_watch_stop(stop, control)) if stop is not None else None
+    projecting = asyncio.create_task(_projecting(store, job, table, settings, books.stats))
     progress.start()
     running = asyncio.create_task(engine.run())
     try:
@@ -803,6 +913,7 @@ async def _drive(
     finally:
         if watching is not None:
             watching.cancel()
+        projecting.cancel()
         await progress.close()
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -61,6 +61,22 @@ class Batching:
 
 
 @dataclass(frozen=True, slots=True)
+class Deadline:
+    """``--via auto --deadline WHEN``: the cheapest finish by WHEN. The Batch API takes the
+    job first; the open batches are cancelled (and the rest sent synchronously) once the time
+    left comes down to what the requests not yet finished need through the synchronous API at
+    the rate limits, planned ``1 + margin`` times longer, plus ``slack`` seconds."""
+
+    spec: str | None = None  # as given: an ISO time, or a duration ("8h", "90s"); None: none
+    at: float | None = None  # the deadline in epoch seconds (a duration counts from the run
+    # that first gave it: the same command resumes against the same deadline)
+    margin: float = 0.25  # the sync tail's time at the limits, planned this share longer
+    # (retries, 429s, a limit shared with other work)
+    slack: float = 15.0  # seconds on top: cancelling the batches, the last requests' latency
+    tick: float = 1.0  # seconds between two looks at the plan while batches run
+
+
+@dataclass(frozen=True, slots=True)
 class Stopping:
     """How a run ends and how runners watch each other."""
 
@@ -95,9 +111,15 @@ class RunSettings:
     db: str = DEFAULT_DB
     job_id: int | None = None
     prices: Path | None = None
-    via: str = "sync"  # "sync": the worker pool; "batch": the OpenAI Batch API
+    # "sync": the worker pool; "batch": the OpenAI Batch API; "auto": the Batch API first,
+    # then the worker pool for what the batches did not finish (or by ``deadline``)
+    via: str = "sync"
+    deadline: Deadline = field(default_factory=Deadline)
     reuse: bool = True  # copy results of unchanged rows from the job the file replaced
     retry_failed: frozenset[str] | None = None  # error codes to retry; empty set: every failure
+    # With ``retry_failed``: also queue the results whose outputs were not the JSON their
+    # requests asked for (billed: sent again, they are paid again).
+    retry_invalid: bool = False
     allow_unbounded: bool = False
     # Stop the run (in order) at a response naming a model, or reporting a service tier, that
     # the price table has no prices for; by default it is booked at worst case and counted.

@@ -249,7 +249,7 @@ async def test_cancel_records_the_partial_results_and_the_rest_runs_later(
 def test_run_help_documents_the_batch_options() -> None:
     out = batchrun("run", "--help")
     assert out.returncode == 0
-    for option in ("--via [sync|batch]", "--batch-requests", "--poll-interval",
+    for option in ("--via [sync|batch|auto]", "--batch-requests", "--poll-interval",
                    "--batch-queue-tokens"):  # fmt: skip
         assert option in out.stdout
     cancel = batchrun("cancel", "--help")

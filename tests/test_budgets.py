@@ -669,3 +669,28 @@ async def test_status_shows_the_budget_a_job_draws_on(
     (shown,) = json.loads(out)["jobs"][0]["budgets"]
     assert shown["name"] == "team" and shown["job_spent_usd"] == shown["spent_usd"]
     assert Decimal(shown["spent_usd"]) == pico_to_decimal(_billed(sim))
+
+
+async def test_the_report_charts_the_period_of_each_budget_with_every_job_stacked(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    import runner
+    from runner.htmlreport import render
+
+    sim = make_simulator()
+    db = tmp_path / "b.db"
+    with _Opened(db) as s:
+        s.set_budget("team", usd_to_pico("0.004"), per="month")
+    for n, name in ((60, "a.jsonl"), (80, "b.jsonl")):
+        write_job(tmp_path / name, n, seed=n)
+        await _run(tmp_path / name, db, sim, budget="team")
+    with runner.Database(db, readonly=True) as database:
+        job = database.job(2)
+        budgets = job.budget_spend()
+        page = render(job.summary(), job.timeline(), db=str(db), generated_at=0.0, budgets=budgets)
+    ((books, draws, spend),) = budgets
+    assert books.budget.name == "team" and set(draws) == {1, 2}
+    assert sum(a for _, _, a in spend) == books.settled_pico == _billed(sim)
+    chart = page.split('id="chart-budget-0"', 1)[1].split("</script>", 1)[0]
+    assert "job 1 (" in chart and "job 2 (" in chart and "limit $0.004" in chart
+    assert "Budget team: this period, every job" in page

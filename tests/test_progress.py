@@ -79,6 +79,7 @@ def _busy(monkeypatch: pytest.MonkeyPatch) -> Progress:
     stats.failed, stats.retries, stats.rate_limited = 12_345, 67_890, 123_456
     stats.settled_pico = usd_to_pico("4321.98")
     stats.paused_for = 42.0
+    stats.projected = (usd_to_pico("9000"), usd_to_pico("8500"), usd_to_pico("9600"))
     return bar
 
 
@@ -89,12 +90,16 @@ def test_the_line_fits_every_width_dropping_fields_in_order_spend_and_cap_last(
     bar = _busy(monkeypatch)
     full = bar.line()
     assert len(full) > 140  # every width below drops something
+    assert "projected $9,000.00 ($8,500.00-$9,600.00)" in full
     line = bar.line(width)
     assert len(line) <= width
     assert "$4,321.98 of $12,500.00" in line  # the spend and the cap stay
     if width >= 60:  # at 40 these huge counts go too, before the spend and the cap
         assert "12,345 failed" in line and "412,419/1,250,000" in line
-    order = ["rate-limited", "retries", "tok/min", "ok,", "req/s", "paused", "ETA", "failed", "/"]
+    order = [
+        "rate-limited", "retries", "tok/min", "ok,", "req/s", "projected", "paused", "ETA",
+        "failed", "/",
+    ]  # fmt: skip
     kept = [piece in line for piece in order]
     assert kept == sorted(kept), f"a field went before one that drops first: {line!r}"
     # A wider terminal never shows less.

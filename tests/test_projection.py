@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from runner.pricing import load_price_table
 from runner.projection import _t
 from runner.report import confirm_question, format_status, status_json
 from runner.sampling import allocate, draw, weights
-from runner.settings import RunSettings, Sample, Transport
+from runner.settings import Limits, RunSettings, Sample, Transport
 from runner.simulator import SimConfig, SimulatorThread
 from runner.store import open_store
 
@@ -252,3 +253,80 @@ def test_price_sample_refuses_what_it_cannot_do_with_exit_2(
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert not db.exists() or "requests" not in r.stdout  # nothing imported, nothing sent
+
+
+async def test_the_projection_keeps_learning_during_the_run(
+    tmp_path: Path, make_simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress line's projected total comes from the results in, read off the loop."""
+    from runner import run as run_module
+
+    monkeypatch.setattr(run_module, "PROJECT_EVERY", 0.05)
+    sim = make_simulator(output_share=0.3, latency_ms=20)
+    job = tmp_path / "job.jsonl"
+    write_shaped_job(job, 300, "summaries")
+    seen: list[tuple[int, int, int]] = []
+
+    def progress(stats: object) -> None:
+        projected = getattr(stats, "projected", None)
+        if projected is not None:
+            seen.append(projected)
+
+    settings = replace(
+        _settings(sim, tmp_path / "b.db", jobfile=job, limits=Limits(rpm=3000)),
+        cap_pico=usd_to_pico("5"),
+    )
+    result = await runner.run_with(settings, api_key=TEST_KEY, progress=progress)
+    assert result.status["by_state"] == {"done": 300}
+    assert seen, "no projection was shown during the run"
+    total, low, high = seen[-1]
+    assert low <= total <= high
+    bill = sim.ledger_snapshot()["billed_pico"]
+    assert low <= bill * 1.5 and high >= bill / 1.5  # in the neighbourhood of the actual
+
+
+async def test_the_report_shows_the_projection_of_a_sampled_job(
+    tmp_path: Path, make_simulator
+) -> None:
+    from runner.htmlreport import render
+
+    sim = make_simulator(output_share=0.3)
+    job = tmp_path / "job.jsonl"
+    write_shaped_job(job, 200, "labels")
+    db = tmp_path / "b.db"
+    await runner.sample_with(
+        _settings(sim, db, jobfile=job, sample=Sample(size=30, seed=2)), api_key=TEST_KEY
+    )
+    with runner.Database(db, readonly=True) as database:
+        record = database.job(1)
+        summary, timeline = record.summary(), record.timeline()
+    page = render(summary, timeline, db=str(db), generated_at=0.0)
+    card = page.split('data-card="projected"', 1)[1].split("</div></div>", 1)[0]
+    assert "95%)" in card and "from the results in" in card
+
+
+async def test_the_report_draws_the_projection_over_time_closing_in_on_the_spend(
+    tmp_path: Path, make_simulator
+) -> None:
+    from runner.htmlreport import render
+
+    sim = make_simulator(output_share=0.3, latency_ms=5)
+    job = tmp_path / "job.jsonl"
+    write_shaped_job(job, 300, "summaries")
+    db = tmp_path / "b.db"
+    await run_in_process(job, db, sim.base_url, cap="5", limits=Limits(concurrency=8))
+    with runner.Database(db, readonly=True) as database:
+        record = database.job(1)
+        series = record.projection_over_time(points=6)
+        summary, timeline = record.summary(), record.timeline()
+    assert len(series) == 6
+    times = [t for t, _ in series]
+    assert times == sorted(times)
+    sampled = [p.sampled for _, p in series]
+    assert sampled == sorted(sampled) and sampled[-1] == 300  # more results in at each moment
+    last = series[-1][1].sync
+    assert last.low_pico == last.total_pico == last.high_pico == summary.spend.settled_pico
+    first = series[0][1].sync
+    assert first.high_pico - first.low_pico > 0  # early on it was an interval
+    page = render(summary, timeline, db=str(db), generated_at=0.0, projections=series)
+    assert 'id="chart-projection"' in page

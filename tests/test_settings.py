@@ -27,6 +27,8 @@ RUN_DEFAULTS = {
     "via": (settings.RunSettings, "via"),
     "batch_requests": (settings.Batching, "requests_per_batch"),
     "poll_interval": (settings.Batching, "poll_interval"),
+    "deadline_margin": (settings.Deadline, "margin"),
+    "deadline_slack": (settings.Deadline, "slack"),
 }
 
 
@@ -69,6 +71,7 @@ def test_the_settings_the_cli_builds_carry_the_defaults() -> None:
     assert built.transport == settings.Transport()
     assert built.stopping == settings.Stopping()
     assert built.batching == settings.Batching()
+    assert built.deadline == settings.Deadline()
     assert built.via == "sync"
 
 

@@ -79,7 +79,10 @@ class _Stop(Exception):
 
 class _Failpoints:
     """Crash-test hooks: ``BATCHRUN_KILL_AT=created:2`` SIGKILLs this process the 2nd time it
-    reaches "created". Points: uploading, uploaded, created, polled, downloading."""
+    reaches "created". Points: uploading, uploaded, created, polled, downloading; and for the
+    switch of ``--via auto --deadline``: cancelling (after each cancel call), cancelled (every
+    batch asked to cancel, before the first synchronous send), finalizing (a poll finds a
+    cancelled batch still cancelling)."""
 
     def __init__(self) -> None:
         point, _, nth = os.environ.get(_KILL_AT, "").partition(":")
@@ -173,7 +176,16 @@ class BatchBackend:
         batching: Batching,
         retry: Retry,
         seed: int | None = None,
+        *,
+        lane: bool = False,
     ) -> None:
+        # ``lane`` (``--via auto``): submit what is pending once, never again what comes back
+        # (expired, failed or cancelled lines go to the synchronous tail), and end when no
+        # batch is open; ``switch`` cancels the open batches and collects what they finished.
+        self.lane = lane
+        self._submitting = True
+        self._switching = False
+        self.cancels_sent = asyncio.Event()  # switching: every open batch was asked to cancel
         self.transport = transport
         self.client = transport.client
         self.batching = batching
@@ -237,15 +249,23 @@ class BatchBackend:
         assert control is not None
         while not control.stopping:
             await self._attach()
-            why = "cancel" if self.batching.cancel else await self._submit()
-            if self.batching.cancel:
+            cancelling = self.batching.cancel or self._switching
+            if cancelling:
+                why = "cancel"
+            elif self._submitting:
+                why = await self._submit()
+                if self.lane and why in ("exhausted", "blocked"):
+                    self._submitting = False  # what comes back goes to the synchronous tail
+            else:
+                why = "exhausted"
+            if cancelling:
                 await self._cancel_all()
             changed = await self._poll()
             self._progress(changed)
             if control.stopping:
                 break
             if not self._open:
-                if self.batching.cancel:
+                if cancelling or (self.lane and not self._submitting):
                     return RunOutcome.COMPLETE
                 if changed:
                     continue  # a batch just ended: what it handed back may be submitted again
@@ -263,6 +283,18 @@ class BatchBackend:
             await self._nap(self._interval)
             self._interval = min(self._interval * 2, self.batching.poll_interval)
         return RunOutcome.COMPLETE
+
+    def switch(self) -> None:
+        """``--via auto``: submit nothing more; cancel the open batches and record what they
+        finished (the lines they did not run go back to pending, for the synchronous tail)."""
+        self._submitting = False
+        self._switching = True
+        self._wake.set()
+
+    @property
+    def open_batches(self) -> list[BatchInfo]:
+        """What is known of the batches this backend watches (as last polled)."""
+        return list(self._open.values())
 
     async def _nap(self, seconds: float) -> None:
         """Wait, or less when the run is told to stop."""
@@ -641,6 +673,10 @@ class BatchBackend:
             else:
                 self.books.notice(f"cancelling batch {batch_id} (chunk {info.id})")
             self._cancelled.add(info.id)
+            self._fail.reach("cancelling")
+        if self._switching and not self.cancels_sent.is_set():
+            self.cancels_sent.set()
+            self._fail.reach("cancelled")
 
     async def _poll(self) -> bool:
         """Look at every open batch once; settle the ended ones. Whether anything changed."""
@@ -655,6 +691,8 @@ class BatchBackend:
                 "polling a batch", lambda b=batch_id: self.client.batches.retrieve(b)
             )
             self._fail.reach("polled")
+            if batch.status == "cancelling":
+                self._fail.reach("finalizing")
             values = self._batch_values(batch)
             if batch.status != info.status:
                 changed = True

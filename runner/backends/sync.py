@@ -223,6 +223,10 @@ class SyncBackend:
         self._control: Control | None = None
         self._failure: Exception | None = None
         self._joined = False  # the first heartbeat has been seen
+        # Most requests one run may claim (``--via auto``'s probe of the rate limits sends one);
+        # None: all it can.
+        self.most: int | None = None
+        self._claimed = 0
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -269,7 +273,10 @@ class SyncBackend:
         """Claim requests in file order while they fit under the cap, and queue them."""
         books, control = self._books, self._control
         assert books is not None and control is not None
+        self._claimed = 0
         while not control.stopping:
+            if self.most is not None and self._claimed >= self.most:
+                return RunOutcome.COMPLETE  # run() lets what is held finish
             if books.recheck:
                 await self._recheck()
                 continue
@@ -288,7 +295,10 @@ class SyncBackend:
             if idle:
                 await books.flush()
             self._left.clear()
-            claim = await books.claim(prefetch - self._ready.qsize())
+            want = prefetch - self._ready.qsize()
+            if self.most is not None:
+                want = min(want, self.most - self._claimed)
+            claim = await books.claim(want)
             if self._take(claim):
                 continue
             if claim.blocked and not idle and await books.flush() is not None:
@@ -309,7 +319,7 @@ class SyncBackend:
                 # The claim's books held reservations that are gone now (other runners
                 # settled them since, or open Batch API batches hold them): the last word is a
                 # claim against what is left.
-                claim = await books.claim(prefetch - self._ready.qsize())
+                claim = await books.claim(want)
                 if self._take(claim):
                     continue
             # Nothing of ours in flight, nothing reserved by live runners that may come back,
@@ -326,6 +336,7 @@ class SyncBackend:
         """Queue what a claim reserved; whether it reserved anything."""
         for req in claim.requests:
             self._ready.put_nowait(req)
+        self._claimed += len(claim.requests)
         return bool(claim.requests)
 
     async def _wait_left(self, timeout: float) -> None:
@@ -375,6 +386,15 @@ class SyncBackend:
             books.stats.concurrency = pool.size
             books.stats.paused_for = governor.paused_for
             await asyncio.sleep(_RESIZE_EVERY)
+
+    @property
+    def latency(self) -> float | None:
+        """The latency of an answer, as the pool has seen it (None: nothing answered yet)."""
+        return self._pool.latency
+
+    @property
+    def ceiling(self) -> int:
+        return self._pool.ceiling
 
     def on_beat(self, beat: Beat) -> None:
         self.governor.set_share(beat.share or 1.0 / max(beat.live_runners, 1))

@@ -24,6 +24,7 @@ from ..errors import UnknownTierError
 from ..pricing import Price, PriceTable
 from ..tokens import count_request
 from .config import SimConfig
+from .outputs import json_texts
 
 # Aliases the real API answers with a dated snapshot; pricing must follow the snapshot.
 _SNAPSHOTS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}
@@ -243,9 +244,10 @@ class _Answers:
         ):
             prompt += config.conversation_tokens  # the stored conversation, billed as input
         tokens = _Tokens(prompt, _cached_tokens(req.digest, req.prompt), output, reasoning)
+        texts = json_texts(req.endpoint.url, req.body, req.digest, choices, config)
         if req.endpoint is CHAT:
-            return _chat(req, sizes, tokens), tokens
-        return _response(req, tokens), tokens
+            return _chat(req, sizes, tokens, texts), tokens
+        return _response(req, tokens, texts), tokens
 
 
 def _usage(endpoint: Endpoint, tokens: _Tokens) -> dict[str, Any]:
@@ -282,19 +284,27 @@ def _embeddings(req: _Request) -> tuple[dict[str, Any], _Tokens]:
     return payload, tokens
 
 
-def _chat(req: _Request, sizes: list[int], tokens: _Tokens) -> dict[str, Any]:
+def _chat(
+    req: _Request, sizes: list[int], tokens: _Tokens, texts: list[tuple[str, bool]] | None = None
+) -> dict[str, Any]:
+    """``texts``: the choices' contents when the request asks for JSON, and whether each was
+    cut short (``outputs``)."""
     limit = req.limit
     choices: list[dict[str, Any]] = [
         {
             "index": i,
             "message": {
                 "role": "assistant",
-                "content": _text(req.digest, k - k // 2 if tokens.reasoning else k),
+                "content": texts[i][0]
+                if texts is not None
+                else _text(req.digest, k - k // 2 if tokens.reasoning else k),
                 "refusal": None,
                 "annotations": [],
             },
             "logprobs": None,
-            "finish_reason": "length" if limit is not None and k >= limit else "stop",
+            "finish_reason": "length"
+            if (texts[i][1] if texts is not None else limit is not None and k >= limit)
+            else "stop",
         }
         for i, k in enumerate(sizes)
     ]
@@ -310,9 +320,11 @@ def _chat(req: _Request, sizes: list[int], tokens: _Tokens) -> dict[str, Any]:
     }
 
 
-def _response(req: _Request, tokens: _Tokens) -> dict[str, Any]:
+def _response(
+    req: _Request, tokens: _Tokens, texts: list[tuple[str, bool]] | None = None
+) -> dict[str, Any]:
     body, limit = req.body, req.limit
-    truncated = limit is not None and tokens.output >= limit
+    truncated = texts[0][1] if texts is not None else limit is not None and tokens.output >= limit
     message = {
         "type": "message",
         "id": _new_id("msg_"),
@@ -321,7 +333,9 @@ def _response(req: _Request, tokens: _Tokens) -> dict[str, Any]:
         "content": [
             {
                 "type": "output_text",
-                "text": _text(req.digest, tokens.output - tokens.reasoning),
+                "text": texts[0][0]
+                if texts is not None
+                else _text(req.digest, tokens.output - tokens.reasoning),
                 "annotations": [],
             }
         ],

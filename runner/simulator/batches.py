@@ -77,6 +77,8 @@ class _Batch:
     error_file_id: str | None = None
     times: dict[str, int] = field(default_factory=dict)  # "<status>_at" -> unix time
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set on cancel
+    queue_s: float = 0.0  # seconds it waits in_progress before its first line runs
+    stuck: bool = False  # it never progresses: in_progress until cancelled or expired
     task: asyncio.Task[None] | None = None
 
     def enter(self, status: str) -> None:
@@ -176,12 +178,15 @@ class _Batches:
         answer_line: _AnswerLine,
         ledger: Callable[[], Ledger],
         garbled: Callable[[], bool] = lambda: False,
+        timing: Callable[[], tuple[float, bool]] = lambda: (0.0, False),
     ) -> None:
         self._config = config
         self._files = files
         self._answers = answers
         self._answer_line = answer_line
         self._garbled = garbled  # whether the next billed line is written cut short
+        self._timing = timing  # (queue delay, stuck) of the next batch to start
+        self._next_slot = 0.0  # event-loop time of the next line under a shared line rate
         self._ledger = ledger
         self._batches: dict[str, _Batch] = {}
 
@@ -336,6 +341,7 @@ class _Batches:
             batch.enter("failed")
             return False
         batch.model, batch.tokens, batch.total = checked.model, checked.tokens, checked.requests
+        batch.queue_s, batch.stuck = self._timing()
         batch.enter("in_progress")
         return True
 
@@ -343,6 +349,10 @@ class _Batches:
         """Answer every line at the configured pace until done, cancelled or expired; lines
         left unanswered go to the error file with no response. True if the batch expired."""
         loop = asyncio.get_running_loop()
+        if batch.stuck:
+            await self._pause(batch, math.inf)  # until cancelled or expired
+        elif batch.queue_s > 0:
+            await self._pause(batch, batch.queue_s)
         start = loop.time()
         done = 0
         expired = False
@@ -350,7 +360,7 @@ class _Batches:
             assert fields is not None  # validated
             unfinished = self._unfinished(batch, loop)
             if unfinished is None:
-                wait = start + done / self._config.batch_lines_per_s - loop.time()
+                wait = self._slot(start, done, loop)
                 if wait > 0.001:
                     await self._pause(batch, wait)
                     unfinished = self._unfinished(batch, loop)
@@ -381,6 +391,17 @@ class _Batches:
             batch.usage[3] += tokens.reasoning
             output.write(record, garbled=self._garbled())
         return expired
+
+    def _slot(self, start: float, done: int, loop: asyncio.AbstractEventLoop) -> float:
+        """Seconds until this batch may answer its next line: at its own pace, or (a rate
+        shared by the open batches) at the next free slot of the shared pace, taken now."""
+        shared = self._config.batch_shared_lines_per_s
+        if shared is None:
+            return start + done / self._config.batch_lines_per_s - loop.time()
+        now = loop.time()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + 1 / shared
+        return slot - now
 
     @staticmethod
     def _unfinished(batch: _Batch, loop: asyncio.AbstractEventLoop) -> str | None:

@@ -34,6 +34,8 @@ _FAULTS = (
     "slowloris",
 )
 
+QUEUE_DISTS = ("fixed", "exponential", "lognormal")  # how a batch's queue delay is drawn
+
 
 def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -115,6 +117,19 @@ class SimConfig:
     fixed_output_tokens: int | None = _setting(
         None, "Every completion is this many tokens, whatever its limit (a mock model)."
     )
+    # A request with a JSON schema (response_format / text.format json_schema) is answered
+    # with a JSON object built from its schema; JSON mode (json_object) with a small object.
+    p_output_not_json: float = _setting(
+        0.0,
+        "Share of answers to requests asking for JSON (a JSON schema, or JSON mode) whose "
+        "output is cut short and does not parse; drawn per body (the same body, the same "
+        "answer).",
+    )
+    p_output_mismatch: float = _setting(
+        0.0,
+        "Share of answers to requests with a JSON schema whose output is JSON that does not "
+        "match it (a required property missing, or one too many); drawn per body.",
+    )
     response_model: str | None = _setting(
         None,
         "Name this model in every response instead of the one requested (a proxy or router "
@@ -160,6 +175,36 @@ class SimConfig:
     batch_finalize_s: float = _setting(0.0, "Seconds a batch spends finalizing or cancelling.")
     batch_max_requests: int = _setting(50_000, "Most requests one batch input file may hold.")
     batch_max_bytes: int = _setting(200 * 1024 * 1024, "Largest batch input file, in bytes.")
+    # Batch timing: when a batch starts and how fast the Batch API works through its lines
+    batch_queue_s: float = _setting(
+        0.0,
+        "Seconds a batch waits in_progress before its first line runs (the queue delay): "
+        "exactly this, or the mean of the distribution --batch-queue-dist draws it from.",
+    )
+    batch_queue_dist: str = _setting(
+        "fixed",
+        "How each batch's queue delay is drawn around --batch-queue-s: fixed, exponential, "
+        "or lognormal (median --batch-queue-s, sigma 1); seeded by --seed.",
+    )
+    batch_shared_lines_per_s: float | None = _setting(
+        None,
+        "Batch lines processed per second across all in-progress batches together (they "
+        "share it, line by line); unset: each batch runs at --batch-lines-per-s of its own.",
+    )
+    batch_p_stuck: float = _setting(
+        0.0,
+        "Share of batches that stay in_progress without progress until they are cancelled "
+        "or expire (capacity short at the Batch API); seeded by --seed.",
+    )
+    # Flex processing (service_tier "flex")
+    flex_p_unavailable: float = _setting(
+        0.0,
+        'Share of service_tier "flex" requests answered 429 resource_unavailable (capacity '
+        "short: not billed, not counted against the rate limits).",
+    )
+    flex_latency_ms: float = _setting(
+        0.0, 'Extra service time of a service_tier "flex" request, in milliseconds.'
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,7 +233,7 @@ class SimConfig:
         probs = [getattr(self, f"p_{name}") for name in _FAULTS]
         if any(not 0 <= p <= 1 for p in probs) or sum(probs) > 1 + 1e-9:
             raise ValueError("fault probabilities must be in [0, 1] and sum to at most 1")
-        for name in ("batch_p_500", "batch_p_garbled"):
+        for name in ("batch_p_500", "batch_p_garbled", "batch_p_stuck", "flex_p_unavailable"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1]")
         for name in (
@@ -199,6 +244,8 @@ class SimConfig:
             "conversation_tokens",
             "batch_validate_s",
             "batch_finalize_s",
+            "batch_queue_s",
+            "flex_latency_ms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -208,9 +255,17 @@ class SimConfig:
             raise ValueError("input_factor must be above 0 and at most 1000")
         if self.fixed_output_tokens is not None and not 1 <= self.fixed_output_tokens <= 100_000:
             raise ValueError("fixed_output_tokens must be from 1 to 100000")
-        for name in ("batch_lines_per_s", "batch_window_s"):
-            if getattr(self, name) <= 0:
+        outputs = (self.p_output_not_json, self.p_output_mismatch)
+        if any(not 0 <= p <= 1 for p in outputs) or sum(outputs) > 1 + 1e-9:
+            raise ValueError(
+                "p_output_not_json and p_output_mismatch must be in [0, 1] and sum to at most 1"
+            )
+        for name in ("batch_lines_per_s", "batch_window_s", "batch_shared_lines_per_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.batch_queue_dist not in QUEUE_DISTS:
+            raise ValueError(f"batch_queue_dist must be one of {', '.join(QUEUE_DISTS)}")
         for name in (
             "retry_after",
             "retry_after_ms",

@@ -7,6 +7,7 @@ on does not change which requests get which fault.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -21,6 +22,8 @@ class _Dice:
         self._faults = random.Random()
         self._jitter = random.Random()
         self._batch = random.Random()
+        self._timing = random.Random()  # batch queue delays and stuck batches
+        self._flex = random.Random()
         self._seeded = seed
         self.reseed(seed)
 
@@ -28,6 +31,8 @@ class _Dice:
         self._faults.seed(seed)
         self._jitter.seed(seed + 1)
         self._batch.seed(seed + 2)
+        self._timing.seed(seed + 3)
+        self._flex.seed(seed + 4)
         self._seeded = seed
 
     def _follow(self, config: SimConfig) -> None:
@@ -57,6 +62,25 @@ class _Dice:
         """Whether the next batch line gets an injected 500."""
         self._follow(config)
         return bool(config.batch_p_500) and self._batch.random() < config.batch_p_500
+
+    def batch_timing(self, config: SimConfig) -> tuple[float, bool]:
+        """(queue delay in seconds, whether it is stuck) for the next batch to start."""
+        self._follow(config)
+        mean = config.batch_queue_s
+        if not mean or config.batch_queue_dist == "fixed":
+            delay = mean
+        elif config.batch_queue_dist == "exponential":
+            delay = self._timing.expovariate(1 / mean)
+        else:
+            delay = self._timing.lognormvariate(math.log(mean), 1.0)
+        stuck = bool(config.batch_p_stuck) and self._timing.random() < config.batch_p_stuck
+        return delay, stuck
+
+    def flex_unavailable(self, config: SimConfig) -> bool:
+        """Whether the next flex request meets a capacity 429."""
+        self._follow(config)
+        p = config.flex_p_unavailable
+        return bool(p) and self._flex.random() < p
 
     def batch_line_garbled(self, config: SimConfig) -> bool:
         """Whether the next billed batch line is written to the output file cut short."""

@@ -23,6 +23,7 @@ class Ledger:
     billed_pico: int = 0
     duplicate_bodies: int = 0  # billed bodies byte-identical to one billed before
     rate_limited: int = 0  # 429s of type requests/tokens, injected ones included
+    flex_unavailable: int = 0  # flex requests answered 429 resource_unavailable (not billed)
     status_counts: dict[str, int] = field(default_factory=dict)  # also "reset", "reset_after_bill"
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # by requested model
     batch_lines_billed: int = 0
@@ -76,6 +77,7 @@ class Ledger:
             "billed_usd": self.billed_usd,
             "duplicate_bodies": self.duplicate_bodies,
             "rate_limited": self.rate_limited,
+            "flex_unavailable": self.flex_unavailable,
             "status_counts": dict(self.status_counts),
             "by_model": {m: dict(row) for m, row in self.by_model.items()},
             "batch_lines_billed": self.batch_lines_billed,

@@ -79,6 +79,7 @@ class Simulator:
             self._answer_line,
             lambda: self.ledger,
             lambda: self._dice.batch_line_garbled(self.config),
+            lambda: self._dice.batch_timing(self.config),
         )
         self._quota: tuple[str, int] | None = None
         self._server: web.Server | None = None
@@ -280,6 +281,18 @@ class Simulator:
         except _ApiError as err:
             return self._fail(err, headers, key)
 
+        flex = req.body.get("service_tier") == "flex"
+        if flex and self._dice.flex_unavailable(config):
+            # Flex capacity is short: a 429 of its own, before the rate limits, never billed.
+            self.ledger.flex_unavailable += 1
+            unavailable = _ApiError(
+                429,
+                "Resource Unavailable: flex processing capacity is temporarily short; retry "
+                "later or send the request with service_tier 'auto'.",
+                "resource_unavailable",
+                "resource_unavailable",
+            )
+            return self._fail(unavailable, headers, key, 1.0)
         fault = self._dice.fault(config)
         if config.proxy:
             rejection = await limiter.admit_when_ready(config, req.model, req.weight)
@@ -299,6 +312,8 @@ class Simulator:
             return self._fail(limited, headers, key, rejection.retry_s)
 
         delay = self._dice.latency(config) + (config.slow_s if fault == "slow" else 0.0)
+        if flex:
+            delay += config.flex_latency_ms / 1000
         if delay > 0:
             await asyncio.sleep(delay)  # never cancelled: slow work is still billed
         if fault == "reset":

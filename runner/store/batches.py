@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import RunnerLostError
+from ..structured import format_body
 from .budgets import move_budgets
 from .claims import LIVE, ClaimsMixin, _move_books
 from .reads import ReadsMixin
@@ -226,9 +227,16 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
 
     def chunk_requests(self, chunk_id: int) -> list[PendingRequest]:
         """The requests a chunk still holds, in file order (the order of its input file's
-        lines), without their bodies (settling a result does not need them)."""
+        lines), without their bodies (settling a result does not need them): a body that asks
+        for JSON is kept as the JSON format alone (``structured.format_body``, one string per
+        distinct format), so that the outputs can be checked against it."""
+        names_json = sa.or_(
+            requests.c.body.like('%"json_schema"%'), requests.c.body.like('%"json_object"%')
+        )
+        formats: dict[str, str] = {}
+        held: list[PendingRequest] = []
         with self.reading() as conn:
-            rows = conn.execute(
+            rows = conn.execution_options(yield_per=2000).execute(
                 sa.select(
                     requests.c.id,
                     requests.c.seq,
@@ -241,27 +249,30 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
                     requests.c.attempts,
                     requests.c.line,
                     requests.c.unbounded,
+                    sa.case((names_json, requests.c.body), else_=None).label("json_body"),
                 )
                 .where(_held(chunk_id))
                 .order_by(requests.c.seq)
-            ).all()
-        return [
-            PendingRequest(
-                id=r.id,
-                seq=r.seq,
-                custom_id=r.custom_id,
-                url=r.url,
-                model=r.model,
-                body="",
-                input_tokens=r.input_tokens,
-                output_limit=r.output_limit,
-                worst_pico=int(r.reserved_pico),
-                attempts=r.attempts,
-                line=r.line,
-                unbounded=bool(r.unbounded),
             )
-            for r in rows
-        ]
+            for r in rows:
+                kept = format_body(r.url, r.json_body) if r.json_body else None
+                held.append(
+                    PendingRequest(
+                        id=r.id,
+                        seq=r.seq,
+                        custom_id=r.custom_id,
+                        url=r.url,
+                        model=r.model,
+                        body=formats.setdefault(kept, kept) if kept else "",
+                        input_tokens=r.input_tokens,
+                        output_limit=r.output_limit,
+                        worst_pico=int(r.reserved_pico),
+                        attempts=r.attempts,
+                        line=r.line,
+                        unbounded=bool(r.unbounded),
+                    )
+                )
+        return held
 
     def chunk_by_tag(self, tag: str) -> BatchInfo | None:
         with self.reading() as conn:

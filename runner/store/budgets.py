@@ -218,6 +218,28 @@ class BudgetsMixin(StoreBase):
             books = _period_row(conn, budget.id, period.start)
         return BudgetBooks(budget, period, *(books or (0, 0, 0)))
 
+    def budget_spend(self, books: BudgetBooks, buckets: int = 200) -> list[tuple[int, float, int]]:
+        """The period's spend over time, per job drawing on it: (job id, the end of a time
+        bucket, what was booked in it), in time order; at most ``buckets`` buckets a job, so a
+        month of ledger rows comes back as a few hundred sums."""
+        bid, start = books.budget.id, books.period.start
+        mine = sa.and_(ledger.c.budget_id == bid, ledger.c.budget_period == start)
+        with self.reading() as conn:
+            first, last = conn.execute(
+                sa.select(sa.func.min(ledger.c.at), sa.func.max(ledger.c.at)).where(mine)
+            ).one()
+            if first is None:
+                return []
+            width = max((float(last) - float(first)) / max(buckets, 1), 1e-3)
+            bucket = sa.cast(sa.func.floor((ledger.c.at - float(first)) / width), sa.Integer)
+            rows = conn.execute(
+                sa.select(ledger.c.job_id, bucket.label("b"), sa.func.sum(ledger.c.amount_pico))
+                .where(mine)
+                .group_by(ledger.c.job_id, bucket)
+                .order_by(bucket)
+            ).all()
+        return [(int(j), float(first) + (int(b) + 1) * width, int(a or 0)) for j, b, a in rows]
+
     def budget_jobs(self, books: BudgetBooks) -> list[JobDraw]:
         """The jobs drawing on the budget in this period: spend booked there, or reserved."""
         bid, start = books.budget.id, books.period.start

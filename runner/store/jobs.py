@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from ..errors import StoreError
 from .base import StoreBase
-from .records import Job, NewRequest, RequestState, ResultFlag
+from .records import INVALID_OUTPUT_FLAGS, Job, NewRequest, RequestState, Requeued, ResultFlag
 from .schema import jobs, requests, results
 
 IDS_PER_STATEMENT = 2000  # ids in one IN (...) or one executemany
@@ -253,6 +253,44 @@ class JobsMixin(StoreBase):
                     .values(state=RequestState.PENDING, attempts=0, last_error=None)
                 )
         return len(ids)
+
+    def requeue_invalid(self, job_id: int, codes: frozenset[str] = frozenset()) -> Requeued:
+        """Queue again the finished requests whose outputs were not the JSON they asked for
+        (flagged ``OUTPUT_NOT_JSON`` or ``OUTPUT_MISMATCH``; only the kinds ``codes`` names
+        when it names one). They were billed: their ledger charges stay (the job's spend and
+        its budget's keep them) and sending them again is paid again, under the same cap.
+        Their results go, so the job's token counts keep only their new ones. Returns how
+        many, what they were billed and their worst cases again (sync, batch)."""
+        kinds = [f for f in INVALID_OUTPUT_FLAGS if f.value in codes] or list(INVALID_OUTPUT_FLAGS)
+        flagged = sa.or_(*(sa.func.coalesce(results.c.flags, "").like(f"%{f}%") for f in kinds))
+        reused = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.REUSED}%")
+        q = (
+            sa.select(
+                requests.c.id,
+                sa.case((reused, 0), else_=results.c.cost_pico),
+                requests.c.worst_pico,
+                requests.c.batch_worst_pico,
+            )
+            .select_from(results.join(requests, results.c.request_id == requests.c.id))
+            .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE, flagged)
+        )
+        with self.writing() as conn:
+            found = conn.execute(q).all()
+            ids = [r[0] for r in found]
+            for start in range(0, len(ids), IDS_PER_STATEMENT):
+                chunk = ids[start : start + IDS_PER_STATEMENT]
+                conn.execute(results.delete().where(results.c.request_id.in_(chunk)))
+                conn.execute(
+                    requests.update()
+                    .where(requests.c.id.in_(chunk))
+                    .values(state=RequestState.PENDING, attempts=0, last_error=None)
+                )
+        return Requeued(
+            len(ids),
+            sum(int(r[1] or 0) for r in found),
+            sum(int(r[2]) for r in found),
+            sum(int(r[3]) for r in found),
+        )
 
     def reprice(
         self,

@@ -19,7 +19,7 @@ from .records import (
     RunnerInfo,
     Spend,
 )
-from .schema import attempts, jobs, ledger, requests, results, runners
+from .schema import attempts, events, jobs, ledger, requests, results, runners
 
 LIVE = "live"
 
@@ -34,6 +34,8 @@ _SUM_KEYS = (
     "reused",
     "reused_pico",
     "usage_missing",
+    "outputs_not_json",
+    "outputs_mismatch",
 )
 
 
@@ -87,6 +89,8 @@ def _done_sums(
             total(sa.case((reused, 1), else_=0)),
             total(sa.case((reused, results.c.cost_pico), else_=0)),
             total(sa.case((_flagged(ResultFlag.USAGE_MISSING), 1), else_=0)),
+            total(sa.case((_flagged(ResultFlag.OUTPUT_NOT_JSON), 1), else_=0)),
+            total(sa.case((_flagged(ResultFlag.OUTPUT_MISMATCH), 1), else_=0)),
         )
         .select_from(results.join(requests, results.c.request_id == requests.c.id))
         .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE)
@@ -204,6 +208,17 @@ class ReadsMixin(StoreBase):
             ).one()
         return Spend(int(row.settled_pico), int(row.reserved_pico))
 
+    def last_event(self, job_id: int, kind: str) -> tuple[float, str | None] | None:
+        """(when, detail) of the job's latest event of ``kind``, if it has one."""
+        with self.reading() as conn:
+            row = conn.execute(
+                sa.select(events.c.at, events.c.detail)
+                .where(events.c.job_id == job_id, events.c.kind == kind)
+                .order_by(events.c.at.desc(), events.c.id.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else (float(row.at), row.detail)
+
     def state_counts(self, job_id: int, only: tuple[str, ...] = ()) -> dict[str, int]:
         """Requests by state: one pass over the (job_id, state, seq) index (over the part of
         it in the states ``only``, if given: cheap for the few reserved ones of a big job)."""
@@ -271,38 +286,36 @@ class ReadsMixin(StoreBase):
             }
 
     def model_samples(
-        self, job_id: int, open_from: Mapping[str, int]
+        self, job_id: int, open_from: Mapping[str, int], until: float | None = None
     ) -> dict[tuple[str, int], ModelSample]:
         """Per stratum of the job (see ``_stratum``), what ``projection.project`` needs (see
-        ``ModelSample``)."""
+        ``ModelSample``); with ``until`` (epoch seconds), as things stood then: the results
+        finished by then are the sample, every request without one is open."""
         big = sa.BigInteger
         out: dict[tuple[str, int], ModelSample] = {}
         of_job = requests.c.job_id == job_id
         key = _stratum(open_from)
+        sums = sa.select(
+            requests.c.model,
+            key,
+            sa.func.count(),
+            sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+            sa.func.sum(sa.cast(requests.c.output_limit, big)),
+        ).group_by(requests.c.model, key)
+        still_open = requests.c.state.in_((RequestState.PENDING, RequestState.RESERVED))
+        done = sa.and_(of_job, requests.c.state == RequestState.DONE)
+        charged_by = ledger.c.kind == "unknown"
+        if until is not None:
+            finished = sa.exists().where(
+                results.c.request_id == requests.c.id, results.c.finished_at <= until
+            )
+            still_open = ~finished
+            done = sa.and_(done, results.c.finished_at <= until)
+            charged_by = sa.and_(charged_by, ledger.c.at <= until)
         with self.reading() as conn:
-            for model, unset, n, tin, lim in conn.execute(
-                sa.select(
-                    requests.c.model,
-                    key,
-                    sa.func.count(),
-                    sa.func.sum(sa.cast(requests.c.input_tokens, big)),
-                    sa.func.sum(sa.cast(requests.c.output_limit, big)),
-                )
-                .where(of_job)
-                .group_by(requests.c.model, key)
-            ):
+            for model, unset, n, tin, lim in conn.execute(sums.where(of_job)):
                 out[str(model), int(unset)] = ModelSample(int(n), int(tin or 0), int(lim or 0))
-            for model, unset, n, tin, lim in conn.execute(
-                sa.select(
-                    requests.c.model,
-                    key,
-                    sa.func.count(),
-                    sa.func.sum(sa.cast(requests.c.input_tokens, big)),
-                    sa.func.sum(sa.cast(requests.c.output_limit, big)),
-                )
-                .where(of_job, requests.c.state.in_((RequestState.PENDING, RequestState.RESERVED)))
-                .group_by(requests.c.model, key)
-            ):
+            for model, unset, n, tin, lim in conn.execute(sums.where(of_job, still_open)):
                 s = out[str(model), int(unset)]
                 s.open, s.open_input, s.open_limit = int(n), int(tin or 0), int(lim or 0)
             cols = {
@@ -328,7 +341,6 @@ class ReadsMixin(StoreBase):
                 sa.func.sum(sa.cast(requests.c.output_limit, big)),
             ]
             joined = results.join(requests, results.c.request_id == requests.c.id)
-            done = sa.and_(of_job, requests.c.state == RequestState.DONE)
             usage = ~_flagged(ResultFlag.USAGE_MISSING)
             for row in conn.execute(
                 sa.select(requests.c.model, key, sa.func.count(), *exact, *terms)
@@ -352,7 +364,7 @@ class ReadsMixin(StoreBase):
             for model, unset, charged in conn.execute(
                 sa.select(requests.c.model, key, sa.func.sum(ledger.c.amount_pico))
                 .select_from(ledger.join(requests, ledger.c.request_id == requests.c.id))
-                .where(ledger.c.job_id == job_id, ledger.c.kind == "unknown")
+                .where(ledger.c.job_id == job_id, charged_by)
                 .group_by(requests.c.model, key)
             ):
                 out[str(model), int(unset)].other_pico += int(charged or 0)
@@ -370,6 +382,16 @@ class ReadsMixin(StoreBase):
                     )
                 ).scalar_one()
             )
+
+    def results_span(self, job_id: int) -> tuple[float | None, float | None]:
+        """When the job's first and last results came in (epoch seconds)."""
+        with self.reading() as conn:
+            first, last = conn.execute(
+                sa.select(sa.func.min(results.c.finished_at), sa.func.max(results.c.finished_at))
+                .select_from(results.join(requests, results.c.request_id == requests.c.id))
+                .where(requests.c.job_id == job_id)
+            ).one()
+        return (None if first is None else float(first)), (None if last is None else float(last))
 
     def model_totals(self, job_id: int) -> dict[str, tuple[int, int, int]]:
         """Per model of the job: requests, counted input tokens and output limits (what
@@ -545,6 +567,8 @@ class ReadsMixin(StoreBase):
             reused=tot["reused"],
             reused_pico=tot["reused_pico"],
             usage_missing=tot["usage_missing"],
+            outputs_not_json=tot["outputs_not_json"],
+            outputs_mismatch=tot["outputs_mismatch"],
             unpriced_models=unpriced_models,
             unpriced_tiers=unpriced_tiers,
             by_model=by_model,
@@ -552,6 +576,23 @@ class ReadsMixin(StoreBase):
             runners=self.live_runners(job_id),
             calibration=self.calibration(job_id),
         )
+
+    def json_format_request(self, job_id: int) -> tuple[str, str] | None:
+        """(url, body) of the job's first request (in file order) whose body names a JSON
+        output format (``json_schema`` or ``json_object``), or None: where ``export
+        --fields`` takes its columns from."""
+        names = sa.or_(
+            requests.c.body.like('%"json_schema"%'), requests.c.body.like('%"json_object"%')
+        )
+        q = (
+            sa.select(requests.c.url, requests.c.body)
+            .where(requests.c.job_id == job_id, names)
+            .order_by(requests.c.seq)
+            .limit(1)
+        )
+        with self.reading() as conn:
+            row = conn.execute(q).first()
+        return None if row is None else (str(row.url), str(row.body))
 
     def failed(self, job_id: int) -> Iterator[tuple[str, str | None, str | None]]:
         """(custom_id, error code, error message) of every failed request, in file order."""

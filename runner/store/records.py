@@ -37,6 +37,26 @@ class ResultFlag(enum.StrEnum):
     # the price table has no prices for: charged at worst case.
     UNPRICED_MODEL = "unpriced_model"
     UNPRICED_TIER = "unpriced_tier"
+    # The request asked for JSON (a JSON schema, or JSON mode) and its output does not parse,
+    # or parses and does not match the schema (see ``structured``): still a result, billed;
+    # the reason is in the result's ``error_message``, the flag also in its ``error_code``.
+    OUTPUT_NOT_JSON = "output_not_json"
+    OUTPUT_MISMATCH = "output_mismatch"
+
+
+# The flags of results whose outputs were not the JSON their requests asked for.
+INVALID_OUTPUT_FLAGS = (ResultFlag.OUTPUT_NOT_JSON, ResultFlag.OUTPUT_MISMATCH)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """Finished requests queued again (``Store.requeue_invalid``): how many, what they were
+    billed already, and what sending them again may cost at worst (sync and Batch API)."""
+
+    requests: int
+    billed_pico: int
+    worst_pico: int
+    batch_worst_pico: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +306,10 @@ class JobStatus:
     # and those that reported a service tier without prices: booked at worst case.
     unpriced_models: dict[str, int] = field(default_factory=dict)
     unpriced_tiers: int = 0
+    # Results whose outputs do not parse as the JSON their requests asked for, or do not match
+    # its schema (billed, still done): ``run --retry-failed --invalid`` sends them again.
+    outputs_not_json: int = 0
+    outputs_mismatch: int = 0
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     by_endpoint: dict[str, dict[str, int]] = field(default_factory=dict)
     runners: list[RunnerInfo] = field(default_factory=list)
