@@ -577,7 +577,7 @@ async def cancel_with(
     report, store, record = await cancel_job(
         settings, echo or (lambda _text: None), signals=signals, api_key=api_key, display=display
     )
-    return _result(report, store, record, settings.prices)
+    return _result(report, store, record, settings.prices, cancelling=True)
 
 
 def _with_projection(store: Store, status: JobStatus, prices: str | Path | None) -> JobStatus:
@@ -595,7 +595,12 @@ def _with_projection(store: Store, status: JobStatus, prices: str | Path | None)
 
 
 def _result(
-    report: Any, store: Store, record: JobRecord, prices: str | Path | None = None
+    report: Any,
+    store: Store,
+    record: JobRecord,
+    prices: str | Path | None = None,
+    *,
+    cancelling: bool = False,
 ) -> RunResult:
     from .report import status_json
     from .run import conclude
@@ -604,7 +609,7 @@ def _result(
         job_status = _with_projection(store, store.status(record.id), prices)
     finally:
         store.close()
-    end = conclude(report, job_status)
+    end = conclude(report, job_status, cancelling=cancelling)
     return RunResult(
         end.outcome,
         end.message,

@@ -96,6 +96,11 @@ class RunStats:
     concurrency: int = 0  # the pool's current size (sync backend)
     paused_for: float = 0.0  # seconds every request is held for (a pause is on)
     limit_rate: float | None = None  # requests/s the rate limits allow this runner, if known
+    # Batch API: the batches this runner watches, what they report completed (not recorded
+    # yet: results arrive per batch), and when the next poll is due (time.monotonic()).
+    open_batches: int = 0
+    batch_completed: int = 0
+    next_poll: float | None = None
     # The job's projected total (total, low, high of the 95% interval), from the results in.
     projected: tuple[int, int, int] | None = None
     errors: dict[str, int] = field(default_factory=dict)

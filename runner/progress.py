@@ -33,8 +33,8 @@ NARROW = 80  # columns: below this the bar is dropped, never the spend, the cap 
 
 # Which fields of the progress line go first when the terminal is too narrow for all of them.
 _DROP_ORDER = (
-    "limited", "retries", "tokens", "ok", "speed", "projected", "paused", "eta", "spend:short",
-    "failed", "done",
+    "limited", "retries", "tokens", "ok", "speed", "projected", "paused", "batches", "eta",
+    "spend:short", "failed", "done",
 )  # fmt: skip
 _SLOW_LIMIT = 600.0  # seconds: a run the limits hold to at least this long is told so
 _BAR = 22  # columns the bar takes in front of the line ("{bar:20}| ")
@@ -88,7 +88,10 @@ class Progress:
     # -- numbers --------------------------------------------------------------------------------
 
     def _finished(self) -> int:
-        return self.before + self.stats.done + self.stats.failed
+        """Results recorded, and what open batches report completed (the bar moves with the
+        batches' own counts, not only when a batch ends)."""
+        s = self.stats
+        return self.before + s.done + s.failed + s.batch_completed
 
     def _sample(self) -> None:
         now = time.monotonic()
@@ -115,6 +118,17 @@ class Progress:
         if limit:
             return f"ETA {_clock(left / limit)} at the limit"
         return "ETA ?"
+
+    def _batches(self) -> str:
+        """Batch API: what the open batches say they have completed (their results are
+        recorded when a batch ends), how many are open, and when the next poll is."""
+        s = self.stats
+        if not s.open_batches:
+            return ""
+        text = f"{s.batch_completed:,} completed in {s.open_batches:,} open batch(es)"
+        if s.next_poll is not None:
+            text += f", next poll in {_clock(max(0.0, s.next_poll - time.monotonic()))}"
+        return text
 
     def _projected(self) -> str:
         p = self.stats.projected
@@ -148,6 +162,7 @@ class Progress:
             "done": f"{self.before + s.done + s.failed:,}/{self.total:,}",
             "ok": f"{s.done:,} ok",
             "failed": f"{s.failed:,} failed",
+            "batches": self._batches(),
             "speed": f"{rate:,.1f} req/s" if rate is not None else "- req/s",
             "eta": self._eta(left, rate),
             "spend": f"spend {format_money(s.settled_pico)} of {format_money(s.cap_pico)}",
@@ -157,6 +172,10 @@ class Progress:
             "limited": f"{s.rate_limited:,} rate-limited",
             "paused": f"paused {s.paused_for:.0f}s" if s.paused_for > 0 else "",
         }
+        if s.open_batches and not rate:
+            # Only batches are out: request rates, tokens per minute and retries say nothing.
+            for name in ("speed", "tokens", "retries", "limited"):
+                fields[name] = ""
         shown = [k for k in fields if fields[k]]
         text = _join(fields, shown)
         if width is None:

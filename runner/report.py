@@ -299,6 +299,12 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
         f"{lane} ({format_money(est.pending_worst_pico)} for all of them)"
         if est.pending
         else "nothing is left to send"
+        + (
+            f"; waiting for {_count(est.in_batches, 'request')} in {est.open_batches:,} open "
+            "batch(es) (no question: nothing new is sent)"
+            if est.in_batches
+            else ""
+        )
     )
     lines.append(
         f"cap {format_money(est.cap_pico)}: spent so far {format_money(est.spent_pico)}; {left}"

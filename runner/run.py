@@ -454,7 +454,13 @@ def estimate(
     share = pending / job.requests if job.requests else 0.0
     ratio = store.output_ratio(job.id)
     batch_floor, batch_worst = _batch_bounds(store, job, table)
+    in_batches = store.in_batches(job.id)
+    open_batches = (
+        sum(1 for b in store.job_batches(job.id) if b.state == "submitted") if in_batches else 0
+    )
     return Estimate(
+        in_batches=in_batches,
+        open_batches=open_batches,
         job_id=job.id,
         db=store.name,
         requests=job.requests,
@@ -544,11 +550,14 @@ class Conclusion:
     signal: int | None = None
 
 
-def conclude(report: RunReport, status: JobStatus) -> Conclusion:
-    """The outcome and closing message of a run, from its report and the job's status."""
+def conclude(report: RunReport, status: JobStatus, *, cancelling: bool = False) -> Conclusion:
+    """The outcome and closing message of a run, from its report and the job's status
+    (``cancelling``: of ``batchrun cancel``, which sends nothing and leaves requests pending)."""
     outcome = report.outcome
     failed = status.states.get("failed", 0)
     pending = status.states.get("pending", 0) + status.states.get("reserved", 0)
+    if cancelling and outcome in (RunOutcome.COMPLETE, RunOutcome.CAPPED):
+        return Conclusion(RunOutcome.COMPLETE, _cancelled(status, pending), failed)
     if outcome is RunOutcome.DETACHED:
         return Conclusion(outcome, report.message, failed, report.signal or 2)
     if outcome is RunOutcome.COMPLETE and pending and pending == status.in_batches:
@@ -593,6 +602,20 @@ def conclude(report: RunReport, status: JobStatus) -> Conclusion:
     if outcome is not RunOutcome.COMPLETE:
         return Conclusion(outcome, f"stopped: {report.message}", failed)
     return Conclusion(outcome, None, failed)
+
+
+def _cancelled(status: JobStatus, pending: int) -> str:
+    """What ``batchrun cancel`` did: the batches cancelled, what they had finished."""
+    cancelled = [b for b in status.batches if b.status == "cancelled"]
+    done = sum(b.completed or 0 for b in cancelled)
+    total = sum(b.total or b.requests for b in cancelled)
+    text = (
+        f"cancelled {len(cancelled):,} batch(es): {done:,} of their {total:,} requests had "
+        f"finished and are recorded (the job has spent {format_money(status.spend.settled_pico)})"
+    )
+    if pending:
+        text += f"; {pending:,} request(s) back to pending: run the job again to send them"
+    return text
 
 
 def _budget_after(store: Store, stats: RunStats) -> None:
@@ -720,7 +743,10 @@ async def run_job(
         if settings.deadline.at is not None:
             shown.append(format_deadline_plan(deadline_plan(store, job, table, settings, clock)))
         echo("\n".join(shown))
-        if confirm is not None and not confirm(est):
+        # Nothing to send but batches to wait for: no question (nothing will be spent that
+        # was not reserved already).
+        asking = est.pending > 0 or not est.in_batches
+        if confirm is not None and asking and not confirm(est):
             raise Declined(
                 f"nothing sent; the job is job {job.id} in {store.name}: run the same command "
                 "again to send it"
@@ -880,7 +906,13 @@ async def _drive(
     progress = display(books.stats, job.requests, finished_before)
 
     def acknowledge() -> None:
-        if control.outcome is RunOutcome.INTERRUPTED:
+        if control.outcome is RunOutcome.INTERRUPTED and settings.via == "batch":
+            progress.say(
+                f"batchrun: stopping: detaching from {books.stats.open_batches:,} open "
+                f"batch(es) holding {books.stats.in_flight:,} request(s) (they keep running at "
+                "OpenAI; the same command re-attaches to them)"
+            )
+        elif control.outcome is RunOutcome.INTERRUPTED:
             progress.say(
                 f"batchrun: stopping: waiting up to {control.grace:g} s for "
                 f"{books.stats.in_flight:,} request(s) in flight; "

@@ -69,3 +69,91 @@ def test_price_via_batch_gives_the_completion_window_not_a_rate_limit_time(
     assert "24h completion window" in text and "wall time" not in text
     assert "at synchronous prices: floor" in text
     assert "minimum wall time" in format_plan(plan, table, 500, 200_000)
+
+
+async def test_a_batch_run_detached_then_run_again_waits_for_its_batches_without_asking(
+    tmp_path: Path, make_simulator
+) -> None:
+    """A batch console (issue 21, point 2): detaching names the batches left open; running
+    the same command again says what it waits for and does not ask to send nothing."""
+    import asyncio
+
+    from runner.settings import RunSettings, Transport
+
+    sim = make_simulator(batch_lines_per_s=20)  # 100 lines: about 5 s in the batch
+    job = tmp_path / "job.jsonl"
+    write_job(job, 100)
+    db = tmp_path / "b.db"
+    settings = RunSettings(
+        cap_pico=usd_to_pico("1"), jobfile=job, db=str(db), quiet=True, via="batch",
+        batching=FAST, transport=Transport(base_url=sim.base_url),
+    )  # fmt: skip
+    stop = asyncio.Event()
+
+    async def stop_once_submitted() -> None:
+        while not sim.ledger_snapshot()["batches_created"]:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the batch's id is recorded
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_once_submitted())
+    first = await runner.run_with(settings, api_key="sk-test", stop=stop)
+    await stopper
+    assert first.outcome is runner.RunOutcome.DETACHED
+    assert (
+        first.message is not None and "detached from 1 open batch(es) holding 100" in first.message
+    )
+    assert "(batch_" in first.message  # which batch
+    asked: list[object] = []
+    printed: list[str] = []
+    again = await runner.run_with(
+        settings, api_key="sk-test", echo=printed.append, confirm=lambda est: asked.append(est)
+    )
+    assert asked == []  # nothing to send: no question
+    assert "waiting for 100 requests in 1 open batch(es)" in printed[0]
+    assert again.outcome is runner.RunOutcome.COMPLETE and again.status["by_state"] == {"done": 100}
+
+
+async def test_cancel_says_which_batches_it_cancelled_and_what_they_had_finished(
+    tmp_path: Path, make_simulator
+) -> None:
+    import asyncio
+
+    from runner.settings import RunSettings, Transport
+
+    sim = make_simulator(batch_lines_per_s=20)
+    job = tmp_path / "job.jsonl"
+    write_job(job, 100)
+    db = tmp_path / "b.db"
+    settings = RunSettings(
+        cap_pico=usd_to_pico("1"), jobfile=job, db=str(db), quiet=True, via="batch",
+        batching=FAST, transport=Transport(base_url=sim.base_url),
+    )  # fmt: skip
+    stop = asyncio.Event()
+
+    async def stop_when_under_way() -> None:
+        while sim.ledger_snapshot()["requests_billed"] < 10:
+            await asyncio.sleep(0.01)
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_when_under_way())
+    assert (await runner.run_with(settings, api_key="sk-test", stop=stop)).outcome is (
+        runner.RunOutcome.DETACHED
+    )
+    await stopper
+    cancelled = await runner.cancel_with(
+        RunSettings(
+            cap_pico=0, jobfile=job, db=str(db), quiet=True, via="batch",
+            batching=Batching(poll_first=0.01, poll_interval=0.05, cancel=True),
+            transport=Transport(base_url=sim.base_url),
+        ),
+        api_key="sk-test",
+    )  # fmt: skip
+    done = cancelled.status["by_state"]["done"]
+    assert cancelled.outcome is runner.RunOutcome.COMPLETE
+    assert cancelled.message == (
+        f"cancelled 1 batch(es): {done} of their 100 requests had finished and are recorded "
+        f"(the job has spent {format_money(usd_to_pico(cancelled.status['spent_usd']))}); "
+        f"{100 - done} request(s) back to pending: run the job again to send them"
+    )
+    assert sim.ledger_snapshot()["batch_billed_pico"] == usd_to_pico(cancelled.status["spent_usd"])

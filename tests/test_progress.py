@@ -208,3 +208,16 @@ def test_before_any_rate_is_seen_the_eta_comes_from_the_limits_and_says_so_once(
     said = screen.getvalue()
     assert said.count("the rate limits allow 1 request(s) per minute") == 1
     assert "the 400 request(s) left take at least 6:40:00" in said
+
+
+def test_a_batch_run_counts_what_its_batches_report_and_when_it_polls_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bar, stats, clock = _run(monkeypatch, total=400)
+    stats.open_batches, stats.batch_completed = 2, 150
+    stats.in_flight = 400
+    stats.next_poll = clock.now + 30
+    line = bar.line()
+    assert "150 completed in 2 open batch(es), next poll in 0:30" in line
+    assert "req/s" not in line and "tok/min" not in line and "retries" not in line
+    assert bar._finished() == 150  # the bar moves with the batches' own counts

@@ -234,14 +234,18 @@ class BatchBackend:
                 self._building.discard()
                 self._building = None
             books.stats.in_flight = 0
+            books.stats.open_batches = books.stats.batch_completed = 0
+            books.stats.next_poll = None
             if self._open and control.outcome is RunOutcome.INTERRUPTED:
                 held = sum(info.requests for info in self._open.values())
                 control.outcome = RunOutcome.DETACHED
+                ids = [i.batch_id or f"chunk {i.id}" for i in self._open.values()]
+                shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3:,} more" if len(ids) > 3 else "")
                 control.message = (
                     f"{control.message}: detached from {len(self._open)} open batch(es) holding "
-                    f"{held:,} request(s); they keep running at OpenAI and are billed there. Run "
-                    "the same command again to re-attach and record their results (or `batchrun "
-                    "cancel` to cancel them)"
+                    f"{held:,} request(s) ({shown}); they keep running at OpenAI and are billed "
+                    "there. Run the same command again to re-attach and record their results "
+                    "(or `batchrun cancel` to cancel them)"
                 )
 
     async def _loop(self) -> RunOutcome:
@@ -280,7 +284,9 @@ class BatchBackend:
                 continue  # a hold lifts once nothing is open
             if changed:
                 self._interval = min(self.batching.poll_first, self.batching.poll_interval)
+            books.stats.next_poll = time.monotonic() + self._interval
             await self._nap(self._interval)
+            books.stats.next_poll = None
             self._interval = min(self._interval * 2, self.batching.poll_interval)
         return RunOutcome.COMPLETE
 
@@ -709,6 +715,8 @@ class BatchBackend:
         books = self.books
         stats = books.stats
         stats.in_flight = sum(i.requests for i in self._open.values())
+        stats.open_batches = len(self._open)
+        stats.batch_completed = sum(i.completed for i in self._open.values())
         now = time.monotonic()
         if not self._open or (not changed and now - self._last_summary < _SUMMARY_EVERY):
             return
