@@ -67,6 +67,11 @@ def render(
         "chart-cost": _cost(status),
     }
     charts = list(CHARTS)
+    if status.batches:
+        # Results of a batch arrive at once when it ends: a rate from their download times
+        # would be fiction. The batches' own timeline instead.
+        figures["chart-batches"] = _batch_timeline(status, timeline)
+        charts[charts.index(("chart-throughput", "Throughput"))] = ("chart-batches", "Batches")
     if projections:
         figures["chart-projection"] = _projection(status, projections)
         charts.insert(1, ("chart-projection", "What the job will cost, as projected over time"))
@@ -128,6 +133,7 @@ def _layout(fig: go.Figure, title: str, b: Buckets | None, **extra: Any) -> go.F
         "template": "plotly_white",
         "margin": {"l": 70, "r": 30, "t": 60, "b": 40},
         "legend": {"orientation": "h", "x": 0, "y": -0.3, "yanchor": "top"},
+        "showlegend": True,  # also for a single trace: a chart says what its line is
         "hovermode": "x unified",
     }
     fig.update_layout(**(layout | extra))
@@ -264,19 +270,20 @@ def _throughput(t: Timeline) -> go.Figure:
         return _nothing(_layout(fig, "Throughput", None), "nothing sent yet")
     x = _middles(b)
     per_s = 1 / b.width
+    window = min(SMOOTH, b.count)
     for counts, name, style in (
         (t.done, "requests done /s", {"color": "#2ca02c", "width": 2.5}),
         (t.failed, "requests failed /s", {"color": "#d62728"}),
         (t.attempts, "attempts sent /s", {"color": "#7f7f7f", "dash": "dot"}),
     ):
         fig.add_scatter(
-            x=x, y=[n * per_s for n in counts], name=name, mode="lines", line=style,
-            customdata=counts, hovertemplate=f"%{{y:.3g}} ({name}; %{{customdata}} in bucket)",
-            secondary_y=False,
+            x=x, y=[n * per_s for n in _smooth(counts, window)], name=name, mode="lines",
+            line=style, customdata=counts,
+            hovertemplate=f"%{{y:.3g}} ({name}; %{{customdata}} in bucket)", secondary_y=False,
         )  # fmt: skip
     fig.add_scatter(
-        x=x, y=[n * 60 / b.width for n in t.tokens], name="tokens /min", mode="lines",
-        line={"color": "#9467bd"}, customdata=t.tokens,
+        x=x, y=[n * 60 / b.width for n in _smooth(t.tokens, window)], name="tokens /min",
+        mode="lines", line={"color": "#9467bd"}, customdata=t.tokens,
         hovertemplate="%{y:,.0f} tokens/min (%{customdata} in bucket)", secondary_y=True,
     )  # fmt: skip
     notes = []
@@ -296,11 +303,68 @@ def _throughput(t: Timeline) -> go.Figure:
         if spans:
             seconds = sum(end - start for start, end in spans)
             notes.append(f"{label} {seconds:,.1f}s in all")
+    if window > 1:
+        notes.insert(0, f"rates averaged over {window} buckets, {_seconds(window * b.width)}")
     title = "Throughput" + (" (" + "; ".join(notes) + ")" if notes else "")
     fig = _layout(fig, title, b)
     fig.update_yaxes(title_text="requests / s", rangemode="tozero", secondary_y=False)
     fig.update_yaxes(title_text="tokens / min", rangemode="tozero", secondary_y=True)
     return fig
+
+
+_STATUS_COLOUR = {
+    "validating": "#bcbd22", "in_progress": "#1f77b4", "finalizing": "#17becf",
+    "completed": "#2ca02c", "failed": "#d62728", "expired": "#ff7f0e", "cancelling": "#9467bd",
+    "cancelled": "#8c564b",
+}  # fmt: skip
+
+
+def _batch_timeline(status: JobStatus, t: Timeline) -> go.Figure:
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        row_heights=[0.4, 0.6])  # fmt: skip
+    total = sum(b.total or b.requests for b in status.batches)
+    done = sum(b.completed or 0 for b in status.batches)
+    title = f"{len(status.batches):,} batch(es): {done:,} of {total:,} requests completed"
+    if not t.batch_polls:
+        return _nothing(_layout(fig, title, None), "no poll recorded yet")
+    names = {b.id: b.batch_id or f"chunk {b.id}" for b in status.batches}
+    shown: set[str] = set()
+    for chunk, polls in sorted(t.batch_polls.items()):
+        name = names.get(chunk, f"chunk {chunk}")
+        for k, (at, state, *_counts) in enumerate(polls):
+            end = polls[k + 1][0] if k + 1 < len(polls) else at
+            fig.add_scatter(
+                x=[_local(at), _local(end)], y=[name, name], mode="lines+markers",
+                line={"color": _STATUS_COLOUR.get(state, "#7f7f7f"), "width": 14},
+                marker={"size": 6}, name=state, legendgroup=state,
+                showlegend=state not in shown, hovertemplate=f"{state}", row=1, col=1,
+            )  # fmt: skip
+            shown.add(state)
+        fig.add_scatter(
+            x=[_local(p[0]) for p in polls], y=[p[2] for p in polls], mode="lines+markers",
+            line_shape="hv", name=f"{name}: completed",
+            customdata=[f"{p[2]:,} of {p[4]:,} ({p[3]:,} failed)" for p in polls],
+            hovertemplate="%{customdata}", row=2, col=1,
+        )  # fmt: skip
+    fig = _layout(fig, title, None)
+    fig.update_xaxes(type="date")
+    fig.update_yaxes(title_text="requests completed", rangemode="tozero", row=2, col=1)
+    return fig
+
+
+SMOOTH = 5  # buckets the throughput's rates are averaged over (said in the chart's title)
+
+
+def _smooth(values: list[int], window: int) -> list[float]:
+    """A centred moving average over ``window`` buckets (fewer at the ends): a rate read from
+    one 0.1 s bucket jumps between 0 and twice the truth."""
+    if window <= 1:
+        return [float(v) for v in values]
+    half, out = window // 2, []
+    for i in range(len(values)):
+        part = values[max(0, i - half) : i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
 
 
 def _shade(
@@ -382,8 +446,12 @@ _EXPLAIN = {
     "chart-spend": "Settled spend over time (actual costs, plus worst-case charges for requests "
     "whose outcome is unknown) against the job's cap.",
     "chart-throughput": "Requests finished and attempts sent per second, and tokens (input + "
-    "output) per minute, per time bucket. Shaded: periods when the API rate-limited the run "
+    "output) per minute, averaged over a few time buckets (the title says over how long; the "
+    "hover gives each bucket's own count). Shaded: periods when the API rate-limited the run "
     "(429s and the pauses they caused) or could not be reached.",
+    "chart-batches": "Each Batch API batch as its polls saw it: its status over time (top) and "
+    "the requests it reported completed (bottom). Results are recorded when a batch ends, so "
+    "no request rate is drawn for a batch job.",
     "chart-latency": "Percentiles of the time from sending a request to its full answer, per "
     "time bucket; the title gives them over the whole job. Failed attempts are left out.",
     "chart-errors": "Attempts that did not get a usable answer, by kind, per time bucket. "
@@ -454,6 +522,15 @@ def _cards(status: JobStatus, t: Timeline) -> str:
         )
     if status.projection is not None and states.get("pending", 0) + states.get("reserved", 0):
         cards.append(("projected", projected_text(status), "the job's total, from the results in"))
+    if status.batches and status.projection is not None:
+        at_batch = status.projection.batch.known_pico
+        at_sync = status.projection.sync.known_pico
+        cards.append((
+            "by lane",
+            f"{format_usd(at_batch)} at Batch API prices",
+            f"the same results at synchronous prices: {format_usd(at_sync)} (saved "
+            f"{format_usd(max(0, at_sync - at_batch))})",
+        ))  # fmt: skip
     for line in calibration_lines(status):
         model, _, how = line.partition(": ")
         cards.append(("counting", model, how))
@@ -484,10 +561,40 @@ def cell_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def key_label(key: str) -> str:
+    """A ``status --json`` key as a person reads it: "by_model.gpt-4o.cost_usd" is
+    "by model · gpt-4o · cost ($)"."""
+    parts = []
+    for part in key.split("."):
+        dollars = part.endswith("_usd")
+        words = part.removesuffix("_usd").replace("_", " ")
+        parts.append(f"{words} ($)" if dollars else words)
+    return " · ".join(parts)
+
+
+def _cell(value: Any) -> str:
+    """A headline value as HTML: a list of records (batches, runners, budgets) as a table of
+    its own, anything else as text."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = list(dict.fromkeys(k for v in value for k in v))
+        head = "".join(f"<th>{html.escape(key_label(k))}</th>" for k in keys)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(cell_text(v.get(k)) if v.get(k) is not None else '')}</td>"
+                for k in keys
+            )
+            + "</tr>"
+            for v in value
+        )
+        return f'<table class="records"><tr>{head}</tr>{body}</table>'
+    return html.escape(cell_text(value))
+
+
 def _headline_table(headline: dict[str, Any]) -> str:
     rows = "\n".join(
-        f'<tr data-key="{html.escape(key)}"><th>{html.escape(key)}</th>'
-        f"<td>{html.escape(cell_text(value))}</td></tr>"
+        f'<tr data-key="{html.escape(key)}"><th>{html.escape(key_label(key))}</th>'
+        f"<td>{_cell(value)}</td></tr>"
         for key, value in _flatten(headline)
     )
     return f'<table id="headline-table">\n{rows}\n</table>'

@@ -424,3 +424,44 @@ def test_no_command_but_report_imports_the_charting_library(db: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "[]"
+
+
+async def test_a_batch_jobs_report_draws_its_batches_not_request_rates(
+    tmp_path: Path, chromium: str
+) -> None:
+    """Issue 21, point 3: each batch's statuses and completed counts over time from the polls,
+    cost by lane against the sync price of the same work, the batches as a table; no rates
+    computed from the download times of their results."""
+    from runner.settings import Batching
+
+    from .helpers import run_in_process
+    from .jobgen import write_job
+
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 120)
+    with SimulatorThread(SimConfig(batch_lines_per_s=60)) as sim:
+        ran = await run_in_process(
+            job, db, sim.base_url, via="batch",
+            batching=Batching(requests_per_batch=60, poll_first=0.05, poll_interval=0.2),
+        )  # fmt: skip
+    assert ran.status.states == {"done": 120}
+    page_file = tmp_path / "report.html"
+    assert _report(db, page_file).exit_code == 0
+    text = page_file.read_text()
+    assert 'id="chart-batches"' in text and 'id="chart-throughput"' not in text
+    assert 'data-card="by lane"' in text and 'class="records"' in text  # the batches table
+    ids = [d for d, _ in CHARTS if d != "chart-throughput"] + ["chart-batches"]
+    script = _INSPECT.replace(json.dumps([d for d, _ in CHARTS]), json.dumps(ids))
+    async with chromium_page(chromium) as browser:
+        page = await browser.open(page_file.as_uri())
+        seen = await browser.evaluate(script)
+        assert page.problems() == []
+        batches = seen["charts"]["chart-batches"]
+        assert batches["svg"] >= 1 and batches["marks"] > 0
+        names = {d["name"] for d in batches["data"]}
+        assert {"completed"} <= names and sum(n.endswith(": completed") for n in names) == 2
+        # Each batch was seen before it completed (its first status) and at the end.
+        firsts = [d for d in batches["data"] if d["name"] not in ("completed",)]
+        assert any(d["name"] in ("validating", "in_progress") for d in firsts)
+        assert "2 batch(es): 120 of 120 requests completed" in batches["title"]
+        assert seen["cards"]["by lane"].startswith(f"{format_usd(ran.status.spend.settled_pico)}")

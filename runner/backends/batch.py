@@ -62,6 +62,7 @@ _SUMMARY_EVERY = 30.0  # seconds between progress summaries when nothing changed
 _FILE_TIMEOUT = 3600.0  # seconds an upload or a download may take
 _LONE_TOKEN_LIMIT = 3  # one-request batches refused for the enqueued-token limit, then stop
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+BATCH_POLL = "batch_poll"  # the event a poll that saw a batch change records
 _ENQUEUED = frozenset({"validating", "in_progress"})
 _RETRY_CODES = frozenset({"batch_expired", "batch_cancelled"})
 _TRANSIENT = (openai.APIConnectionError, httpx2.HTTPError, aiohttp.ClientError, OSError)
@@ -583,6 +584,10 @@ class BatchBackend:
         batch = await self._create(info)
         self._fail.reach("created")
         await self._submitted(info, batch)
+        books.event(BATCH_POLL, 0.0, json.dumps({
+            "chunk": info.id, "batch": batch.id, "status": batch.status or "validating",
+            "completed": 0, "failed": 0, "total": info.requests,
+        }))  # fmt: skip
         books.notice(
             f"submitted batch {batch.id} (chunk {info.id}): {info.requests:,} {info.model} "
             f"request(s), {info.bytes / 1e6:,.1f} MB, worst case {format_usd(info.worst_pico)}"
@@ -705,6 +710,12 @@ class BatchBackend:
             if any(getattr(info, k) != v for k, v in values.items()):
                 await books.in_db(books.store.update_chunk, books.runner_id, info.id, **values)
                 self._apply(info, values)
+                # What the poll saw, for the report's batch timeline (a row per change).
+                books.event(BATCH_POLL, 0.0, json.dumps({
+                    "chunk": info.id, "batch": batch_id, "status": batch.status,
+                    "completed": info.completed, "failed": info.failed,
+                    "total": info.total or info.requests,
+                }))  # fmt: skip
             if batch.status in _TERMINAL:
                 await self._settle(info, batch)
                 changed = True

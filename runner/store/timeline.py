@@ -9,6 +9,7 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ PERCENTILES = (50, 90, 99)
 # Events that mark a period of the run (an interval starting at ``at``, ``seconds`` long).
 PERIOD_EVENTS = {"rate_limit_pause": "rate_limited", "unreachable": "unreachable"}
 Span = tuple[float, float]  # (start, end), epoch seconds
+
+
+Poll = tuple[float, str, int, int, int]  # a batch poll: at, status, completed, failed, total
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class Timeline:
     latency_overall: Percentiles | None = None
     # Pauses: "rate_limited" / "unreachable" -> merged (start, end) intervals, epoch seconds
     periods: dict[str, list[Span]] = field(default_factory=dict)
+    # Batch API: what each poll saw change, per chunk, in time order: (epoch seconds, the
+    # batch's status, completed, failed, total). Empty for a job sent synchronously.
+    batch_polls: dict[int, list[Poll]] = field(default_factory=dict)
 
 
 def choose_buckets(first: float, last: float, most: int = MAX_BUCKETS) -> Buckets:
@@ -165,6 +172,7 @@ class TimelineMixin(StoreBase):
             _results(conn, job_id, b, t)
             _latency(conn, job_id, b, t)
             t.periods = _periods(conn, job_id, b)
+            t.batch_polls = _batch_polls(conn, job_id)
         return t
 
 
@@ -342,3 +350,23 @@ def _merge(spans: list[Span], slack: float) -> list[Span]:
         else:
             merged.append((start, end))
     return merged
+
+
+def _batch_polls(conn: sa.Connection, job_id: int) -> dict[int, list[Poll]]:
+    """The ``batch_poll`` events of the job (see ``Timeline.batch_polls``); one a change, so
+    few: a batch's life is a handful of statuses and its counts as they moved."""
+    out: dict[int, list[Poll]] = {}
+    q = (
+        sa.select(events.c.at, events.c.detail)
+        .where(events.c.job_id == job_id, events.c.kind == "batch_poll")
+        .order_by(events.c.at)
+    )
+    for at, detail in conn.execute(q):
+        try:
+            d = json.loads(detail or "")
+            row = (float(at), str(d["status"]), int(d["completed"]), int(d["failed"]),
+                   int(d["total"]))  # fmt: skip
+            out.setdefault(int(d["chunk"]), []).append(row)
+        except (ValueError, KeyError, TypeError):
+            continue  # a detail this version did not write
+    return out
