@@ -542,7 +542,7 @@ def price(
         raise UsageError("--deadline prints the plan of the whole job: give it without --sample")
     if sample is not None:
         _price_sample(jobfile, prices, rpm, tpm, via, sample, seed, db, base_url, simulate, yes,
-                      as_json)  # fmt: skip
+                      as_json, budget)  # fmt: skip
         return
     given = (("--seed", seed != 0), ("--base-url", base_url), ("--simulate", simulate))
     unused = [flag for flag, value in given if value]
@@ -592,7 +592,7 @@ def price(
 def _price_sample(
     jobfile: Path, prices: Path | None, rpm: int | None, tpm: int | None, via: str | None,
     sample: Any, seed: int, db: str, base_url: str | None, simulate: bool, yes: bool,
-    as_json: bool,
+    as_json: bool, budget: str | None = None,
 ) -> None:  # fmt: skip
     import asyncio
     from dataclasses import replace
@@ -610,7 +610,7 @@ def _price_sample(
     settings = RunSettings(
         cap_pico=None, jobfile=jobfile, db=db, prices=prices, simulate=simulate,
         quiet=as_json, limits=Limits(rpm=rpm, tpm=tpm), transport=Transport(base_url=base_url),
-        sample=replace(sample, seed=seed),
+        sample=replace(sample, seed=seed), budget=budget,
     )  # fmt: skip
     confirm = None
     if sys.stdin.isatty() and not yes:
@@ -628,6 +628,18 @@ def _price_sample(
     )
     if result.message:
         click.echo(redact(f"batchrun: {result.message}"), err=True)
+    fit = None
+    books = None
+    if budget is not None and budget.lower() != "none":
+        from .report import budget_fit, budget_json
+
+        lane = projection.lane(via == "batch")
+        spent = usd_to_pico(result.status["spent_usd"])
+        rest = tuple(max(0, x - spent) for x in (lane.total_pico, lane.low_pico, lane.high_pico))
+        with _open_readonly(db) as database:
+            books = database.budget(budget)
+        worst_left = projection.worst_pico(via == "batch") - spent
+        fit = budget_fit(books, max(0, worst_left), rest)  # type: ignore[arg-type]
     if as_json:
         status = result.status
         out = {
@@ -640,9 +652,13 @@ def _price_sample(
             "sample": {"seed": seed, "outcome": result.outcome.value},
             "projection": projection_json(projection, via),
         }
+        if books is not None:
+            out["budget"] = {**budget_json(books), "fit": fit}
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(format_projection(projection, via))
+        if fit is not None:
+            click.echo(fit)
     code = exit_status(result)
     if code:
         sys.exit(code)

@@ -25,7 +25,6 @@ from .settings import Deadline
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DEADLINE_EVENT = "deadline"  # the event that records a job's deadline (detail: SPEC|EPOCH)
-SWITCH_EVENT = "deadline_switch"  # the event that records when the batches were cancelled
 
 
 def parse_duration(text: str) -> float | None:

@@ -24,7 +24,13 @@ from plotly.subplots import make_subplots
 from . import __version__
 from .budgets import describe
 from .money import PICO_PER_USD, format_money, format_usd
-from .report import budget_lines, calibration_lines, projected_text, status_json
+from .report import (
+    budget_lines,
+    calibration_lines,
+    lanes_line,
+    projected_text,
+    status_json,
+)
 from .store import JobStatus
 
 if TYPE_CHECKING:
@@ -522,14 +528,15 @@ def _cards(status: JobStatus, t: Timeline) -> str:
         )
     if status.projection is not None and states.get("pending", 0) + states.get("reserved", 0):
         cards.append(("projected", projected_text(status), "the job's total, from the results in"))
-    if status.batches and status.projection is not None:
-        at_batch = status.projection.batch.known_pico
-        at_sync = status.projection.sync.known_pico
+    if status.lanes:
+        spent = status.spend.settled_pico
+        at_sync = status.projection.sync.known_pico if status.projection is not None else None
         cards.append((
             "by lane",
-            f"{format_usd(at_batch)} at Batch API prices",
-            f"the same results at synchronous prices: {format_usd(at_sync)} (saved "
-            f"{format_usd(max(0, at_sync - at_batch))})",
+            f"{format_usd(spent)} spent",
+            lanes_line(status)
+            + (f"; the same results at synchronous prices: {format_usd(at_sync)}"
+               if at_sync is not None else ""),
         ))  # fmt: skip
     for line in calibration_lines(status):
         model, _, how = line.partition(": ")

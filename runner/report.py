@@ -424,6 +424,7 @@ def status_json(s: JobStatus) -> dict[str, Any]:
         "by_model": {m: _group_json(g) for m, g in s.by_model.items()},
         "by_endpoint": {u: _group_json(g) for u, g in s.by_endpoint.items()},
         "budgets": [_status_budget_json(b, d) for b, d in s.budgets],
+        "lanes": _lanes_json(s),
         "runners": [
             {
                 "id": r.id,
@@ -473,6 +474,42 @@ def unpriced_lines(s: JobStatus) -> list[str]:
 def _ppm(value: int) -> str:
     """A ratio in ppm as an exact decimal string."""
     return str(Decimal(value) / PPM)
+
+
+def _saved(s: JobStatus) -> int | None:
+    """What the job's results cost less than the same results at synchronous prices."""
+    if s.projection is None:
+        return None
+    return max(0, s.projection.sync.known_pico - s.spend.settled_pico)
+
+
+def lanes_line(s: JobStatus) -> str:
+    """How the results came back: through batches and the synchronous API, what each cost,
+    when a ``--deadline`` run switched, and what that saved against all-sync."""
+    parts = [
+        f"{lane}: {n:,} result(s), {format_money(cost)}"
+        for lane, (n, cost) in sorted(s.lanes.items())
+    ]
+    if s.switched_at is not None:
+        parts.append(f"switched to sync at {_when(s.switched_at)}")
+    saved = _saved(s)
+    if saved is not None:
+        parts.append(f"{format_money(saved)} less than all at synchronous prices")
+    return "; ".join(parts)
+
+
+def _lanes_json(s: JobStatus) -> dict[str, Any] | None:
+    if not s.lanes:
+        return None
+    saved = _saved(s)
+    return {
+        **{
+            lane: {"results": n, "cost_usd": format_exact(cost)}
+            for lane, (n, cost) in sorted(s.lanes.items())
+        },
+        "switched_at": s.switched_at,
+        "saved_usd": None if saved is None else format_exact(saved),
+    }
 
 
 def calibration_lines(s: JobStatus) -> list[str]:
@@ -600,6 +637,8 @@ def format_status(s: JobStatus) -> str:
         lines.append(f"  counting   {line}")
     for line in budget_lines(s):
         lines.append(f"  budget     {line}")
+    if s.lanes:
+        lines.append(f"  lanes      {lanes_line(s)}")
     for title, groups in (("models", s.by_model), ("endpoints", s.by_endpoint)):
         if len(groups) > 1 or title == "models":
             cost = ", ".join(
@@ -763,14 +802,27 @@ def budget_summary(b: BudgetBooks) -> str:
     return describe(b)
 
 
-def budget_fit(b: BudgetBooks, worst_pico: int) -> str:
-    """``price --budget``: whether the job's worst case fits what the budget has left."""
+def budget_fit(
+    b: BudgetBooks, worst_pico: int, projected: tuple[int, int, int] | None = None
+) -> str:
+    """``price --budget``: whether the job's worst case (what it still has to spend) fits what
+    the budget has left, and with a sample whether its projection does."""
     left = format_money(b.left_pico)
-    verdict = (
-        f"the job's worst case {format_money(worst_pico)} fits in the {left} left"
-        if worst_pico <= b.left_pico
-        else f"the job's worst case {format_money(worst_pico)} does not fit in the {left} left"
-    )
+
+    def fits(amount: int) -> str:
+        return "fits" if amount <= b.left_pico else "does not fit"
+
+    worst = format_money(worst_pico)
+    verdict = f"the job's worst case {worst} {fits(worst_pico)} in the {left} left"
+    if projected is not None:
+        total, low, high = projected
+        how = (
+            "fits, even at the high end"
+            if high <= b.left_pico
+            else f"{fits(total)} as projected, {fits(high)} at the high end"
+        )
+        shown = f"{format_money(total)} ({format_money(low)}-{format_money(high)})"
+        verdict += f"; projected {shown} {how}"
     return f"{describe(b)}: {verdict}"
 
 

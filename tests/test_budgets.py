@@ -694,3 +694,26 @@ async def test_the_report_charts_the_period_of_each_budget_with_every_job_stacke
     chart = page.split('id="chart-budget-0"', 1)[1].split("</script>", 1)[0]
     assert "job 1 (" in chart and "job 2 (" in chart and "limit $0.004" in chart
     assert "Budget team: this period, every job" in page
+
+
+def test_price_with_a_sample_says_whether_the_projection_fits_the_budget(
+    tmp_path: Path, make_simulator: SimFactory
+) -> None:
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 200, max_tokens=2000)
+    with _Opened(db) as s:
+        s.set_budget("team", usd_to_pico("0.05"), per="month")
+    out = batchrun(
+        "price", job, "--sample", "20", "--db", db, "--base-url", sim.base_url,
+        "--budget", "team", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    fit = json.loads(out.stdout)["budget"]["fit"]
+    # The worst case (every output limit) does not fit; what it will really cost does.
+    assert "the job's worst case" in fit and "does not fit in the" in fit
+    assert "; projected $" in fit and "fits, even at the high end" in fit
+    # The sample drew on the budget like any run.
+    with _Opened(db) as s:
+        books = s.budget_books(s.budget_named("team"))  # type: ignore[arg-type]
+    assert books.settled_pico == _billed(sim) > 0

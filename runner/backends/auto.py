@@ -25,10 +25,10 @@ import shutil
 import time
 from collections.abc import Callable
 
-from ..deadline import SWITCH_EVENT, TailLimits, span, switch_due, sync_seconds
+from ..deadline import TailLimits, span, switch_due, sync_seconds
 from ..engine import Books, Control, RunOutcome
 from ..settings import Deadline, Limits
-from ..store import Beat, RequestState
+from ..store import SWITCH_EVENT, Beat, RequestState
 from .batch import BatchBackend
 from .sync import SyncBackend
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .records import (
     OPEN_STATES,
+    SWITCH_EVENT,
     UNLIMITED_STRATUM,
     AttemptRecord,
     BatchInfo,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPEN_STATES",
+    "SWITCH_EVENT",
     "UNLIMITED_STRATUM",
     "AttemptRecord",
     "BatchInfo",

@@ -29,8 +29,8 @@ from ..structured import format_body
 from .budgets import move_budgets
 from .claims import LIVE, ClaimsMixin, _move_books
 from .reads import ReadsMixin
-from .records import BatchInfo, JobStatus, PendingRequest, RequestState
-from .schema import batches, requests, runners
+from .records import SWITCH_EVENT, BatchInfo, JobStatus, PendingRequest, RequestState, ResultFlag
+from .schema import batches, requests, results, runners
 
 PREPARED, SUBMITTED, CLOSED, ABANDONED = "prepared", "submitted", "closed", "abandoned"
 OPEN = (PREPARED, SUBMITTED)
@@ -306,4 +306,23 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
         status = super().status(job_id)
         status.batches = self.job_batches(job_id)
         status.in_batches = self.in_batches(job_id)
+        if status.batches:
+            status.lanes = self.lanes(job_id)
+            switched = self.last_event(job_id, SWITCH_EVENT)
+            status.switched_at = switched[0] if switched is not None else None
         return status
+
+    def lanes(self, job_id: int) -> dict[str, tuple[int, int]]:
+        """The job's results by the lane they came back through: (results, cost)."""
+        batch = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.BATCH.value}%")
+        lane = sa.case((batch, "batch"), else_="sync")
+        with self.reading() as conn:
+            return {
+                str(name): (int(n), int(cost or 0))
+                for name, n, cost in conn.execute(
+                    sa.select(lane, sa.func.count(), sa.func.sum(results.c.cost_pico))
+                    .select_from(results.join(requests, results.c.request_id == requests.c.id))
+                    .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE)
+                    .group_by(lane)
+                )
+            }

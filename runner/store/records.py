@@ -44,6 +44,9 @@ class ResultFlag(enum.StrEnum):
     OUTPUT_MISMATCH = "output_mismatch"
 
 
+# The event ``--via auto --deadline`` records when it cancels the batches and goes sync.
+SWITCH_EVENT = "deadline_switch"
+
 # The flags of results whose outputs were not the JSON their requests asked for.
 INVALID_OUTPUT_FLAGS = (ResultFlag.OUTPUT_NOT_JSON, ResultFlag.OUTPUT_MISMATCH)
 
@@ -317,6 +320,10 @@ class JobStatus:
     in_batches: int = 0  # reserved requests held by open Batch API batches
     # model -> the largest ratios its results were billed at (see ``calibration``)
     calibration: dict[str, ModelCalibration] = field(default_factory=dict)
+    # Results by the lane they came back through ("batch", "sync"): (results, cost), and when
+    # a ``--deadline`` run switched from the batches to the synchronous API, if it did.
+    lanes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    switched_at: float | None = None
     # What the job will really cost (a ``projection.Projection``), from the results in: set by
     # a reader that has the price table (the store has none), else None.
     projection: Any = None
