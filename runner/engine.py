@@ -83,6 +83,7 @@ class RunStats:
     attempts: int = 0
     retries: int = 0
     rate_limited: int = 0
+    capacity_waits: int = 0  # flex 429s "resource_unavailable": capacity short, not a limit
     unknown_charges: int = 0
     usage_missing: int = 0
     overruns: int = 0

@@ -113,6 +113,7 @@ def _limit_kind(etype: str | None, message: str) -> str:
 
 
 UNREADABLE = "unreadable"  # the code of a 2xx whose body is not a JSON object
+CAPACITY_CODE = "resource_unavailable"  # a 429 of flex processing: capacity is short now
 
 
 def describe_body(out: Outcome, limit: int = 60) -> str:
@@ -179,6 +180,13 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
     if status == 429:
         if etype == "insufficient_quota" or code in QUOTA_CODES:
             return Verdict(Action.FATAL, "quota", code=code or etype, message=message)
+        if code == CAPACITY_CODE:
+            # Flex processing without capacity now: not a limit of ours (nothing to pause),
+            # not billed; asked again after a backoff that grows (see ``Backoff``).
+            return Verdict(
+                Action.RETRY, "capacity", code=code, message=message,
+                retry_after=retry_after(out.headers),
+            )  # fmt: skip
         if message.startswith("Request too large"):
             return Verdict(Action.FAIL, "too_large", code=code, message=message)
         return Verdict(

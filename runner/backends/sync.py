@@ -217,6 +217,7 @@ class SyncBackend:
         self._holding: dict[int, PendingRequest] = {}  # claimed by a worker, sent or not
         self._outage = _Outage()
         self._refusals = _FirstRefusals(retry.same_error_limit)
+        self._capacity: dict[int, int] = {}  # request -> flex capacity 429s it met
         self._answered = False  # a readable answer has come: the server speaks the API
         self._unreadable = 0  # unreadable 2xx answers before the first readable one
         self._books: Books | None = None
@@ -474,7 +475,9 @@ class SyncBackend:
             with contextlib.suppress(Exception):  # nonsense headers must not cost the result
                 self.governor.done(ticket, out.headers, passed=not verdict.rate_limited)
             self._pool.observe(out.latency)
-            counted = not (verdict.rate_limited or verdict.kind == "connect")
+            # Rate limits, refused connections and flex capacity are not the request's fault:
+            # they do not use up its attempts.
+            counted = not (verdict.rate_limited or verdict.kind in ("connect", "capacity"))
             if counted:
                 req.attempts += 1
             books.attempt(
@@ -533,6 +536,17 @@ class SyncBackend:
             if self.governor.paused_for > 0:
                 books.event("rate_limit_pause", self.governor.paused_for)
                 books.share_pause(self.governor.paused_for)  # the other runners hold too
+        elif verdict.kind == "capacity":
+            # Flex capacity is short: back off (growing per request, up to --backoff-max or
+            # the server's retry-after), without pausing the others (not a rate limit).
+            tries = self._capacity[req.id] = self._capacity.get(req.id, 0) + 1
+            books.stats.capacity_waits += 1
+            if books.stats.capacity_waits == 1:
+                books.notice(
+                    "flex capacity is short (429 resource_unavailable): backing off and asking "
+                    "again; not a rate limit (nothing pauses), not billed, no attempt used up"
+                )
+            wait = self.backoff.delay(tries, self._server_wait(verdict.retry_after), self._rng)
         elif verdict.kind == "connect":
             pause = self._outage.failed()
             if self._outage.seconds > self.retry.outage_limit:
