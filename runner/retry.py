@@ -231,3 +231,12 @@ class Backoff:
             hint = min(server_hint, self.max_wait)
             return hint + rng.uniform(0, min(self.base, hint * 0.1 + 0.01))
         return rng.uniform(0, min(self.ceiling, self.base * 2 ** max(attempt - 1, 0)))
+
+
+def fatal_message(kind: str, message: str | None) -> str:
+    """What a FATAL verdict (``classify``) means for the run, for a person."""
+    what = {
+        "auth": "the API rejected the API key (HTTP 401/403)",
+        "quota": "the account has no quota left",
+    }.get(kind, "the API refused the run")
+    return f"{what}: {message}" if message else what

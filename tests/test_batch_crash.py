@@ -186,7 +186,9 @@ def _wait_for(proc: subprocess.Popen[str], done: Callable[[], bool]) -> None:
 def test_ctrl_c_detaches_and_the_same_command_reattaches(
     tmp_path: Path, make_simulator: MakeSim
 ) -> None:
-    sim = make_simulator(batch_lines_per_s=40)
+    # 30 lines a batch at 5 lines/s: 6 s each, so both are still open when the run detaches,
+    # however slow the machine is to stop.
+    sim = make_simulator(batch_lines_per_s=5)
     bills = watch_bills(sim)
     job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
     write_job(job, 60, seed=12, prompt_words=8)

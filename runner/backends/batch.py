@@ -46,12 +46,12 @@ from openai.types import Batch
 from ..endpoints import BATCH_WINDOW, endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..money import format_money, format_usd
-from ..retry import QUOTA_CODES, RETRY_STATUSES, Backoff
+from ..retry import Action, Backoff, classify, fatal_message
 from ..settings import Batching, Retry
 from ..store import Beat, PendingRequest
 from ..store.batches import SUBMITTED
 from ..store.records import BatchInfo
-from ..transport import OpenAITransport
+from ..transport import OpenAITransport, Outcome
 
 T = TypeVar("T")
 
@@ -321,19 +321,27 @@ class BatchBackend:
     # -- calls to the API -----------------------------------------------------------------------
 
     def _refusal(self, what: str, exc: openai.APIStatusError) -> bool:
-        """Whether an error answer is worth retrying; raises _Stop when nothing can succeed."""
-        status = exc.status_code
-        if status in (401, 403):
-            raise _Stop(
-                RunOutcome.FATAL, f"the API rejected the API key (HTTP {status}): {exc.message}"
-            )
-        if status == 429 and (exc.code in QUOTA_CODES or exc.type == "insufficient_quota"):
-            raise _Stop(RunOutcome.FATAL, f"the account has no quota left: {exc.message}")
-        return status in RETRY_STATUSES or status >= 500
+        """Whether an error answer is worth retrying, as ``retry.classify`` decides for every
+        answer of both backends; raises _Stop when nothing can succeed (key, quota)."""
+        response = exc.response
+        verdict = classify(Outcome(exc.status_code, response.content, response.headers))
+        if verdict.action is Action.FATAL:
+            raise _Stop(RunOutcome.FATAL, fatal_message(verdict.kind, verdict.message))
+        return verdict.action is Action.RETRY
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self,
+        what: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        refused: Callable[[openai.APIStatusError], Awaitable[T]] | None = None,
+        between: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
         """``fn()``, retried with backoff while the API is unreachable or answers 429/5xx (up
-        to ``--outage-limit``); other error answers are raised."""
+        to ``--outage-limit``): the one retry loop of the Batch API backend. Any other error
+        answer goes to ``refused`` (raised without one); ``between`` runs after each failure
+        and its answer, if not None, is taken instead (a create whose answer was lost may have
+        happened)."""
         started = time.monotonic()
         attempt = 0
         while True:
@@ -341,10 +349,16 @@ class BatchBackend:
                 return await fn()
             except openai.APIStatusError as exc:
                 if not self._refusal(what, exc):
-                    raise
+                    if refused is None:
+                        raise
+                    return await refused(exc)
                 problem = f"HTTP {exc.status_code}: {exc.message}"
             except _TRANSIENT as exc:
                 problem = str(exc) or exc.__class__.__name__
+            if between is not None:
+                found = await between()
+                if found is not None:
+                    return found
             attempt += 1
             if time.monotonic() - started > self.retry.outage_limit:
                 raise _Stop(
@@ -597,39 +611,28 @@ class BatchBackend:
         """Create the chunk's batch. A create whose answer was lost may have happened: look
         for the tag before trying again."""
         books = self.books
-        started = time.monotonic()
-        attempt = 0
-        assert info.file_id is not None
-        while True:
-            try:
-                return await self.client.batches.create(
-                    input_file_id=info.file_id,
-                    endpoint=info.url,  # type: ignore[arg-type]
-                    completion_window=BATCH_WINDOW,
-                    metadata=self._metadata(info),
-                )
-            except openai.APIStatusError as exc:
-                if not self._refusal("creating a batch", exc):
-                    del self._open[info.id]
-                    await books.in_db(
-                        books.store.abandon_chunk, books.runner_id, info.id, exc.message
-                    )
-                    await self._delete_file(info.file_id)
-                    raise _Stop(
-                        RunOutcome.FATAL, f"the Batch API refused to create a batch: {exc.message}"
-                    ) from None
-                problem = f"HTTP {exc.status_code}: {exc.message}"
-            except _TRANSIENT as exc:
-                problem = str(exc) or exc.__class__.__name__
-            found = await self._find(info)
-            if found is not None:
-                return found
-            attempt += 1
-            if time.monotonic() - started > self.retry.outage_limit:
-                raise _Stop(
-                    RunOutcome.UNREACHABLE, f"creating a batch failed for too long: {problem}"
-                )
-            await asyncio.sleep(self.backoff.delay(attempt, None, self._rng))
+        file_id = info.file_id
+        assert file_id is not None
+
+        async def refused(exc: openai.APIStatusError) -> Batch:
+            del self._open[info.id]
+            await books.in_db(books.store.abandon_chunk, books.runner_id, info.id, exc.message)
+            await self._delete_file(file_id)
+            raise _Stop(
+                RunOutcome.FATAL, f"the Batch API refused to create a batch: {exc.message}"
+            ) from None
+
+        return await self._call(
+            "creating a batch",
+            lambda: self.client.batches.create(
+                input_file_id=file_id,
+                endpoint=info.url,  # type: ignore[arg-type]
+                completion_window=BATCH_WINDOW,
+                metadata=self._metadata(info),
+            ),
+            refused=refused,
+            between=lambda: self._find(info),
+        )
 
     async def _submitted(self, info: BatchInfo, batch: Batch) -> None:
         books = self.books
@@ -897,29 +900,19 @@ class BatchBackend:
     ) -> bool:
         """Stream a result file and settle each line; False if the file could not be read.
         A download cut short is read again: lines already settled are skipped."""
-        books = self.books
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                async with self.client.files.with_streaming_response.content(
-                    file_id, timeout=_FILE_TIMEOUT
-                ) as response:
-                    await self._lines(response.iter_bytes(1 << 16), by_id, tally)
-                return True
-            except openai.APIStatusError as exc:
-                if not self._refusal("downloading results", exc):
-                    books.notice(f"could not read result file {file_id}: {exc.message}")
-                    return False
-                problem = f"HTTP {exc.status_code}: {exc.message}"
-            except _TRANSIENT as exc:
-                problem = str(exc) or exc.__class__.__name__
-            attempt += 1
-            if time.monotonic() - started > self.retry.outage_limit:
-                raise _Stop(
-                    RunOutcome.UNREACHABLE, f"downloading results failed for too long: {problem}"
-                )
-            await asyncio.sleep(self.backoff.delay(attempt, None, self._rng))
+
+        async def download() -> bool:
+            async with self.client.files.with_streaming_response.content(
+                file_id, timeout=_FILE_TIMEOUT
+            ) as response:
+                await self._lines(response.iter_bytes(1 << 16), by_id, tally)
+            return True
+
+        async def refused(exc: openai.APIStatusError) -> bool:
+            self.books.notice(f"could not read result file {file_id}: {exc.message}")
+            return False
+
+        return await self._call("downloading results", download, refused=refused)
 
     async def _lines(
         self, chunks: Any, by_id: dict[str, PendingRequest], tally: dict[str, int]
@@ -984,13 +977,14 @@ class BatchBackend:
                 books.succeed(req, body, json.dumps(body), status=status, api_request_id=api_id)
                 tally["done"] += 1
                 return
-            err = body.get("error") if isinstance(body, dict) else None
-            err = err if isinstance(err, dict) else {}
-            code = _text(err.get("code")) or str(status)
-            message = _text(err.get("message")) or f"HTTP {status}"
-            kind = "server" if status >= 500 else f"http_{status}"
-            books.attempt(req, req.attempts, now, 0.0, status, kind)
-            if status in RETRY_STATUSES or status >= 500:
+            # An error line is decided as the synchronous API's answers are (retry.classify):
+            # what the sync pool would retry goes back to pending, the rest fails.
+            raw = json.dumps(body).encode() if body is not None else b""
+            verdict = classify(Outcome(status, raw, {}))
+            code = verdict.code or str(status)
+            message = verdict.message or f"HTTP {status}"
+            books.attempt(req, req.attempts, now, 0.0, status, verdict.kind[:32])
+            if verdict.action is Action.RETRY:
                 self._again(req, code, message, tally)
                 return
             books.fail(

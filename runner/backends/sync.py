@@ -32,7 +32,15 @@ from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..errors import BatchrunError
 from ..governor import Governor
-from ..retry import UNREADABLE, Action, Backoff, Verdict, classify, describe_body
+from ..retry import (
+    UNREADABLE,
+    Action,
+    Backoff,
+    Verdict,
+    classify,
+    describe_body,
+    fatal_message,
+)
 from ..settings import Limits, Retry
 from ..store import Beat, Claim, PendingRequest
 from ..transport import OpenAITransport, Outcome
@@ -508,7 +516,7 @@ class SyncBackend:
                 return
             if verdict.action is Action.FATAL:
                 books.release(req, verdict.message)
-                control.stop(RunOutcome.FATAL, _fatal_message(verdict.kind, verdict.message))
+                control.stop(RunOutcome.FATAL, fatal_message(verdict.kind, verdict.message))
                 return
             if not await self._before_retry(req, out, verdict):
                 return
@@ -652,11 +660,3 @@ class SyncBackend:
             api_request_id=out.headers.get("x-request-id"),
             latency=out.latency,
         )
-
-
-def _fatal_message(kind: str, message: str | None) -> str:
-    what = {
-        "auth": "the API rejected the API key (HTTP 401/403)",
-        "quota": "the account has no quota left",
-    }.get(kind, "the API refused the run")
-    return f"{what}: {message}" if message else what
