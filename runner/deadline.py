@@ -12,35 +12,16 @@ Pure functions of the clock they are given, so tests run them on fake time.
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from .durations import parse_duration, span
 from .errors import UsageError
 from .plan import Plan, least_seconds
 from .settings import Deadline
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DEADLINE_EVENT = "deadline"  # the event that records a job's deadline (detail: SPEC|EPOCH)
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in ``90s``, ``8h``, ``1h30m``, ``1.5h``; None when it is not a duration."""
-    text = text.strip().lower()
-    if not text:
-        return None
-    pos = total = 0.0
-    end = 0
-    for m in _DURATION.finditer(text):
-        if m.start() != end:
-            return None
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        end = m.end()
-        pos += 1
-    return total if pos and end == len(text) else None
 
 
 def resolve(spec: str, now: float) -> float:
@@ -197,18 +178,6 @@ def clock_text(epoch: float, now: float) -> str:
     shown = at.strftime("%Y-%m-%d %H:%M:%S" if abs(epoch - now) > 86400 else "%H:%M:%S")
     delta = epoch - now
     return f"{shown} ({'in ' + span(delta) if delta >= 0 else span(-delta) + ' ago'})"
-
-
-def span(seconds: float) -> str:
-    """``45s``, ``12m30s``, ``3h05m``."""
-    s = max(0, math.ceil(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
 
 
 def price_plan(

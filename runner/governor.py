@@ -21,37 +21,30 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-import re
 import time
 from collections.abc import Mapping
 
 from aiolimiter import AsyncLimiter
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+from . import durations
+
 PROBE_WAIT = 5.0  # longest the other requests wait for the probe's answer
 _ELECTED = -1  # the probe's place in the gate, before it has a ticket
 
 
 def parse_duration(text: str | None) -> float | None:
-    """A Go duration string (``12ms``, ``1.5s``, ``6m0s``, ``1h2m3s``) in seconds, or None."""
+    """A reset header (a Go duration such as ``6m0s``, or the plain seconds some compatible
+    servers send) in seconds, or None."""
     if not text:
         return None
-    text = text.strip()
-    pos = 0
-    total = 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            return None
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or pos == 0:
-        try:  # some compatible servers send plain seconds
-            value = float(text)
-        except ValueError:
-            return None
-        return value if math.isfinite(value) and value >= 0 else None
-    return total
+    seconds = durations.parse_duration(text)
+    if seconds is not None:
+        return seconds
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def _number(text: str | None, minimum: int) -> int | None:

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, TextIO
 
+from .durations import clock
 from .money import format_money
 
 if TYPE_CHECKING:  # asyncio, tqdm and the engine load with a run, not with `price`
@@ -50,13 +51,6 @@ def _join(fields: dict[str, str], shown: list[str]) -> str:
         head = ", ".join(inner)
     rest = [fields[k] for k in shown if k not in ("done", "ok", "failed")]
     return ", ".join(p for p in (head, *rest) if p)
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Progress:
@@ -113,10 +107,10 @@ class Progress:
         """From the rate seen; before there is one (or while it is nil), from what the rate
         limits allow, and said so."""
         if rate:
-            return f"ETA {_clock(left / rate)}"
+            return f"ETA {clock(left / rate)}"
         limit = self.stats.limit_rate
         if limit:
-            return f"ETA {_clock(left / limit)} at the limit"
+            return f"ETA {clock(left / limit)} at the limit"
         return "ETA ?"
 
     def _batches(self) -> str:
@@ -127,7 +121,7 @@ class Progress:
             return ""
         text = f"{s.batch_completed:,} completed in {s.open_batches:,} open batch(es)"
         if s.next_poll is not None:
-            text += f", next poll in {_clock(max(0.0, s.next_poll - time.monotonic()))}"
+            text += f", next poll in {clock(max(0.0, s.next_poll - time.monotonic()))}"
         return text
 
     def _projected(self) -> str:
@@ -148,7 +142,7 @@ class Progress:
             per_minute = limit * 60
             self.say(
                 f"batchrun: the rate limits allow {per_minute:,.4g} request(s) per minute: the "
-                f"{left:,} request(s) left take at least {_clock(left / limit)}"
+                f"{left:,} request(s) left take at least {clock(left / limit)}"
             )
 
     def line(self, width: int | None = None) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from .budgets import BudgetBooks, JobDraw, describe, iso
 from .calibration import PPM
 from .deadline import DeadlinePlan
+from .durations import span
 from .endpoints import BATCH_WINDOW
 from .money import format_exact, format_money, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
@@ -25,17 +26,6 @@ from .store import BatchInfo, JobStatus, RunnerInfo
 def _count(n: int, noun: str) -> str:
     """``1 request``, ``2,000 requests``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
 
 
 # -- price -------------------------------------------------------------------------------------
@@ -120,8 +110,8 @@ def format_plan(
     if minimum is not None and sustained is not None:
         limits = " and ".join(x for x in (rpm and f"{rpm:,} RPM", tpm and f"{tpm:,} TPM") if x)
         lines.append(
-            f"minimum wall time at {limits}: {_duration(minimum)} with the limits' full first "
-            f"minute, {_duration(sustained)} at their sustained rate (a key already in use)"
+            f"minimum wall time at {limits}: {span(minimum)} with the limits' full first "
+            f"minute, {span(sustained)} at their sustained rate (a key already in use)"
         )
     return "\n".join(lines)
 
@@ -894,7 +884,7 @@ def budget_lines(s: JobStatus) -> list[str]:
 def format_deadline_plan(plan: DeadlinePlan) -> str:
     """The ``--deadline`` plan, as ``run --via auto`` shows it before sending and ``price
     --deadline`` prints it: what goes where, by when, and the cost range."""
-    from .deadline import clock_text, span
+    from .deadline import clock_text
 
     now = plan.now
     lines = [

@@ -15,12 +15,12 @@ import pytest
 from runner.deadline import (
     TailLimits,
     make_plan,
-    parse_duration,
     planned_seconds,
     resolve,
     switch_due,
     sync_seconds,
 )
+from runner.durations import parse_duration
 from runner.errors import UsageError
 from runner.report import deadline_plan_json, format_deadline_plan, format_status
 from runner.settings import Batching, Deadline, Limits, Retry

@@ -25,7 +25,8 @@ import shutil
 import time
 from collections.abc import Callable
 
-from ..deadline import TailLimits, span, switch_due, sync_seconds
+from ..deadline import TailLimits, switch_due, sync_seconds
+from ..durations import span
 from ..engine import Books, Control, RunOutcome
 from ..settings import Deadline, Limits
 from ..store import SWITCH_EVENT, Beat, RequestState
