@@ -4,14 +4,16 @@ comparison."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import runner
 from runner.money import format_money, usd_to_pico
 from runner.pricing import load_price_table
 from runner.report import format_plan, format_status, status_json
-from runner.settings import Batching
+from runner.settings import Batching, RunSettings, Transport
 from runner.simulator import SimulatorThread
 
 from .helpers import run_in_process
@@ -71,38 +73,42 @@ def test_price_via_batch_gives_the_completion_window_not_a_rate_limit_time(
     assert "minimum wall time" in format_plan(plan, table, 500, 200_000)
 
 
+def _batch_settings(job: Path, db: Path, sim: SimulatorThread) -> RunSettings:
+    return RunSettings(
+        cap_pico=usd_to_pico("1"), jobfile=job, db=str(db), quiet=True, via="batch",
+        batching=FAST, transport=Transport(base_url=sim.base_url),
+    )  # fmt: skip
+
+
+async def _detach(settings: RunSettings, until: Callable[[], bool]) -> runner.RunResult:
+    """Run a batch job and stop it (detach) once ``until()`` holds."""
+    stop = asyncio.Event()
+
+    async def stop_then() -> None:
+        while not until():
+            await asyncio.sleep(0.01)
+        stop.set()
+
+    stopper = asyncio.ensure_future(stop_then())
+    result = await runner.run_with(settings, api_key="sk-test", stop=stop)
+    await stopper
+    assert result.outcome is runner.RunOutcome.DETACHED
+    return result
+
+
 async def test_a_batch_run_detached_then_run_again_waits_for_its_batches_without_asking(
     tmp_path: Path, make_simulator
 ) -> None:
     """A batch console (issue 21, point 2): detaching names the batches left open; running
     the same command again says what it waits for and does not ask to send nothing."""
-    import asyncio
-
-    from runner.settings import RunSettings, Transport
-
     sim = make_simulator(batch_lines_per_s=20)  # 100 lines: about 5 s in the batch
     job = tmp_path / "job.jsonl"
     write_job(job, 100)
-    db = tmp_path / "b.db"
-    settings = RunSettings(
-        cap_pico=usd_to_pico("1"), jobfile=job, db=str(db), quiet=True, via="batch",
-        batching=FAST, transport=Transport(base_url=sim.base_url),
-    )  # fmt: skip
-    stop = asyncio.Event()
-
-    async def stop_once_submitted() -> None:
-        while not sim.ledger_snapshot()["batches_created"]:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)  # the batch's id is recorded
-        stop.set()
-
-    stopper = asyncio.ensure_future(stop_once_submitted())
-    first = await runner.run_with(settings, api_key="sk-test", stop=stop)
-    await stopper
-    assert first.outcome is runner.RunOutcome.DETACHED
-    assert (
-        first.message is not None and "detached from 1 open batch(es) holding 100" in first.message
-    )
+    settings = _batch_settings(job, tmp_path / "b.db", sim)
+    # Stopped once some lines ran: the batch's id is recorded by then.
+    first = await _detach(settings, lambda: sim.ledger_snapshot()["batch_lines_billed"] >= 3)
+    assert first.message is not None
+    assert "detached from 1 open batch(es) holding 100" in first.message
     assert "(batch_" in first.message  # which batch
     asked: list[object] = []
     printed: list[str] = []
@@ -117,30 +123,12 @@ async def test_a_batch_run_detached_then_run_again_waits_for_its_batches_without
 async def test_cancel_says_which_batches_it_cancelled_and_what_they_had_finished(
     tmp_path: Path, make_simulator
 ) -> None:
-    import asyncio
-
-    from runner.settings import RunSettings, Transport
-
     sim = make_simulator(batch_lines_per_s=20)
-    job = tmp_path / "job.jsonl"
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
     write_job(job, 100)
-    db = tmp_path / "b.db"
-    settings = RunSettings(
-        cap_pico=usd_to_pico("1"), jobfile=job, db=str(db), quiet=True, via="batch",
-        batching=FAST, transport=Transport(base_url=sim.base_url),
-    )  # fmt: skip
-    stop = asyncio.Event()
-
-    async def stop_when_under_way() -> None:
-        while sim.ledger_snapshot()["requests_billed"] < 10:
-            await asyncio.sleep(0.01)
-        stop.set()
-
-    stopper = asyncio.ensure_future(stop_when_under_way())
-    assert (await runner.run_with(settings, api_key="sk-test", stop=stop)).outcome is (
-        runner.RunOutcome.DETACHED
+    await _detach(
+        _batch_settings(job, db, sim), lambda: sim.ledger_snapshot()["requests_billed"] >= 10
     )
-    await stopper
     cancelled = await runner.cancel_with(
         RunSettings(
             cap_pico=0, jobfile=job, db=str(db), quiet=True, via="batch",
