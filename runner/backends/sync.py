@@ -594,7 +594,8 @@ class SyncBackend:
         a web server's default page), so the base URL is not the API. The request is charged
         as an unknown outcome (it may have been billed) and stays pending."""
         self._unreadable += 1
-        if self._unreadable < max(self.retry.same_error_limit, 1):
+        limit = self.retry.same_error_limit
+        if limit <= 0 or self._unreadable < limit:  # 0: never concluded from the first answers
             return False
         books, control = self._books_(), self._control
         assert control is not None
