@@ -162,6 +162,9 @@ class Estimate:
     budget_name: str | None = None  # the budget the run draws on, what it has left ...
     budget_left_pico: int = 0
     budget_period: str = ""  # ... "this month" (``fits`` counts under it too)
+    # ``--deadline``: not even all of it through the synchronous API at the limits finishes by
+    # then (the question says so; the run then goes all sync, as fast as the limits allow).
+    deadline_missed: bool = False
     sampling: bool = False  # ``price --sample``: only the sample is sent
     sample: int = 0  # the sample's requests still to send ...
     sample_worst_pico: int = 0  # ... and their worst case

@@ -333,9 +333,13 @@ def confirm_question(est: Estimate) -> str:
             f" (budget {est.budget_name}: {format_money(est.budget_left_pico)} left "
             f"{est.budget_period})"
         )
+    missed = (
+        "The deadline cannot be met even all sync at the limits: " if est.deadline_missed else ""
+    )
     return (
-        f"Send {send}, {projected}worst case {format_money(worst)} of cap "
-        f"{format_money(est.cap_pico)}{budget}?"
+        f"{missed}Send {send}, {projected}worst case {format_money(worst)} of cap "
+        f"{format_money(est.cap_pico)}{budget}"
+        + (", all sync, as fast as the limits allow?" if est.deadline_missed else "?")
     )
 
 

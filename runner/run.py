@@ -741,7 +741,10 @@ async def run_job(
             est = _with_budget(store, job, est, budget, settings)
         shown = [format_estimate(est, plan, table, settings.limits), *notes]
         if settings.deadline.at is not None:
-            shown.append(format_deadline_plan(deadline_plan(store, job, table, settings, clock)))
+            by_deadline = deadline_plan(store, job, table, settings, clock)
+            shown.append(format_deadline_plan(by_deadline))
+            if by_deadline.feasible is False:
+                est = replace(est, deadline_missed=True)
         echo("\n".join(shown))
         # Nothing to send but batches to wait for: no question (nothing will be spent that
         # was not reserved already).

@@ -245,3 +245,35 @@ def test_kill_9_at_each_step_of_the_switch_then_the_same_command_resumes(
     assert 0 < ledger["batch_lines_billed"] < 150
     assert b.ledger_pico == ledger["billed_pico"]  # books == bill
     assert_consistent(db)
+
+
+async def test_a_deadline_not_even_all_sync_can_meet_is_said_in_the_question(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """Issue 19, point 2: the run asks (and says so) before going all sync at once."""
+    from runner import run_with
+    from runner.errors import Declined
+    from runner.money import usd_to_pico
+    from runner.report import confirm_question
+    from runner.settings import RunSettings, Transport
+
+    sim = make_simulator()
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    write_job(job, 400)
+    asked: list[str] = []
+
+    def confirm(est: Any) -> bool:
+        asked.append(confirm_question(est))
+        return False
+
+    settings = RunSettings(
+        cap_pico=usd_to_pico("5"), jobfile=job, db=str(db), quiet=True, via="auto",
+        limits=Limits(rpm=60), deadline=Deadline(spec="30s"), batching=Batching(**POLL),
+        transport=Transport(base_url=sim.base_url),
+    )  # fmt: skip
+    with pytest.raises(Declined):
+        await run_with(settings, confirm=confirm, api_key="sk-test")
+    (question,) = asked
+    assert question.startswith("The deadline cannot be met even all sync at the limits: Send ")
+    assert question.endswith(", all sync, as fast as the limits allow?")
+    assert sim.ledger_snapshot()["requests_received"] == 0  # nothing sent before the answer
