@@ -45,6 +45,7 @@ from .plan import (
 )
 from .pricing import PriceTable, load_price_table, tier_of_json
 from .progress import Reading
+from .projection import Projection, project
 from .report import format_deadline_plan, format_estimate, projected_text
 from .sampling import Drawn
 from .settings import RunSettings
@@ -229,13 +230,8 @@ def _draw_sample(
 PROJECT_EVERY = 15.0  # seconds between the projections a run's progress line shows
 
 
-def _projected(
-    store: Store, job: Job, table: PriceTable, settings: RunSettings
-) -> tuple[int, int, int] | None:
+def _projected(projection: Projection, settings: RunSettings) -> tuple[int, int, int] | None:
     """The job's projected total at the lane's prices, once any model has two results in."""
-    from .projection import project
-
-    projection = project(store, job.id, table)
     if not any(m.sampled >= 2 for m in projection.by_model.values()):
         return None
     lane = projection.lane(settings.via == "batch")
@@ -250,7 +246,8 @@ async def _projecting(
     while True:
         await asyncio.sleep(PROJECT_EVERY)
         with contextlib.suppress(Exception):  # a projection is a courtesy, never a failure
-            stats.projected = await asyncio.to_thread(_projected, store, job, table, settings)
+            projection = await asyncio.to_thread(project, store, job.id, table)
+            stats.projected = _projected(projection, settings)
 
 
 def find_job(
@@ -388,57 +385,41 @@ def find_budget(store: Store, settings: RunSettings) -> Budget | None:
 
 def _with_budget(
     store: Store, job: Job, est: Estimate, budget: Budget, settings: RunSettings
-) -> Estimate:
-    """The estimate with what the budget has left: the requests that fit are those that fit
-    under both the cap and the budget (the question asks about those)."""
-    books = store.budget_books(budget)
-    spend, cap = store.books(job.id)
-    room = min(cap - spend.total_pico, books.left_pico)
-    fits = store.fits_under(job.id, room, batch=settings.via == "batch")
-    return replace(
-        est,
-        fits=min(est.fits, fits),
-        budget_name=budget.name,
-        budget_left_pico=books.left_pico,
-        budget_period=THIS_PERIOD[budget.per],
-    )
-
-
-def budget_line(store: Store, job: Job, budget: Budget, settings: RunSettings) -> str:
-    """Whether the job's pending requests fit in what the budget has left this period."""
+) -> tuple[Estimate, str]:
+    """The estimate with what the budget has left (the requests that fit are those that fit
+    under both the cap and the budget: the question asks about those), and the line that
+    says whether the job's pending requests fit in it this period."""
     books = store.budget_books(budget)
     spend, cap = store.books(job.id)
     room = min(cap - spend.total_pico, books.left_pico)
     batch = settings.via == "batch"
-    pending = store.state_counts(job.id).get("pending", 0)
     fits = store.fits_under(job.id, room, batch=batch)
+    est = replace(
+        est,
+        fits=fits,
+        budget_name=budget.name,
+        budget_left_pico=books.left_pico,
+        budget_period=THIS_PERIOD[budget.per],
+    )
     head = f"{describe(books)}; {format_usd(books.left_pico)} left"
+    pending = est.pending
     if not pending:
-        return head
+        return est, head
     if fits >= pending:
-        return f"{head}: the job's {pending:,} pending request(s) fit at worst case"
+        return est, f"{head}: the job's {pending:,} pending request(s) fit at worst case"
     line = f"{head}: {fits:,} of {pending:,} pending request(s) fit at worst case"
     ratio = store.output_ratio(job.id)
     if ratio[1]:
         likely = store.fits_under(job.id, room, batch=batch, ratio=ratio)
         line += f" (~{likely:,} at the output seen so far)"
-    return line
-
-
-def _batch_bounds(store: Store, job: Job, table: PriceTable) -> tuple[int, int]:
-    """(floor, worst case) of the whole job at Batch API prices."""
-    floor = worst = 0
-    for model, (n, tokens, limit) in store.model_totals(job.id).items():
-        f, w = table.resolve(model).bounds(tokens, limit, batch=True, requests=n)
-        floor, worst = floor + f, worst + w
-    return floor, worst
+    return est, line
 
 
 def estimate(
     store: Store,
     job: Job,
     plan: Plan | None,
-    table: PriceTable,
+    projection: Projection,
     settings: RunSettings,
     orphans: tuple[int, int],
 ) -> Estimate:
@@ -453,7 +434,7 @@ def estimate(
     weight = job.input_tokens + job.output_limit_tokens
     share = pending / job.requests if job.requests else 0.0
     ratio = store.output_ratio(job.id)
-    batch_floor, batch_worst = _batch_bounds(store, job, table)
+    batch_floor, batch_worst = projection.floor_pico(True), projection.worst_pico(True)
     in_batches = store.in_batches(job.id)
     open_batches = (
         sum(1 for b in store.job_batches(job.id) if b.state == "submitted") if in_batches else 0
@@ -515,7 +496,11 @@ def _job_deadline(
 
 
 def deadline_plan(
-    store: Store, job: Job, table: PriceTable, settings: RunSettings, clock: Clock | None = None
+    store: Store,
+    job: Job,
+    projection: Projection,
+    settings: RunSettings,
+    clock: Clock | None = None,
 ) -> DeadlinePlan:
     """The deadline's plan for the job's requests not yet finished (``run`` shows it before
     sending), at the limits given (the learned ones are known only once a request is sent)."""
@@ -525,7 +510,7 @@ def deadline_plan(
     left = states.get("pending", 0) + states.get("reserved", 0)
     share = left / job.requests if job.requests else 0.0
     weight = int((job.input_tokens + job.output_limit_tokens) * share)
-    batch_floor, batch_worst = _batch_bounds(store, job, table)
+    batch_floor, batch_worst = projection.floor_pico(True), projection.worst_pico(True)
     limits = settings.limits
     tail = TailLimits(limits.rpm, limits.tpm, "given" if limits.rpm or limits.tpm else "unknown")
     return make_plan(
@@ -727,21 +712,22 @@ async def run_job(
         raise
     try:
         orphans = store.recover(job.id, runner.host, process_alive)
-        if budget is not None and drawn is None:
-            notes.insert(0, budget_line(store, job, budget, settings))
         settings = _job_deadline(store, job, runner, settings, clock)
-        est = estimate(store, job, plan, table, settings, orphans)
+        # One read of the job's strata: its bounds at both lanes, and what it will cost.
+        projection = project(store, job.id, table)
+        est = estimate(store, job, plan, projection, settings, orphans)
         if drawn is not None:
             est = replace(
                 est, sampling=True, sample=len(drawn.pending), sample_worst_pico=drawn.worst_pico
             )
         else:
-            est = replace(est, projected=_projected(store, job, table, settings))
+            est = replace(est, projected=_projected(projection, settings))
         if budget is not None and drawn is None:
-            est = _with_budget(store, job, est, budget, settings)
+            est, line = _with_budget(store, job, est, budget, settings)
+            notes.insert(0, line)
         shown = [format_estimate(est, plan, table, settings.limits), *notes]
         if settings.deadline.at is not None:
-            by_deadline = deadline_plan(store, job, table, settings, clock)
+            by_deadline = deadline_plan(store, job, projection, settings, clock)
             shown.append(format_deadline_plan(by_deadline))
             if by_deadline.feasible is False:
                 est = replace(est, deadline_missed=True)

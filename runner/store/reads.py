@@ -393,25 +393,6 @@ class ReadsMixin(StoreBase):
             ).one()
         return (None if first is None else float(first)), (None if last is None else float(last))
 
-    def model_totals(self, job_id: int) -> dict[str, tuple[int, int, int]]:
-        """Per model of the job: requests, counted input tokens and output limits (what
-        ``Price.bounds`` prices the job's floor and worst case from, at either lane)."""
-        big = sa.BigInteger
-        with self.reading() as conn:
-            return {
-                str(m): (int(n), int(i or 0), int(lim or 0))
-                for m, n, i, lim in conn.execute(
-                    sa.select(
-                        requests.c.model,
-                        sa.func.count(),
-                        sa.func.sum(sa.cast(requests.c.input_tokens, big)),
-                        sa.func.sum(sa.cast(requests.c.output_limit, big)),
-                    )
-                    .where(requests.c.job_id == job_id)
-                    .group_by(requests.c.model)
-                )
-            }
-
     def models_of(self, job_id: int) -> list[str]:
         """The models the job's requests name."""
         with self.reading() as conn:
