@@ -30,7 +30,7 @@ from .budgets import move_budgets
 from .claims import LIVE, ClaimsMixin, _move_books
 from .reads import ReadsMixin
 from .records import SWITCH_EVENT, BatchInfo, JobStatus, PendingRequest, RequestState, ResultFlag
-from .schema import batches, requests, results, runners
+from .schema import batches, flagged, requests, results, runners
 
 PREPARED, SUBMITTED, CLOSED, ABANDONED = "prepared", "submitted", "closed", "abandoned"
 OPEN = (PREPARED, SUBMITTED)
@@ -314,8 +314,7 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
 
     def lanes(self, job_id: int) -> dict[str, tuple[int, int]]:
         """The job's results by the lane they came back through: (results, cost)."""
-        batch = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.BATCH.value}%")
-        lane = sa.case((batch, "batch"), else_="sync")
+        lane = sa.case((flagged(ResultFlag.BATCH), "batch"), else_="sync")
         with self.reading() as conn:
             return {
                 str(name): (int(n), int(cost or 0))

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from ..errors import StoreError
 from .base import StoreBase
 from .records import INVALID_OUTPUT_FLAGS, Job, NewRequest, RequestState, Requeued, ResultFlag
-from .schema import jobs, requests, results
+from .schema import flagged, jobs, requests, results
 
 IDS_PER_STATEMENT = 2000  # ids in one IN (...) or one executemany
 
@@ -262,8 +262,8 @@ class JobsMixin(StoreBase):
         Their results go, so the job's token counts keep only their new ones. Returns how
         many, what they were billed and their worst cases again (sync, batch)."""
         kinds = [f for f in INVALID_OUTPUT_FLAGS if f.value in codes] or list(INVALID_OUTPUT_FLAGS)
-        flagged = sa.or_(*(sa.func.coalesce(results.c.flags, "").like(f"%{f}%") for f in kinds))
-        reused = sa.func.coalesce(results.c.flags, "").like(f"%{ResultFlag.REUSED}%")
+        invalid = sa.or_(*(flagged(f) for f in kinds))
+        reused = flagged(ResultFlag.REUSED)
         q = (
             sa.select(
                 requests.c.id,
@@ -272,7 +272,7 @@ class JobsMixin(StoreBase):
                 requests.c.batch_worst_pico,
             )
             .select_from(results.join(requests, results.c.request_id == requests.c.id))
-            .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE, flagged)
+            .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE, invalid)
         )
         with self.writing() as conn:
             found = conn.execute(q).all()

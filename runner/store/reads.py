@@ -19,7 +19,7 @@ from .records import (
     RunnerInfo,
     Spend,
 )
-from .schema import attempts, events, jobs, ledger, requests, results, runners
+from .schema import attempts, events, flagged, jobs, ledger, requests, results, runners
 
 LIVE = "live"
 
@@ -37,10 +37,6 @@ _SUM_KEYS = (
     "outputs_not_json",
     "outputs_mismatch",
 )
-
-
-def _flagged(flag: ResultFlag) -> sa.ColumnElement[bool]:
-    return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
 
 
 _BUCKETS = 24  # output limits up to 2^24 tokens have a bucket of their own
@@ -71,7 +67,7 @@ def _done_sums(
     ``cost_pico`` counts what this job spent; reused results (copied from an earlier job) are
     counted apart.
     """
-    reused = _flagged(ResultFlag.REUSED)
+    reused = flagged(ResultFlag.REUSED)
 
     def total(value: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
         return sa.func.coalesce(sa.func.sum(value), 0)
@@ -88,9 +84,9 @@ def _done_sums(
             total(sa.case((reused, 0), else_=results.c.cost_pico)),
             total(sa.case((reused, 1), else_=0)),
             total(sa.case((reused, results.c.cost_pico), else_=0)),
-            total(sa.case((_flagged(ResultFlag.USAGE_MISSING), 1), else_=0)),
-            total(sa.case((_flagged(ResultFlag.OUTPUT_NOT_JSON), 1), else_=0)),
-            total(sa.case((_flagged(ResultFlag.OUTPUT_MISMATCH), 1), else_=0)),
+            total(sa.case((flagged(ResultFlag.USAGE_MISSING), 1), else_=0)),
+            total(sa.case((flagged(ResultFlag.OUTPUT_NOT_JSON), 1), else_=0)),
+            total(sa.case((flagged(ResultFlag.OUTPUT_MISMATCH), 1), else_=0)),
         )
         .select_from(results.join(requests, results.c.request_id == requests.c.id))
         .where(requests.c.job_id == job_id, requests.c.state == RequestState.DONE)
@@ -104,8 +100,8 @@ def _unpriced(conn: sa.Connection, job_id: int) -> tuple[dict[str, int], int]:
     """The job's results the price table could not price: per model the responses named
     (``ResultFlag.UNPRICED_MODEL``), and how many reported a tier without prices."""
     model = sa.func.coalesce(results.c.response_model, "?")
-    flagged_model = _flagged(ResultFlag.UNPRICED_MODEL)
-    flagged_tier = _flagged(ResultFlag.UNPRICED_TIER)
+    flagged_model = flagged(ResultFlag.UNPRICED_MODEL)
+    flagged_tier = flagged(ResultFlag.UNPRICED_TIER)
     rows = conn.execute(
         sa.select(model, flagged_model, sa.func.count())
         .select_from(results.join(requests, results.c.request_id == requests.c.id))
@@ -275,7 +271,7 @@ class ReadsMixin(StoreBase):
             .where(
                 requests.c.job_id == job_id,
                 requests.c.state == RequestState.DONE,
-                ~_flagged(ResultFlag.USAGE_MISSING),
+                ~flagged(ResultFlag.USAGE_MISSING),
             )
             .group_by(requests.c.model)
         )
@@ -341,7 +337,7 @@ class ReadsMixin(StoreBase):
                 sa.func.sum(sa.cast(requests.c.output_limit, big)),
             ]
             joined = results.join(requests, results.c.request_id == requests.c.id)
-            usage = ~_flagged(ResultFlag.USAGE_MISSING)
+            usage = ~flagged(ResultFlag.USAGE_MISSING)
             for row in conn.execute(
                 sa.select(requests.c.model, key, sa.func.count(), *exact, *terms)
                 .select_from(joined)

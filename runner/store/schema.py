@@ -119,6 +119,12 @@ results = sa.Table(
     sa.Column("flags", sa.Text),  # comma-separated ResultFlag values
 )
 
+
+def flagged(flag: str) -> sa.ColumnElement[bool]:
+    """Results carrying ``flag`` (a ``ResultFlag``; ``results.flags`` is comma-separated)."""
+    return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
+
+
 ledger = sa.Table(
     "ledger",
     metadata,

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from .base import StoreBase
 from .records import ResultFlag
-from .schema import attempts, events, ledger, requests, results
+from .schema import attempts, events, flagged, ledger, requests, results
 
 # About this many buckets per series, whatever the job's time span: enough to see its shape,
 # few enough to keep the page small.
@@ -139,13 +139,9 @@ def _int(n: int) -> sa.ColumnElement[int]:
     return sa.literal_column(str(int(n)), sa.Integer)
 
 
-def _flagged(flag: ResultFlag) -> sa.ColumnElement[bool]:
-    return sa.func.coalesce(results.c.flags, "").like(f"%{flag}%")
-
-
 def _not_reused() -> sa.ColumnElement[bool]:
     """Results copied from an earlier job happened in that job's time, not this one's."""
-    return sa.not_(_flagged(ResultFlag.REUSED))
+    return sa.not_(flagged(ResultFlag.REUSED))
 
 
 class TimelineMixin(StoreBase):
@@ -284,7 +280,7 @@ def _latency(conn: sa.Connection, job_id: int, b: _Bucketer, t: Timeline) -> Non
     answered = sa.and_(
         requests.c.job_id == job_id,
         attempts.c.error_kind.is_(None),
-        sa.not_(_flagged(ResultFlag.BATCH)),
+        sa.not_(flagged(ResultFlag.BATCH)),
     )
     bucket = b(attempts.c.started_at)
     per_bucket = (
