@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 
 from . import __version__
 from .budgets import describe
-from .money import PICO_PER_USD, format_money, format_usd
+from .money import PICO_PER_USD, format_interval, format_money, format_range, format_usd
 from .report import (
     budget_lines,
     calibration_lines,
@@ -240,8 +240,9 @@ def _projection(status: JobStatus, series: list[tuple[float, Any]]) -> go.Figure
     x = [_local(t) for t, _ in series]
     ranges = [p.lane(batch) for _, p in series]
     last = ranges[-1]
-    title = f"Projected {format_usd(last.total_pico)} ({format_usd(last.low_pico)}-" + (
-        f"{format_usd(last.high_pico)}) at {'Batch API' if batch else 'synchronous'} prices"
+    title = (
+        f"Projected {format_range(last.total_pico, last.low_pico, last.high_pico)} at "
+        f"{'Batch API' if batch else 'synchronous'} prices"
     )
     fig = go.Figure()
     fig.add_scatter(
@@ -251,7 +252,7 @@ def _projection(status: JobStatus, series: list[tuple[float, Any]]) -> go.Figure
     fig.add_scatter(
         x=x, y=[_usd(r.low_pico) for r in ranges], mode="lines", line={"width": 0},
         fill="tonexty", fillcolor="rgba(31,119,180,0.2)", name="95% interval",
-        customdata=[f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}" for r in ranges],
+        customdata=[format_interval(r.low_pico, r.high_pico) for r in ranges],
         hovertemplate="%{customdata}",
     )  # fmt: skip
     fig.add_scatter(

@@ -86,6 +86,17 @@ def format_usd(pico: int) -> str:
 format_money = format_usd
 
 
+def format_interval(low_pico: int, high_pico: int) -> str:
+    """``$3.80-$4.45``: an interval, in the one money format."""
+    return f"{format_usd(low_pico)}-{format_usd(high_pico)}"
+
+
+def format_range(total_pico: int, low_pico: int, high_pico: int, note: str = "") -> str:
+    """``$4.10 ($3.80-$4.45)``: a projected amount and its interval (``note`` goes inside the
+    parentheses: ``, 95%``)."""
+    return f"{format_usd(total_pico)} ({format_interval(low_pico, high_pico)}{note})"
+
+
 def format_exact(pico: int) -> str:
     """Exact decimal dollars as a string (for JSON): never rounded."""
     d = pico_to_decimal(pico).normalize()

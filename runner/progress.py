@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, TextIO
 
 from .durations import clock
-from .money import format_money
+from .money import format_money, format_range
 
 if TYPE_CHECKING:  # asyncio, tqdm and the engine load with a run, not with `price`
     import asyncio
@@ -129,7 +129,7 @@ class Progress:
         if p is None:
             return ""
         total, low, high = p
-        return f"projected {format_money(total)} ({format_money(low)}-{format_money(high)})"
+        return f"projected {format_range(total, low, high)}"
 
     def _say_limit(self) -> None:
         """Once: what the rate limits make of the time left, when they make it long."""

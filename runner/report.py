@@ -15,7 +15,7 @@ from .calibration import PPM
 from .deadline import DeadlinePlan
 from .durations import span
 from .endpoints import BATCH_WINDOW
-from .money import format_exact, format_money, format_usd
+from .money import format_exact, format_interval, format_money, format_range, format_usd
 from .plan import Estimate, Plan, Totals, projected_pico
 from .pricing import TIER_FIELDS, PriceTable
 from .projection import Projection, Range
@@ -164,7 +164,7 @@ def plan_json(
 
 
 def _range(r: Range) -> str:
-    return f"{format_usd(r.total_pico)} ({format_usd(r.low_pico)}-{format_usd(r.high_pico)})"
+    return format_range(r.total_pico, r.low_pico, r.high_pico)
 
 
 def format_projection(p: Projection, via: str | None = None) -> str:
@@ -179,14 +179,14 @@ def format_projection(p: Projection, via: str | None = None) -> str:
         rows.append(
             (
                 model, f"{m.requests:,}", f"{m.sampled:,}", format_usd(r.total_pico),
-                f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}",
+                format_interval(r.low_pico, r.high_pico),
             )
         )  # fmt: skip
     r = p.lane(batch)
     rows.append(
         (
             "total", f"{p.requests:,}", f"{p.sampled:,}", format_usd(r.total_pico),
-            f"{format_usd(r.low_pico)}-{format_usd(r.high_pico)}",
+            format_interval(r.low_pico, r.high_pico),
         )
     )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -281,7 +281,7 @@ def format_estimate(est: Estimate, plan: Plan | None, table: PriceTable, limits:
     if est.projected is not None and est.pending:
         total, low, high = est.projected
         lines.append(
-            f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}, 95%) for the "
+            f"projected {format_range(total, low, high, ', 95%')} for the "
             f"whole job, from the results in; worst case {format_usd(est.worst_pico)}"
         )
     left = (
@@ -326,7 +326,7 @@ def confirm_question(est: Estimate) -> str:
     if est.projected is not None:
         # What is still to spend: the projection less what is spent.
         total, low, high = (max(0, x - est.spent_pico) for x in est.projected)
-        projected = f"projected {format_usd(total)} ({format_usd(low)}-{format_usd(high)}), "
+        projected = f"projected {format_range(total, low, high)}, "
     budget = ""
     if est.budget_name is not None:
         budget = (
@@ -378,8 +378,7 @@ def projected_text(s: JobStatus) -> str:
     r = _lane_of(s)
     if r.low_pico == r.high_pico:
         return format_money(r.total_pico)
-    low, high = format_money(r.low_pico), format_money(r.high_pico)
-    return f"{format_money(r.total_pico)} ({low}-{high}, 95%)"
+    return format_range(r.total_pico, r.low_pico, r.high_pico, ", 95%")
 
 
 def status_json(s: JobStatus) -> dict[str, Any]:
@@ -815,7 +814,7 @@ def budget_fit(
             if high <= b.left_pico
             else f"{fits(total)} as projected, {fits(high)} at the high end"
         )
-        shown = f"{format_money(total)} ({format_money(low)}-{format_money(high)})"
+        shown = format_range(total, low, high)
         verdict += f"; projected {shown} {how}"
     return f"{describe(b)}: {verdict}"
 
