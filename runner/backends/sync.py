@@ -446,6 +446,7 @@ class SyncBackend:
                     return
                 finally:
                     self._holding.pop(req.id, None)
+                    self._capacity.pop(req.id, None)  # done with: its tries are not kept
                     self._left.set()
             finally:
                 await pool.release()
