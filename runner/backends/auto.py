@@ -75,9 +75,7 @@ class AutoBackend:
     async def left(self, books: Books) -> tuple[int, int]:
         """(requests, tokens) not yet finished: pending or reserved, less what the open batches
         completed by their last poll (their output brings those in)."""
-        counts = await books.in_db(
-            books.store.state_counts, books.job.id, (RequestState.PENDING, RequestState.RESERVED)
-        )
+        counts = await books.counts((RequestState.PENDING, RequestState.RESERVED))
         unfinished = sum(counts.values())
         completed = sum(i.completed for i in self.batch.open_batches)
         n = max(0, unfinished - completed)
@@ -95,7 +93,7 @@ class AutoBackend:
         try:
             resumed = False
             if self.deadline.at is not None:
-                found = await books.in_db(books.store.last_event, books.job.id, SWITCH_EVENT)
+                found = await books.last_event(SWITCH_EVENT)
                 resumed = found is not None
                 if not resumed and not (self.given.rpm or self.given.tpm):
                     await self._probe(books, control)

@@ -410,7 +410,7 @@ class BatchBackend:
         """Watch the job's open chunks no live runner watches (left by a run that stopped or
         died); resolve the ones that may never have been created."""
         books = self.books
-        for info in await books.in_db(books.store.attach_chunks, books.runner_id):
+        for info in await books.chunks.attach():
             if info.id in self._open:
                 continue
             if info.state == SUBMITTED:
@@ -440,11 +440,8 @@ class BatchBackend:
             )
             return
         del self._open[info.id]
-        n = await books.in_db(
-            books.store.abandon_chunk,
-            books.runner_id,
-            info.id,
-            "its batch was never created (the run stopped while preparing it)",
+        n = await books.chunks.abandon(
+            info.id, "its batch was never created (the run stopped while preparing it)"
         )
         books.notice(f"chunk {info.id} was never submitted: its {n:,} request(s) are pending again")
 
@@ -460,7 +457,7 @@ class BatchBackend:
                 name = f.filename or ""
                 if not (name.startswith(prefix) and name.endswith(".jsonl")):
                     continue
-                chunk = await books.in_db(books.store.chunk_by_tag, name[len(prefix) : -6])
+                chunk = await books.chunks.by_tag(name[len(prefix) : -6])
                 if chunk is None:  # another database's job with the same content
                     continue
                 if chunk.open and chunk.watcher != books.runner_id:
@@ -561,9 +558,7 @@ class BatchBackend:
         if control.stopping:
             return "stopped"  # the finally of run() hands the claimed requests back
         chunk.close()
-        info = await books.in_db(
-            books.store.open_chunk,
-            books.runner_id,
+        info = await books.chunks.open(
             [r.id for r in chunk.taken],
             tag=uuid.uuid4().hex,
             url=url,
@@ -593,7 +588,7 @@ class BatchBackend:
 
             uploaded = await self._call("uploading a batch file", upload)
         self._fail.reach("uploaded")
-        await books.in_db(books.store.update_chunk, books.runner_id, info.id, file_id=uploaded.id)
+        await books.chunks.update(info.id, file_id=uploaded.id)
         info.file_id = uploaded.id
         batch = await self._create(info)
         self._fail.reach("created")
@@ -616,7 +611,7 @@ class BatchBackend:
 
         async def refused(exc: openai.APIStatusError) -> Batch:
             del self._open[info.id]
-            await books.in_db(books.store.abandon_chunk, books.runner_id, info.id, exc.message)
+            await books.chunks.abandon(info.id, exc.message)
             await self._delete_file(file_id)
             raise _Stop(
                 RunOutcome.FATAL, f"the Batch API refused to create a batch: {exc.message}"
@@ -637,9 +632,7 @@ class BatchBackend:
     async def _submitted(self, info: BatchInfo, batch: Batch) -> None:
         books = self.books
         values = self._batch_values(batch)
-        await books.in_db(
-            books.store.update_chunk,
-            books.runner_id,
+        await books.chunks.update(
             info.id,
             state=SUBMITTED,
             batch_id=batch.id,
@@ -711,7 +704,7 @@ class BatchBackend:
             if batch.status != info.status:
                 changed = True
             if any(getattr(info, k) != v for k, v in values.items()):
-                await books.in_db(books.store.update_chunk, books.runner_id, info.id, **values)
+                await books.chunks.update(info.id, **values)
                 self._apply(info, values)
                 # What the poll saw, for the report's batch timeline (a row per change).
                 books.event(BATCH_POLL, 0.0, json.dumps({
@@ -763,7 +756,7 @@ class BatchBackend:
     async def _settle(self, info: BatchInfo, batch: Batch) -> None:
         """Record an ended batch: every line of its output and error files, or (failed) why."""
         books = self.books
-        held = await books.in_db(books.store.chunk_requests, info.id)
+        held = await books.chunks.requests(info.id)
         tally = {"done": 0, "failed": 0, "again": 0, "unreadable": 0}
         error: str | None = None
         if batch.status == "failed":
@@ -793,9 +786,7 @@ class BatchBackend:
                 books.attempt(req, req.attempts, time.time(), 0.0, None, "no_result")
                 self._again(req, "no_result", "the batch returned no result for it", tally)
         await books.flush()
-        await books.in_db(
-            books.store.close_chunk,
-            books.runner_id,
+        await books.chunks.close(
             info.id,
             error=error,
             **self._batch_values(batch),

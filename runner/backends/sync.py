@@ -544,7 +544,7 @@ class SyncBackend:
             wait = self.governor.rate_limited(out.headers, hint, verdict.limit_kind)
             if self.governor.paused_for > 0:
                 books.event("rate_limit_pause", self.governor.paused_for)
-                books.share_pause(self.governor.paused_for)  # the other runners hold too
+                books.members.share_pause(self.governor.paused_for)  # the other runners hold too
         elif verdict.kind == "capacity":
             # Flex capacity is short: back off (growing per request, up to --backoff-max or
             # the server's retry-after), without pausing the others (not a rate limit).
