@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .budgets import BudgetBooks, JobDraw
+    from .clock import Clock
     from .engine import RunOutcome, RunStats
     from .plan import Plan
     from .projection import Projection
@@ -517,13 +518,14 @@ async def run_with(
     api_key: str | None = None,
     stop: asyncio.Event | threading.Event | None = None,
     progress: Progress | None = None,
-    clock: Callable[[], float] | None = None,
+    clock: Clock | None = None,
 ) -> RunResult:
     """Run a job from its settings, as the command line builds them (a job file to import or
     resume, or ``settings.job_id``). ``echo`` gets the estimate and notes before sending;
     ``confirm`` may decline it; ``display`` shows the run (default: ``progress`` callbacks);
-    ``signals``: stop in order on SIGINT / SIGTERM / SIGHUP. ``clock`` (epoch seconds) says
-    which budget period the run's claims fall in (default: the database's clock)."""
+    ``signals``: stop in order on SIGINT / SIGTERM / SIGHUP. ``clock`` (a ``runner.clock.Clock``)
+    is the run's time: the rate limits, backoff, heartbeats, what is recorded and the budget
+    period claims fall in (default: real time, the database's clock for budget periods)."""
     from .run import run_job
 
     report, store, record = await run_job(

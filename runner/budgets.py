@@ -11,7 +11,6 @@ Pure functions only (no database): periods, validation, and the words a person r
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,10 +24,6 @@ NO_BUDGET = "none"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # What the text says of a period: "$5.00 of $10.00 this month".
 THIS_PERIOD = {"day": "today", "week": "this week", "month": "this month", "total": "in total"}
-
-# Wall-clock time in epoch seconds. The store takes one (``Store.clock``) so that tests move it
-# across a period boundary; by default it reads the database's clock (see ``Dialect.now``).
-Clock = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)

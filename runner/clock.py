@@ -9,9 +9,10 @@ for budget periods.
 ``VirtualClock`` is fake time for tests. It runs a coroutine on an event loop of its own whose
 time is the clock's: whenever the loop has nothing to do but wait for a timer, the clock jumps
 to that timer instead of sleeping, so a test of a minute of backoff, heartbeats or a rate limit
-takes milliseconds and never depends on the machine's speed. I/O and threads still take the
-real time they take (the loop looks for them for a moment before each jump), so a test that
-waits on a database thread works; one that waits on a network timeout would see it jump.
+takes milliseconds and never depends on the machine's speed. Work on an executor thread (the
+store's calls) takes no virtual time: the clock stands still until it is done. Network I/O is
+not known to the loop (it looks for it for a moment before each jump), so a test that waits on
+a server with timeouts running would see them jump: keep virtual time to what runs in-process.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ SYSTEM = Clock()
 # How long (real seconds) the virtual loop looks for I/O and thread results before it jumps
 # to the next timer.
 _LOOK = 0.002
+# The virtual time one turn of the loop with callbacks ready takes.
+_TURN = 1e-6
 
 
 class VirtualClock(Clock):
@@ -84,25 +87,48 @@ class VirtualClock(Clock):
 
 class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     """A selector that, asked to wait ``timeout`` for I/O, looks for a moment and then, with
-    nothing to report, moves the virtual clock on by ``timeout`` (to the next timer)."""
+    nothing to report and no thread at work for the loop, moves the virtual clock on by
+    ``timeout`` (to the next timer)."""
 
     def __init__(self, clock: VirtualClock) -> None:
         super().__init__()
         self._clock = clock
+        self.busy = 0  # executor calls under way: their threads take no virtual time
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is None:  # no timer at all: only I/O or a thread can wake the loop
             return super().select(None)
-        events = super().select(min(timeout, _LOOK) if timeout > 0 else 0)
-        if not events and timeout > 0:
+        if timeout <= 0:
+            # Callbacks are ready (or a timer is due): each turn of the loop takes a moment,
+            # as it does in real time, so a timer re-armed for a hair later (aiolimiter's, when
+            # a float falls short) comes due instead of spinning at one instant.
+            self._clock.advance(_TURN)
+            return super().select(0)
+        if self.busy:  # a thread works for the loop: wait for it in real time
+            return super().select(min(timeout, 0.05))
+        events = super().select(min(timeout, _LOOK))
+        if not events:
             self._clock.advance(timeout)
         return events
 
 
 class _VirtualLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
     def __init__(self, clock: VirtualClock) -> None:
-        super().__init__(_JumpingSelector(clock))
+        self._jumping = _JumpingSelector(clock)
+        super().__init__(self._jumping)
         self._virtual = clock
 
     def time(self) -> float:
         return self._virtual.monotonic()
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
+        """While a thread works for the loop, time stands still: a store call takes no
+        virtual time however long the machine takes for it."""
+        future = super().run_in_executor(executor, func, *args)
+        self._jumping.busy += 1
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self._jumping.busy -= 1
+
+        future.add_done_callback(done)
+        return future

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-import time
 from collections.abc import Mapping
 
 from aiolimiter import AsyncLimiter
 
 from . import durations
+from .clock import SYSTEM, Clock
 
 PROBE_WAIT = 5.0  # longest the other requests wait for the probe's answer
 _ELECTED = -1  # the probe's place in the gate, before it has a ticket
@@ -182,8 +182,15 @@ class Governor:
     """Admit requests at the rate the account allows, shared by every worker of a run."""
 
     def __init__(
-        self, rpm: int | None = None, tpm: int | None = None, *, probe: bool = True
+        self,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        probe: bool = True,
+        clock: Clock = SYSTEM,
     ) -> None:
+        # The buckets leak by the event loop's time, which ``clock.monotonic`` is.
+        self.clock = clock
         self.share = 1.0
         self.requests = _Bucket(rpm, False, 1.0) if rpm else None
         self.tokens = _Bucket(tpm, False, 1.0) if tpm else None
@@ -211,17 +218,17 @@ class Governor:
         sent after all)."""
         probe = False
         while True:
-            delay = self._paused_until - time.monotonic()
+            delay = self._paused_until - self.clock.monotonic()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self.clock.sleep(delay)
                 continue
             if self._probing:
                 if self._probe_ticket is None:
                     probe = True  # this request is the probe
                     self._probe_ticket = _ELECTED
-                    self._probe_started = time.monotonic()
+                    self._probe_started = self.clock.monotonic()
                     break
-                waited = time.monotonic() - self._probe_started
+                waited = self.clock.monotonic() - self._probe_started
                 if waited < PROBE_WAIT:
                     self._probe_done.clear()
                     try:
@@ -257,25 +264,25 @@ class Governor:
         at the limits' rate (the buckets are emptied)."""
         if seconds <= 0:
             return
-        until = time.monotonic() + seconds
+        until = self.clock.monotonic() + seconds
         if until > self._paused_until:
             self._paused_until = until
             self.pauses += 1
             self.longest_pause = max(self.longest_pause, seconds)
         for bucket in (self.requests, self.tokens):
             if bucket is not None:
-                bucket.empty(self._paused_until - time.monotonic())
+                bucket.empty(self._paused_until - self.clock.monotonic())
         if probe:
             self._probing = True
             self._probe_ticket = None
 
     def pause_until_epoch(self, until: float) -> None:
         """A pause another runner shared, as an epoch time."""
-        self.pause(until - time.time(), probe=False)
+        self.pause(until - self.clock.now(), probe=False)
 
     @property
     def paused_for(self) -> float:
-        return max(0.0, self._paused_until - time.monotonic())
+        return max(0.0, self._paused_until - self.clock.monotonic())
 
     def rate(self) -> float | None:
         """Requests per second the limits allow at the average weight seen, if any is known."""

@@ -87,7 +87,7 @@ def _seconds(text: str | None, scale: float = 1.0) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """The server's requested wait: retry-after-ms, retry-after (seconds or HTTP date).
 
     Infinite or nonsense values count as absent.
@@ -103,7 +103,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         parsed = email.utils.parsedate_to_datetime(ra)
     except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, parsed.timestamp() - time.time())
+    return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
 
 
 def _limit_kind(etype: str | None, message: str) -> str:
@@ -128,9 +128,12 @@ def describe_body(out: Outcome, limit: int = 60) -> str:
     return f"{kind}: {words!r}" if words else f"{kind}, an empty body"
 
 
-def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") -> Verdict:
+def classify(
+    out: Outcome, endpoint: Endpoint | None = None, request: str = "", *, now: float | None = None
+) -> Verdict:
     """Decide what one attempt's outcome means. ``endpoint`` and ``request`` (the body sent)
-    let a 2xx be checked against what was asked (n choices, one vector per input)."""
+    let a 2xx be checked against what was asked (n choices, one vector per input); ``now``
+    (epoch seconds, the run's clock) is what a Retry-After date counts from."""
     status = out.status
     if status is None:
         kind = out.error or "connection"
@@ -185,7 +188,7 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
             # not billed; asked again after a backoff that grows (see ``Backoff``).
             return Verdict(
                 Action.RETRY, "capacity", code=code, message=message,
-                retry_after=retry_after(out.headers),
+                retry_after=retry_after(out.headers, now),
             )  # fmt: skip
         if message.startswith("Request too large"):
             return Verdict(Action.FAIL, "too_large", code=code, message=message)
@@ -196,7 +199,7 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
             message=message,
             rate_limited=True,
             limit_kind=_limit_kind(etype, message),
-            retry_after=retry_after(out.headers),
+            retry_after=retry_after(out.headers, now),
         )
     if status in RETRY_STATUSES or status >= 500:
         return Verdict(
@@ -204,7 +207,7 @@ def classify(out: Outcome, endpoint: Endpoint | None = None, request: str = "") 
             "server" if status >= 500 else f"http_{status}",
             code=code or str(status),
             message=message,
-            retry_after=retry_after(out.headers),
+            retry_after=retry_after(out.headers, now),
         )
     return Verdict(Action.FAIL, f"http_{status}", code=code or str(status), message=message)
 

@@ -14,13 +14,13 @@ import signal
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from .budgets import NO_BUDGET, THIS_PERIOD, Budget, BudgetBooks, Clock, describe
+from .budgets import NO_BUDGET, THIS_PERIOD, Budget, BudgetBooks, describe
+from .clock import SYSTEM, Clock
 from .deadline import DeadlinePlan
 from .engine import (
     Backend,
@@ -482,7 +482,7 @@ def _job_deadline(
         return settings
     if settings.via != "auto":
         raise UsageError("--deadline plans across both APIs: run it with --via auto")
-    now = (clock or time.time)()
+    now = (clock or SYSTEM).now()
     at = None
     if is_relative(spec):
         found = store.last_event(job.id, DEADLINE_EVENT)
@@ -515,7 +515,7 @@ def deadline_plan(
     tail = TailLimits(limits.rpm, limits.tpm, "given" if limits.rpm or limits.tpm else "unknown")
     return make_plan(
         settings.deadline,
-        (clock or time.time)(),
+        (clock or SYSTEM).now(),
         left,
         weight,
         tail,
@@ -663,8 +663,9 @@ async def run_job(
     (a library caller, a test). ``api_key``: the key (default: from the environment).
     ``stop``: an event that, once set, stops the run in order. ``display`` builds what shows
     the run (the command line's progress bar); ``progress`` is a plain callback instead, called
-    with the live counters every ``progress_every`` seconds. ``clock`` (epoch seconds) says
-    which budget period claims fall in (default: the database's clock)."""
+    with the live counters every ``progress_every`` seconds. ``clock``: the run's time, for
+    the governor, the backends, heartbeats, what is recorded and which budget period claims
+    fall in (default: real time, and the database's clock for budget periods)."""
     table = load_price_table(settings.prices)
     notes: list[str] = []
     api_key = await _api_key(settings, notes, api_key)
@@ -835,6 +836,7 @@ async def _drive(
     from .governor import Governor
     from .transport import OpenAITransport
 
+    time_ = clock or SYSTEM
     simulator = None
     transport_settings = settings.transport
     if settings.simulate:
@@ -857,33 +859,43 @@ async def _drive(
         calibrating=settings.calibrating,
         seen=store.calibration(job.id),
         only=only,
+        clock=time_,
     )
     backend: Backend
     if settings.via == "batch":
         from .backends.batch import BatchBackend
 
-        backend = BatchBackend(transport, settings.batching, settings.retry, settings.seed)
+        backend = BatchBackend(
+            transport, settings.batching, settings.retry, settings.seed, clock=time_
+        )
     elif settings.via == "auto":
         from .backends.auto import AutoBackend
         from .backends.batch import BatchBackend
 
         backend = AutoBackend(
-            BatchBackend(transport, settings.batching, settings.retry, settings.seed, lane=True),
+            BatchBackend(
+                transport,
+                settings.batching,
+                settings.retry,
+                settings.seed,
+                lane=True,
+                clock=time_,
+            ),
             SyncBackend(
                 transport,
-                Governor(settings.limits.rpm, settings.limits.tpm),
+                Governor(settings.limits.rpm, settings.limits.tpm, clock=time_),
                 settings.limits,
                 settings.retry,
                 settings.seed,
             ),
             settings.deadline,
             settings.limits,
-            clock or time.time,
+            time_,
         )
     else:
         backend = SyncBackend(
             transport,
-            Governor(settings.limits.rpm, settings.limits.tpm),
+            Governor(settings.limits.rpm, settings.limits.tpm, clock=time_),
             settings.limits,
             settings.retry,
             settings.seed,

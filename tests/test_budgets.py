@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from runner import run_with
 from runner.budgets import NO_BUDGET, check_amount, period_of
 from runner.cli import exit_status, main
+from runner.clock import Clock
 from runner.errors import Declined, StoreError, UsageError
 from runner.money import pico_to_decimal, usd_to_pico
 from runner.pricing import load_price_table
@@ -49,29 +50,25 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-class FakeClock:
-    """Wall-clock time the test sets; ``flip_after`` calls (or once ``flip_when()`` says so),
-    it jumps to ``then`` for good."""
+class FakeClock(Clock):
+    """The run's clock at a wall-clock time the test sets (``at``); once ``flip_when()`` says so,
+    it jumps to ``then`` for good. Intervals and sleeps stay real."""
 
     def __init__(
         self,
-        now: float,
+        at: float,
         then: float | None = None,
-        flip_after: int = 0,
         flip_when: Callable[[], bool] | None = None,
     ) -> None:
-        self.now, self.then, self.flip_after, self.calls = now, then, flip_after, 0
+        self.at, self.then = at, then
         self.flip_when, self.flipped = flip_when, False
 
-    def __call__(self) -> float:
-        self.calls += 1
+    def now(self) -> float:
         if self.then is None:
-            return self.now
+            return self.at
         if not self.flipped:
-            self.flipped = (
-                self.flip_when() if self.flip_when is not None else self.calls > self.flip_after
-            )
-        return self.then if self.flipped else self.now
+            self.flipped = self.flip_when is not None and self.flip_when()
+        return self.then if self.flipped else self.at
 
 
 # -- periods ------------------------------------------------------------------------------------
@@ -252,7 +249,7 @@ def test_a_request_settles_in_the_period_it_was_reserved_in(store: Store, tmp_pa
     team, _ = store.set_budget("team", usd_to_pico("1"), per="day")
     ra = store.register_runner(a, "h", 1, "sync", 30, team.id)
     before = store.claim(ra, 3).requests
-    clock.now = day2  # midnight passes with three requests in flight
+    clock.at = day2  # midnight passes with three requests in flight
     after = store.claim(ra, 2).requests
     new = store.budget_books(team)
     assert new.settled_pico == 0 and new.reserved_pico == sum(r.worst_pico for r in after)

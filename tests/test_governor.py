@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import types
-from collections.abc import Awaitable
-from typing import TypeVar
 
 import pytest
 
-from runner import governor
+from runner.clock import VirtualClock
 from runner.governor import PROBE_WAIT, Governor, parse_duration
 
-T = TypeVar("T")
+from .virtual import clock, on_virtual_time
 
-
-class Clock:
-    """A virtual clock for the governor (``time.monotonic``) and aiolimiter and asyncio's timers
-    (``loop.time``): frozen unless a test moves it, so no test depends on the machine's speed."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.step = 0.001
-        self.start = 1000.0
-
-    @property
-    def now(self) -> float:
-        return self.start + self.ticks * self.step
-
-    async def run(self, aw: Awaitable[T], limit: float = 600.0) -> T:
-        """Await ``aw``, moving the clock on a millisecond whenever nothing else can run."""
-        task = asyncio.ensure_future(aw)
-        deadline = self.ticks + round(limit / self.step)
-        while True:
-            for _ in range(10):
-                await asyncio.sleep(0)
-            if task.done():
-                return task.result()
-            assert self.ticks < deadline, f"still waiting after {limit} virtual seconds"
-            self.ticks += 1
-
-    async def advance(self, seconds: float) -> None:
-        """Move the clock on by ``seconds``, running whatever falls due on the way."""
-        await self.run(asyncio.sleep(seconds))
-
-
-@pytest.fixture(autouse=True)
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(asyncio.BaseEventLoop, "time", lambda loop: c.now)
-    fake_time = types.SimpleNamespace(monotonic=lambda: c.now, time=lambda: 1.7e9 + c.now)
-    monkeypatch.setattr(governor, "time", fake_time)
-    return c
+__all__ = ["clock"]  # the fixture
 
 
 @pytest.mark.parametrize(
@@ -73,8 +33,11 @@ def test_go_durations_parse_with_ms_before_m(text: str, seconds: float | None) -
     assert parse_duration(text) == seconds
 
 
-async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() -> None:
-    g = Governor(probe=False)
+@on_virtual_time
+async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense(
+    clock: VirtualClock,
+) -> None:
+    g = Governor(clock=clock, probe=False)
     t = await g.acquire(10)
     g.done(t, {"x-ratelimit-limit-requests": "-1", "x-ratelimit-limit-tokens": "0"})
     assert g.requests is None and g.tokens is None
@@ -95,15 +58,19 @@ async def test_the_governor_learns_limits_from_headers_and_ignores_nonsense() ->
     assert g.tokens.limiter.has_capacity(900)
 
 
-async def test_a_user_limit_above_the_servers_gives_way_to_the_server() -> None:
-    g = Governor(rpm=10_000, probe=False)
+@on_virtual_time
+async def test_a_user_limit_above_the_servers_gives_way_to_the_server(clock: VirtualClock) -> None:
+    g = Governor(clock=clock, rpm=10_000, probe=False)
     t = await g.acquire(1)
     g.done(t, {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499"})
     assert g.requests is not None and g.requests.limit == 500
 
 
-async def test_only_requests_admitted_after_the_answered_one_are_subtracted() -> None:
-    g = Governor(rpm=100, probe=False)
+@on_virtual_time
+async def test_only_requests_admitted_after_the_answered_one_are_subtracted(
+    clock: VirtualClock,
+) -> None:
+    g = Governor(clock=clock, rpm=100, probe=False)
     tickets = [await g.acquire(1) for _ in range(11)]
     assert g.requests is not None
     headers = {"x-ratelimit-limit-requests": "100"}
@@ -123,64 +90,74 @@ async def test_only_requests_admitted_after_the_answered_one_are_subtracted() ->
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e30", "many"])
 def test_nonsense_limit_headers_are_ignored_without_raising(value: str) -> None:
-    g = Governor(probe=False)
+    g = Governor(clock=clock, probe=False)
     g.done(0, {"x-ratelimit-limit-requests": value, "x-ratelimit-remaining-requests": value})
     assert g.requests is None
 
 
+@on_virtual_time
 async def test_the_first_request_goes_alone_and_the_rest_wait_for_its_answer(
-    clock: Clock,
+    clock: VirtualClock,
 ) -> None:
-    g = Governor()
+    g = Governor(clock=clock)
     probe = await g.acquire(1)
     follower = asyncio.create_task(g.acquire(1))
-    await clock.advance(PROBE_WAIT - 0.01)
+    await asyncio.sleep(PROBE_WAIT - 0.01)
     assert not follower.done()  # held until the probe has told us the limits
     g.done(probe, {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599"})
-    started = clock.now
-    await clock.run(follower)
-    assert clock.now == started  # released by the answer, not by a timer
+    started = clock.monotonic()
+    await follower
+    # Released by the answer (a few turns of the loop), not by the 10 ms left of the wait.
+    assert clock.monotonic() - started < 0.001
     assert g.requests is not None and g.requests.limit == 600
 
 
+@on_virtual_time
 async def test_a_slow_probe_does_not_hold_the_rest_forever(
-    monkeypatch: pytest.MonkeyPatch, clock: Clock
+    monkeypatch: pytest.MonkeyPatch, clock: VirtualClock
 ) -> None:
     monkeypatch.setattr("runner.governor.PROBE_WAIT", 0.1)  # what the governor reads
-    g = Governor()
+    g = Governor(clock=clock)
     await g.acquire(1)
-    started = clock.now
-    await clock.run(g.acquire(1))
-    assert clock.now - started == pytest.approx(0.1, abs=0.002)
+    started = clock.monotonic()
+    await g.acquire(1)
+    assert clock.monotonic() - started == pytest.approx(0.1, abs=0.002)
 
 
+@on_virtual_time
 async def test_an_exhausted_limit_pauses_everyone_then_releases_at_the_limits_rate(
-    clock: Clock,
+    clock: VirtualClock,
 ) -> None:
-    g = Governor(rpm=600, probe=False)  # one request per 0.1 s once the bucket is empty
+    g = Governor(
+        clock=clock, rpm=600, probe=False
+    )  # one request per 0.1 s once the bucket is empty
     t = await g.acquire(1)
     wait = g.rate_limited({"x-ratelimit-remaining-requests": "0"}, 0.2, "requests")
     g.done(t, {}, passed=False)
     assert wait == 0.2 and g.paused_for == pytest.approx(0.2)
-    started = clock.now
+    started = clock.monotonic()
     admitted = []
     for _ in range(4):  # after the pause, one probe first, then the rest at the rate
-        g.done(await clock.run(g.acquire(1)), {})
-        admitted.append(round(clock.now - started, 3))
+        g.done(await g.acquire(1), {})
+        admitted.append(round(clock.monotonic() - started, 3))
     # The pause (0.2 s) emptied the bucket to last until its end, so each request, the probe
     # included, then needs another 0.1 s: none go in a burst at the end of the pause.
     assert admitted == pytest.approx([0.3, 0.4, 0.5, 0.6], abs=0.002)
 
 
-async def test_a_429_with_headroom_backs_off_only_that_request() -> None:
-    g = Governor(rpm=600, probe=False)
+@on_virtual_time
+async def test_a_429_with_headroom_backs_off_only_that_request(clock: VirtualClock) -> None:
+    g = Governor(clock=clock, rpm=600, probe=False)
     headers = {"x-ratelimit-remaining-requests": "300", "retry-after-ms": "100"}
     assert g.rate_limited(headers, 0.1, "requests") == 0.1
     assert g.paused_for == 0
 
 
-async def test_without_retry_after_the_wait_is_the_reset_capped_by_what_the_limit_needs() -> None:
-    g = Governor(rpm=60, probe=False)
+@on_virtual_time
+async def test_without_retry_after_the_wait_is_the_reset_capped_by_what_the_limit_needs(
+    clock: VirtualClock,
+) -> None:
+    g = Governor(clock=clock, rpm=60, probe=False)
     # the reset header says when the bucket is *full* again (60 s); one request needs 1 s
     headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "60s"}
     assert g.rate_limited(headers, None, "requests") == pytest.approx(1.0)
@@ -189,15 +166,18 @@ async def test_without_retry_after_the_wait_is_the_reset_capped_by_what_the_limi
 
 
 def test_a_runner_governs_at_its_share_of_the_organizations_limits() -> None:
-    g = Governor(rpm=600, tpm=90_000, probe=False)
+    g = Governor(clock=clock, rpm=600, tpm=90_000, probe=False)
     g.set_share(1 / 3)
     assert g.requests is not None and g.requests.limit == 200
     assert g.tokens is not None and g.tokens.limit == 30_000
     assert g.rate() == pytest.approx(200 / 60)
 
 
-async def test_a_new_share_keeps_what_was_used_and_waiters_wait_at_the_new_rate() -> None:
-    g = Governor(rpm=600, probe=False)
+@on_virtual_time
+async def test_a_new_share_keeps_what_was_used_and_waiters_wait_at_the_new_rate(
+    clock: VirtualClock,
+) -> None:
+    g = Governor(clock=clock, rpm=600, probe=False)
     for _ in range(300):  # half the minute's capacity used
         await g.acquire(1)
     assert g.requests is not None
@@ -208,8 +188,11 @@ async def test_a_new_share_keeps_what_was_used_and_waiters_wait_at_the_new_rate(
     assert g.requests.limiter.has_capacity(299) and not g.requests.limiter.has_capacity(302)
 
 
-async def test_sharing_runners_count_on_their_share_of_what_the_headers_say_is_left() -> None:
-    g = Governor(rpm=600, probe=False)
+@on_virtual_time
+async def test_sharing_runners_count_on_their_share_of_what_the_headers_say_is_left(
+    clock: VirtualClock,
+) -> None:
+    g = Governor(clock=clock, rpm=600, probe=False)
     g.set_share(1 / 3)
     tickets = [await g.acquire(1) for _ in range(3)]
     assert g.requests is not None

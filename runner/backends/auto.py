@@ -22,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import time
-from collections.abc import Callable
 
+from ..clock import SYSTEM, Clock
 from ..deadline import TailLimits, switch_due, sync_seconds
 from ..durations import span
 from ..engine import Books, Control, RunOutcome
@@ -45,7 +44,7 @@ class AutoBackend:
         sync: SyncBackend,
         deadline: Deadline,
         limits: Limits,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.batch = batch
         self.sync = sync
@@ -104,7 +103,7 @@ class AutoBackend:
                 if resumed:
                     books.notice("the deadline's switch happened before: sending synchronously")
                     self.batch.switch()
-                    self.switched_at = self.clock()
+                    self.switched_at = self.clock.now()
                 else:
                     await self._watch(batch_task, books, control)
                 if self.batch._switching:
@@ -139,11 +138,11 @@ class AutoBackend:
             n, weight = await self.left(books)
             limits = self.limits()
             latency = self.sync.latency or 1.0
-            now = self.clock()
+            now = self.clock.now()
             if switch_due(now, deadline, n, weight, limits, latency):
                 await self._switch(books, n, weight, limits, latency, now)
                 return
-            await self._first_of(batch_task, asyncio.sleep(deadline.tick))
+            await self._first_of(batch_task, self.clock.sleep(deadline.tick))
 
     async def _switch(
         self, books: Books, n: int, weight: int, limits: TailLimits, latency: float, now: float
@@ -173,7 +172,7 @@ class AutoBackend:
             if control.stopping or batches_done:
                 break
             # The batches still hold requests: what they hand back is sent next round.
-            await self._first_of(batch_task, asyncio.sleep(self.deadline.tick))
+            await self._first_of(batch_task, self.clock.sleep(self.deadline.tick))
         if batch_task.done() and not batch_task.cancelled():
             result = batch_task.result()
             if result is not RunOutcome.COMPLETE and outcome is RunOutcome.COMPLETE:

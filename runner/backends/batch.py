@@ -32,7 +32,6 @@ import random
 import shutil
 import signal
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ import httpx2
 import openai
 from openai.types import Batch
 
+from ..clock import SYSTEM, Clock
 from ..endpoints import BATCH_WINDOW, endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..money import format_money, format_usd
@@ -104,10 +104,10 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _ago(epoch: float | None) -> str:
+def _ago(epoch: float | None, now: float) -> str:
     if epoch is None:
         return "?"
-    seconds = max(0, round(time.time() - epoch))
+    seconds = max(0, round(now - epoch))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -179,7 +179,9 @@ class BatchBackend:
         seed: int | None = None,
         *,
         lane: bool = False,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self.clock = clock
         # ``lane`` (``--via auto``): submit what is pending once, never again what comes back
         # (expired, failed or cancelled lines go to the synchronous tail), and end when no
         # batch is open; ``switch`` cancels the open batches and collects what they finished.
@@ -285,7 +287,7 @@ class BatchBackend:
                 continue  # a hold lifts once nothing is open
             if changed:
                 self._interval = min(self.batching.poll_first, self.batching.poll_interval)
-            books.stats.next_poll = time.monotonic() + self._interval
+            books.stats.next_poll = self.clock.monotonic() + self._interval
             await self._nap(self._interval)
             books.stats.next_poll = None
             self._interval = min(self._interval * 2, self.batching.poll_interval)
@@ -324,7 +326,9 @@ class BatchBackend:
         """Whether an error answer is worth retrying, as ``retry.classify`` decides for every
         answer of both backends; raises _Stop when nothing can succeed (key, quota)."""
         response = exc.response
-        verdict = classify(Outcome(exc.status_code, response.content, response.headers))
+        verdict = classify(
+            Outcome(exc.status_code, response.content, response.headers), now=self.clock.now()
+        )
         if verdict.action is Action.FATAL:
             raise _Stop(RunOutcome.FATAL, fatal_message(verdict.kind, verdict.message))
         return verdict.action is Action.RETRY
@@ -342,7 +346,7 @@ class BatchBackend:
         answer goes to ``refused`` (raised without one); ``between`` runs after each failure
         and its answer, if not None, is taken instead (a create whose answer was lost may have
         happened)."""
-        started = time.monotonic()
+        started = self.clock.monotonic()
         attempt = 0
         while True:
             try:
@@ -360,14 +364,14 @@ class BatchBackend:
                 if found is not None:
                     return found
             attempt += 1
-            if time.monotonic() - started > self.retry.outage_limit:
+            if self.clock.monotonic() - started > self.retry.outage_limit:
                 raise _Stop(
                     RunOutcome.UNREACHABLE,
-                    f"{what}: the API failed for {time.monotonic() - started:.0f}s (limit "
+                    f"{what}: the API failed for {self.clock.monotonic() - started:.0f}s (limit "
                     f"{self.retry.outage_limit:.0f}s): {problem}",
                 )
             self.books.event("batch_api_retry", detail=f"{what}: {problem}"[:500])
-            await asyncio.sleep(self.backoff.delay(attempt, None, self._rng))
+            await self.clock.sleep(self.backoff.delay(attempt, None, self._rng))
 
     def _metadata(self, info: BatchInfo) -> dict[str, str]:
         job = self.books.job
@@ -724,7 +728,7 @@ class BatchBackend:
         stats.in_flight = sum(i.requests for i in self._open.values())
         stats.open_batches = len(self._open)
         stats.batch_completed = sum(i.completed for i in self._open.values())
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if not self._open or (not changed and now - self._last_summary < _SUMMARY_EVERY):
             return
         self._last_summary = now
@@ -736,7 +740,8 @@ class BatchBackend:
             books.notice(
                 f"batch {info.batch_id or '(being submitted)'} (chunk {info.id}): "
                 f"{info.status or info.state}, {info.completed:,} completed, {info.failed:,} "
-                f"failed of {info.total or info.requests:,}; submitted {_ago(info.created_at)} ago"
+                f"failed of {info.total or info.requests:,}; "
+                f"submitted {_ago(info.created_at, self.clock.now())} ago"
             )
         by_status: dict[str, int] = {}
         for info in self._open.values():
@@ -783,7 +788,7 @@ class BatchBackend:
                 # An attempt like any other: a batch that never answers a request must not
                 # send (and maybe bill) it again without end.
                 req.attempts += 1
-                books.attempt(req, req.attempts, time.time(), 0.0, None, "no_result")
+                books.attempt(req, req.attempts, self.clock.now(), 0.0, None, "no_result")
                 self._again(req, "no_result", "the batch returned no result for it", tally)
         await books.flush()
         await books.chunks.close(
@@ -956,7 +961,7 @@ class BatchBackend:
         if req is None:  # settled already (a download read again), or not ours
             return
         req.attempts += 1
-        now = time.time()
+        now = self.clock.now()
         response = record.get("response")
         if isinstance(response, dict):
             status = response.get("status_code")

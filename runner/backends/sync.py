@@ -24,10 +24,10 @@ import asyncio
 import contextlib
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
 
+from ..clock import SYSTEM, Clock
 from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..errors import BatchrunError
@@ -59,7 +59,8 @@ _JOIN_WAIT = 1.0  # seconds a runner joining busy runners waits for them to reba
 class _Pool:
     """A resizable limit on requests in flight."""
 
-    def __init__(self, initial: int, ceiling: int) -> None:
+    def __init__(self, initial: int, ceiling: int, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.ceiling = ceiling
         self.size = min(initial, ceiling)
         self.in_use = 0
@@ -79,7 +80,7 @@ class _Pool:
             self._free.notify()
 
     def observe(self, latency: float) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self._finished.append(now)
         self._forget(now)  # here too: with a known rate nothing else reads them
         if self.latency is None:
@@ -89,7 +90,7 @@ class _Pool:
             self.latency += _LATENCY_SMOOTHING * (latency - self.latency)
 
     def throughput(self) -> float:
-        self._forget(time.monotonic())
+        self._forget(self.clock.monotonic())
         return len(self._finished) / _THROUGHPUT_WINDOW
 
     def _forget(self, now: float) -> None:
@@ -133,13 +134,14 @@ class _Outage:
     when the API went away all fail at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.since: float | None = None
         self.wait = 0.0
         self._until = 0.0
 
     def failed(self) -> float:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if self.since is None:
             self.since = now
             self.wait = _OUTAGE_FIRST_WAIT
@@ -155,7 +157,7 @@ class _Outage:
 
     @property
     def seconds(self) -> float:
-        return 0.0 if self.since is None else time.monotonic() - self.since
+        return 0.0 if self.since is None else self.clock.monotonic() - self.since
 
 
 @dataclass(slots=True)
@@ -210,20 +212,24 @@ class SyncBackend:
         limits: Limits,
         retry: Retry,
         seed: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.transport = transport
         self.governor = governor
+        self.clock = clock or governor.clock  # one clock: the governor's buckets go by it
         self.limits = limits
         self.retry = retry
         self.backoff = Backoff(retry.backoff_base, retry.backoff_max, retry.max_wait)
         self._rng = random.Random(seed)
-        self._pool = _Pool(min(limits.initial_concurrency, limits.concurrency), limits.concurrency)
+        self._pool = _Pool(
+            min(limits.initial_concurrency, limits.concurrency), limits.concurrency, self.clock
+        )
         self._ready: asyncio.Queue[PendingRequest] = asyncio.Queue()
         self._taken = asyncio.Event()
         self._left = asyncio.Event()  # a request of ours was done with (see _wait_left)
         self._on_wire: set[int] = set()
         self._holding: dict[int, PendingRequest] = {}  # claimed by a worker, sent or not
-        self._outage = _Outage()
+        self._outage = _Outage(self.clock)
         self._refusals = _FirstRefusals(retry.same_error_limit)
         self._capacity: dict[int, int] = {}  # request -> flex capacity 429s it met
         self._answered = False  # a readable answer has come: the server speaks the API
@@ -394,7 +400,7 @@ class SyncBackend:
             books.stats.limit_rate = rate
             books.stats.concurrency = pool.size
             books.stats.paused_for = governor.paused_for
-            await asyncio.sleep(_RESIZE_EVERY)
+            await self.clock.sleep(_RESIZE_EVERY)
 
     @property
     def latency(self) -> float | None:
@@ -413,7 +419,7 @@ class SyncBackend:
                 # Joining runners already at work: hold on until their heartbeats have seen
                 # this one and lowered their shares, or together they would pass the limit.
                 self.governor.pause(_JOIN_WAIT)
-        if beat.paused_until > time.time():
+        if beat.paused_until > self.clock.now():
             self.governor.pause_until_epoch(beat.paused_until)
 
     async def aclose(self) -> None:
@@ -469,7 +475,7 @@ class SyncBackend:
                 books.release(req, "stopped before it was sent" if req.attempts else None)
                 return
             number += 1
-            started = time.time()
+            started = self.clock.now()
             self._on_wire.add(req.id)
             books.stats.in_flight += 1
             try:
@@ -478,7 +484,7 @@ class SyncBackend:
                 self._on_wire.discard(req.id)
                 books.stats.in_flight -= 1
             try:
-                verdict = classify(out, endpoint, req.body)
+                verdict = classify(out, endpoint, req.body, now=self.clock.now())
             except Exception:  # never lose a billed answer to a parsing surprise
                 verdict = Verdict(Action.RETRY, "invalid_response", maybe_billed=True)
             with contextlib.suppress(Exception):  # nonsense headers must not cost the result
@@ -587,7 +593,7 @@ class SyncBackend:
         if control.stopping:
             books.release(req, verdict.message)
             return False
-        await asyncio.sleep(wait)
+        await self.clock.sleep(wait)
         return True
 
     async def _unreadable_first(self, req: PendingRequest, out: Outcome, verdict: Verdict) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ..clock import Clock
 from ..errors import StoreError
 
 
@@ -136,13 +137,20 @@ class StoreBase:
         self.engine = engine
         self.dialect = dialect
         self.readonly = readonly
-        # Which budget period a claim falls in: this clock when set (tests move it across a
-        # period boundary), else the database's (every runner of a server agrees on it).
-        self.clock: Callable[[], float] | None = None
+        # The run's clock when one was given (tests move it across a budget period, or run it
+        # on virtual time): what this process records as now, runners' heartbeats and expiry,
+        # and which budget period a claim falls in. Without one, this machine's clock for what
+        # it records, and the database's for heartbeats and periods (every runner of a server
+        # agrees on it). Runners of one job given clocks must be given the same one.
+        self.clock: Clock | None = None
+
+    def now(self) -> float:
+        """Now, in epoch seconds, on this process's clock."""
+        return self.clock.now() if self.clock is not None else time.time()
 
     def wall_clock(self, conn: Connection) -> float:
-        """Now, in epoch seconds, as budget periods count it."""
-        return self.clock() if self.clock is not None else self.dialect.now(conn)
+        """Now, in epoch seconds, as heartbeats and budget periods count it."""
+        return self.clock.now() if self.clock is not None else self.dialect.now(conn)
 
     @property
     def name(self) -> str:

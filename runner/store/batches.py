@@ -18,7 +18,6 @@ pending at no charge, since nothing of it was sent.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -89,7 +88,7 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
     ) -> BatchInfo:
         """Record the intent to submit these requests (claimed by ``runner_id``) as one batch,
         and hand them to it; the runner watches it."""
-        now = time.time()
+        now = self.now()
         with self.writing() as conn:
             job_id = self._fence(conn, runner_id)
             chunk_id = conn.execute(
@@ -158,7 +157,7 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
             conn.execute(
                 batches.update()
                 .where(batches.c.id == chunk_id)
-                .values(state=CLOSED, closed_at=time.time(), **values)
+                .values(state=CLOSED, closed_at=self.now(), **values)
             )
 
     def abandon_chunk(self, runner_id: int, chunk_id: int, reason: str) -> int:
@@ -193,7 +192,7 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
             conn.execute(
                 batches.update()
                 .where(batches.c.id == chunk_id)
-                .values(state=ABANDONED, closed_at=time.time(), error=reason)
+                .values(state=ABANDONED, closed_at=self.now(), error=reason)
             )
         return int(held[0])
 

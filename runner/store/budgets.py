@@ -8,7 +8,6 @@ different jobs serialize on it for the length of a claim and never deadlock.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Iterable, Mapping
 
 import sqlalchemy as sa
@@ -128,7 +127,7 @@ class BudgetsMixin(StoreBase):
         any time: lowered below its spend, it stops new sends). Returns it, and whether it is
         new. ``default``: every run in this database draws on it unless told otherwise."""
         with self.writing() as conn:
-            now = time.time()
+            now = self.now()
             row = conn.execute(
                 sa.select(budgets).where(budgets.c.name == name).with_for_update()
             ).first()

@@ -17,7 +17,6 @@ so a runner declared dead (and whose claims another runner recovered) can write 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -105,7 +104,7 @@ class ClaimsMixin(StoreBase):
     ) -> int:
         """Register a runner of the job; its claims draw on ``budget_id`` (if any) too."""
         with self.writing() as conn:
-            now = self.dialect.now(conn)
+            now = self.wall_clock(conn)
             return int(
                 conn.execute(
                     runners.insert().values(
@@ -147,7 +146,7 @@ class ClaimsMixin(StoreBase):
         """Renew this runner's claim on life; learn the live runners, how many of them share
         the rate limits now, and any shared pause."""
         with self.writing() as conn:
-            now = self.dialect.now(conn)
+            now = self.wall_clock(conn)
             n = conn.execute(
                 runners.update()
                 .where(runners.c.id == runner_id, runners.c.state == LIVE)
@@ -161,7 +160,7 @@ class ClaimsMixin(StoreBase):
                 sa.select(jobs.c.paused_until).where(jobs.c.id == job_id)
             ).scalar()
         # The pause on this machine's clock: the same number of seconds from now.
-        paused_until = time.time() + (float(paused) - now) if paused and paused > now else 0.0
+        paused_until = self.now() + (float(paused) - now) if paused and paused > now else 0.0
         return Beat(
             alive=n == 1,
             live_runners=sharing.live,
@@ -178,7 +177,7 @@ class ClaimsMixin(StoreBase):
             conn.execute(
                 runners.update()
                 .where(runners.c.id == runner_id, runners.c.state == LIVE)
-                .values(state=STOPPED, in_flight=0, heartbeat_at=self.dialect.now(conn))
+                .values(state=STOPPED, in_flight=0, heartbeat_at=self.wall_clock(conn))
             )
 
     @retry_conflicts
@@ -186,11 +185,11 @@ class ClaimsMixin(StoreBase):
     def share_pause(self, job_id: int, until: float) -> None:
         """Tell every runner of the job to hold its requests until ``until`` (epoch seconds on
         this machine's clock; stored on the database's)."""
-        seconds = until - time.time()
+        seconds = until - self.now()
         if seconds <= 0:
             return
         with self.writing() as conn:
-            until_db = self.dialect.now(conn) + seconds
+            until_db = self.wall_clock(conn) + seconds
             conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.paused_until < until_db)
@@ -213,7 +212,7 @@ class ClaimsMixin(StoreBase):
         keeps its own.
         """
         with self.writing() as conn:
-            now = self.dialect.now(conn)
+            now = self.wall_clock(conn)
             live = conn.execute(
                 sa.select(runners.c.id, runners.c.host, runners.c.pid, runners.c.expires_at)
                 .where(runners.c.job_id == job_id, runners.c.state == LIVE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -85,7 +84,7 @@ class JobsMixin(StoreBase):
         ``before_commit`` runs last inside the transaction: raising there (the file changed
         while it was read, say) leaves nothing behind.
         """
-        now = time.time()
+        now = self.now()
         try:
             with self.writing() as conn:
                 job_id = conn.execute(
@@ -148,7 +147,7 @@ class JobsMixin(StoreBase):
 
     def set_job(self, job_id: int, **values: Any) -> None:
         """Update a job's cap, state, path or price fingerprint."""
-        values["updated_at"] = time.time()
+        values["updated_at"] = self.now()
         with self.writing() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
 

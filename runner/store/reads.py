@@ -171,7 +171,7 @@ class ReadsMixin(StoreBase):
         rate limits (the rule their heartbeats apply), how long ago it last beat and whether
         that heartbeat expired (database clock)."""
         with self.reading() as conn:
-            now = self.dialect.now(conn)
+            now = self.wall_clock(conn)
             rows = conn.execute(
                 sa.select(runners)
                 .where(runners.c.job_id == job_id, runners.c.state == LIVE)
