@@ -3,8 +3,9 @@
 A database already at ``SCHEMA_HEAD`` is recognised with one query, without loading Alembic:
 that is every start but the first after an upgrade. A new, empty SQLite file is given the head
 schema straight from the metadata and stamped, without loading Alembic either (its import and
-the four migrations are ~0.2 s of a first run); a test keeps that schema the one the migrations
-build. Anything else (an older schema, PostgreSQL) goes through Alembic.
+the migrations were most of a first run's opening of the store: bench/RESULTS.md); a test keeps
+that schema the one the migrations build. Anything else (an older schema, PostgreSQL) goes
+through Alembic.
 """
 
 from __future__ import annotations
