@@ -1,7 +1,11 @@
 """Bring a database to the schema this batchrun writes, through Alembic, or say why not.
 
 A database already at ``SCHEMA_HEAD`` is recognised with one query, without loading Alembic:
-that is every start but the first after an upgrade.
+that is every start but the first after an upgrade. A new, empty SQLite file is given the head
+schema straight from the metadata and stamped, without loading Alembic either (its import and
+the migrations were most of a first run's opening of the store: bench/RESULTS.md); a test keeps
+that schema the one the migrations build. Anything else (an older schema, PostgreSQL) goes
+through Alembic.
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ def _recorded(store: StoreBase) -> list[str] | None:
         if not sa.inspect(conn).has_table("alembic_version"):
             return None
         return [str(v) for (v,) in conn.execute(sa.text("SELECT version_num FROM alembic_version"))]
+
+
+def _create_new(store: StoreBase) -> bool:
+    """Give a new SQLite file the head schema and stamp it; False if it is not empty after all
+    (another runner got there first, or it holds tables: Alembic's path then decides)."""
+    from .schema import metadata
+
+    with store.writing() as conn:  # BEGIN IMMEDIATE: runners starting together queue here
+        if sa.inspect(conn).get_table_names():
+            return False
+        metadata.create_all(conn, checkfirst=False)
+        version = sa.Table(
+            "alembic_version",  # as Alembic creates it
+            sa.MetaData(),
+            sa.Column("version_num", sa.String(32), nullable=False),
+            sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+        )
+        version.create(conn)
+        conn.execute(version.insert().values(version_num=SCHEMA_HEAD))
+    return True
 
 
 def _damaged(store: StoreBase, why: object) -> StoreError:
@@ -51,6 +75,8 @@ def check_schema(store: StoreBase, *, upgrade: bool) -> None:
         return
     if recorded is not None and len(recorded) != 1:
         raise _damaged(store, f"{len(recorded)} schema versions recorded")
+    if recorded is None and upgrade and store.dialect.name == "sqlite" and _create_new(store):
+        return
     from alembic import command
     from alembic.script import ScriptDirectory
 
