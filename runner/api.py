@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .money import pico_to_decimal, usd_to_pico
-from .settings import DEFAULT_DB, Batching, Limits, Retry, RunSettings, Stopping, Transport
+from .settings import (
+    DEFAULT_DB,
+    Batching,
+    Deadline,
+    Limits,
+    Retry,
+    RunSettings,
+    Stopping,
+    Transport,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -453,6 +462,8 @@ class Job:
         retry_invalid: bool = False,
         confirm: Callable[[Any], bool] | None = None,
         echo: Callable[[str], None] | None = None,
+        deadline: str | Deadline | None = None,
+        clock: Clock | None = None,
     ) -> RunResult:
         """Send the job's pending requests under its cap and record every result.
 
@@ -465,14 +476,20 @@ class Job:
         ``base_url`` override fields of theirs. ``retry_failed`` (error codes; empty: every
         failure) and ``retry_invalid`` queue requests again as ``run --retry-failed
         [--invalid]`` does: ``retry_invalid`` also sends those whose outputs did not match the
-        JSON schema they asked for (they were billed, and are paid again).
+        JSON schema they asked for (they were billed, and are paid again). ``via="auto"``: the
+        Batch API for the bulk and the synchronous API for what it does not finish, by
+        ``deadline`` if given (an ISO time or a duration such as ``"8h"``, or a ``Deadline``
+        with its margin and slack). ``clock`` (a ``runner.clock.Clock``): the run's time
+        (default: real time).
         """
         if retry_invalid and retry_failed is None:
             retry_failed = ()
 
         self.db._writable()
-        if via not in ("sync", "batch"):
-            raise UsageError(f"via: expected 'sync' or 'batch', not {via!r}")
+        if via not in ("sync", "batch", "auto"):
+            raise UsageError(f"via: expected 'sync', 'batch' or 'auto', not {via!r}")
+        if isinstance(deadline, str):
+            deadline = Deadline(spec=deadline)
         limits = limits or Limits()
         if rpm is not None or tpm is not None:
             limits = replace(limits, rpm=rpm or limits.rpm, tpm=tpm or limits.tpm)
@@ -495,6 +512,7 @@ class Job:
             transport=transport,
             batching=batching or Batching(),
             stopping=stopping or Stopping(),
+            deadline=deadline or Deadline(),
         )
         result = await run_with(
             settings,
@@ -503,6 +521,7 @@ class Job:
             api_key=api_key,
             stop=stop,
             progress=progress,
+            clock=clock,
         )
         self._fresh()
         return result

@@ -149,6 +149,30 @@ async def test_cancelling_the_task_stops_the_run_in_order_and_leaves_nothing_res
         assert spent >= sim.ledger_snapshot()["billed_pico"]  # books never below the bill
 
 
+def test_a_library_run_by_a_deadline_sends_the_bulk_by_batch_at_batch_prices(
+    tmp_path: Path, make_simulator
+) -> None:
+    """``via="auto"`` with a deadline from Python: quick batches finish the job at batch prices,
+    and the books equal the bill."""
+    sim = make_simulator(batch_lines_per_s=50_000, rpm=600)
+    with runner.Database(tmp_path / "auto.db") as db:
+        job = db.import_rows(_rows(40), cap="1")
+        result = job.run(
+            api_key=KEY,
+            base_url=sim.base_url,
+            via="auto",
+            deadline=runner.Deadline(spec="10m", margin=0.1, slack=2.0, tick=0.2),
+            batching=runner.Batching(poll_first=0.05, poll_interval=0.25),
+        )
+        assert result.ok, result.message
+        lanes = result.status["lanes"]
+    # One request went synchronously first to learn the rate limits (none were given).
+    assert lanes["batch"]["results"] == 39 and lanes["sync"]["results"] == 1, lanes
+    assert lanes["switched_at"] is None  # the batches were quick: no switch
+    spent = query(tmp_path / "auto.db", "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger")[0][0]
+    assert spent == sim.ledger_snapshot()["billed_pico"] > 0
+
+
 def test_a_threading_event_stops_a_run_in_another_thread(tmp_path: Path, make_simulator) -> None:
     sim = make_simulator(latency_ms=50)
     stop = threading.Event()
