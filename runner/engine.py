@@ -386,6 +386,8 @@ class Books:
                 ResultFlag.UNPRICED_MODEL if bill.unpriced_model else ResultFlag.UNPRICED_TIER
             )
             self._unpriced(req, bill, cost)
+        elif bill.tier == "flex":
+            flags.append(ResultFlag.FLEX)  # served and billed at flex: the flex lane
         ratio = self._learn(req, usage, endpoint) if ResultFlag.USAGE_MISSING not in flags else 0
         if cost > req.worst_pico:
             flags.append(ResultFlag.OVER_RESERVATION)
