@@ -82,7 +82,9 @@ def one(
                 transport=Transport(base_url=sim.base_url),
                 stopping=Stopping(grace=5.0),
                 batching=Batching(poll_first=0.5, poll_interval=2.0),
-                deadline=Deadline(spec=deadline, margin=0.05, slack=3.0),
+                # The simulator cancels a batch in 1 s (batch_finalize_s): the plan is told
+                # so (a real Batch API: --deadline-cancel's default, up to ~10 minutes).
+                deadline=Deadline(spec=deadline, margin=0.05, slack=3.0, cancel=2.0),
             )
             stop = asyncio.Event()
 
