@@ -201,6 +201,11 @@ class PriceTable:
     user_file: str | None = None
     _cache: dict[str, Price] = field(default_factory=dict, repr=False)
 
+    @property
+    def marks_flex(self) -> bool:
+        """Whether any model of the table is flex-capable (see ``Price.flex_capable``)."""
+        return any(p.flex_capable for p in self.prices.values())
+
     def lookup(self, model: str) -> Price | None:
         """The price for ``model``: its own entry, else its family's for a dated snapshot."""
         hit = self._cache.get(model)

@@ -516,7 +516,7 @@ def deadline_plan(
     limits = settings.limits
     tail = TailLimits(limits.rpm, limits.tpm, "given" if limits.rpm or limits.tpm else "unknown")
     flex = None
-    if table is not None:
+    if table is not None and table.marks_flex:
         flex = plan_flex_lane(store.open_by_model(job.id), table, tail, settings.deadline)
     # Batches will be open (or are) unless nothing is left: cancelling them takes its time.
     return make_plan(

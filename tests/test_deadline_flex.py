@@ -324,3 +324,36 @@ async def test_a_batch_that_takes_long_to_cancel_still_finishes_by_the_deadline(
     assert books(db).ledger_pico == ledger["billed_pico"]
     assert_consistent(db)
     assert_covers_bill(db, sim, bills)
+
+
+@pytest.mark.parametrize("deadline", [None, "60s"])
+async def test_the_stragglers_of_batches_that_ended_go_flex_for_flex_capable_models(
+    tmp_path: Path, make_simulator: MakeSim, deadline: str | None
+) -> None:
+    """Batches that expire with lines left (before any switch): without a deadline, and with
+    one that leaves time, the flex-capable model's stragglers go at flex, the other's at the
+    standard tier."""
+    sim = make_simulator(batch_lines_per_s=100, batch_window_s=0.5, rpm=600)
+    bills = watch_bills(sim)
+    job, db = tmp_path / "job.jsonl", tmp_path / "x.db"
+    mixed_job(job, 160)
+    ran = await run_auto(
+        job, db, sim, deadline, limits=Limits(rpm=600), prices=flex_prices(tmp_path / "p.toml"),
+        batching={"requests_per_batch": 200}, plan={"flex_latency": 1.0},
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.message
+    assert ran.status.states == {"done": 160}
+    assert scalar(db, "SELECT COUNT(*) FROM events WHERE kind = 'deadline_switch'") == 0
+    ledger = sim.ledger_snapshot()
+    assert 0 < ledger["batch_lines_billed"] < 160
+    lanes = ran.report.status["lanes"]
+    straggling = rows(
+        db, "SELECT q.model, COUNT(*) FROM results s JOIN requests q ON q.id = s.request_id "
+        "WHERE COALESCE(s.flags, '') NOT LIKE '%batch%' GROUP BY 1",
+    )  # fmt: skip
+    flex_stragglers = dict(straggling).get(FLEX_MODEL, 0)
+    assert flex_stragglers > 0 and lanes["flex"]["results"] == flex_stragglers
+    assert lanes["sync"]["results"] == dict(straggling).get(OTHER_MODEL, 0)
+    assert ledger["duplicate_bodies"] == 0 and books(db).ledger_pico == ledger["billed_pico"]
+    assert_consistent(db)
+    assert_covers_bill(db, sim, bills)

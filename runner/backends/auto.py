@@ -125,6 +125,8 @@ class AutoBackend:
     async def _find_flex(self, books: Books) -> None:
         """The job's flex-capable models (as the price table marks them) and their share of
         the requests not yet finished (those asking for a tier of their own left out)."""
+        if not books.table.marks_flex:
+            return  # the usual case (the bundled table marks no model): no read of the bodies
         opened = await books.in_db(books.store.open_by_model, books.job.id)
         flex = {m for m in opened if books.table.resolve(m).flex_capable}
         counts = await books.in_db(
@@ -209,10 +211,12 @@ class AutoBackend:
                     self.switched_at = self.clock()
                 else:
                     await self._watch(batch_task, books, control)
+                # At the switch, or when the batches ended before it (their expired or failed
+                # lines): the flex lane while the time allows it.
+                self._flex_start(books)
+                if self.flex_on:
+                    watcher = asyncio.create_task(self._watch_flex(books, control))
                 if self.batch._switching:
-                    self._flex_start(books)
-                    if self.flex_on:
-                        watcher = asyncio.create_task(self._watch_flex(books, control))
                     await self._first_of(batch_task, self.batch.cancels_sent.wait())
             else:
                 await asyncio.wait({batch_task})
