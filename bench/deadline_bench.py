@@ -66,23 +66,33 @@ def commit() -> str:
 def one(
     job: Path, delay: str, via: str, deadline: str | None, rpm: int, limit_s: float, seed: int
 ) -> dict[str, Any]:
+    flex = via == "auto+flex"  # gpt-4o-mini marked flex-capable: the tail goes flex first
     sim = SimulatorThread(SimConfig(rpm=rpm, seed=seed, batch_finalize_s=1.0, **DELAYS[delay]))
     sim.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "bench.db"
+            prices = None
+            if flex:
+                prices = Path(tmp) / "flex.toml"
+                prices.write_text('[models."gpt-4o-mini"]\nflex = true\n')
             settings = RunSettings(
+                prices=prices,
                 cap_pico=usd_to_pico("100"),
                 jobfile=job,
                 db=str(db),
                 quiet=True,
-                via=via,
+                via="auto" if flex else via,
                 limits=Limits(rpm=rpm),
                 retry=Retry(max_attempts=20),
                 transport=Transport(base_url=sim.base_url),
                 stopping=Stopping(grace=5.0),
                 batching=Batching(poll_first=0.5, poll_interval=2.0),
-                deadline=Deadline(spec=deadline, margin=0.05, slack=3.0),
+                # The simulator cancels a batch in 1 s (batch_finalize_s): the plan is told
+                # so (a real Batch API: --deadline-cancel's default, up to ~10 minutes).
+                deadline=Deadline(
+                    spec=deadline, margin=0.05, slack=3.0, cancel=2.0, flex_latency=2.0
+                ),
             )
             stop = asyncio.Event()
 
@@ -130,6 +140,8 @@ def main() -> None:
             ("2 lines/s", "auto", "90s", 300),
             ("typical", "auto", "120s", 300),
             ("stuck", "auto", "90s", 300),
+            ("stuck", "auto+flex", "90s", 300),  # the flex lane: stuck batches, flex tail
+            ("2 lines/s", "auto+flex", "90s", 300),
         ]
         if not args.quick:
             runs += [
@@ -151,8 +163,10 @@ def main() -> None:
         + (f" --requests {args.requests}" if args.requests != 2000 else "")
         + ("  --quick" if args.quick else "")
         + f"`. {args.requests:,} chat requests (gpt-4o-mini), the sync API limited to "
-        f"{args.rpm:,} RPM (the run told the same), deadline margin 5% + 3 s, the simulator "
-        "on a thread of the same process. Delays: fast = 50,000 lines/s per batch; 2 lines/s "
+        f"{args.rpm:,} RPM (the run told the same), deadline margin 5% + 3 s, cancelling "
+        "planned at 2 s (the simulator cancels in 1 s), the simulator on a thread of the same "
+        "process; auto+flex = gpt-4o-mini marked flex-capable by a price file (flex answers "
+        "planned at 2 s). Delays: fast = 50,000 lines/s per batch; 2 lines/s "
         "= across all open batches; typical = an exponential queue delay (mean 20 s), then 40 "
         "lines/s across open batches; stuck = batches never progress. Cost is the simulator's "
         "bill; x sync = over the all-sync run's bill.",

@@ -506,6 +506,10 @@ def build(
     "--deadline-slack", type=_Seconds(0), default=_default(Deadline, "slack"),
     show_default=True, help="--deadline: as `run --deadline-slack`.",
 )  # fmt: skip
+@click.option(
+    "--deadline-cancel", type=_Seconds(0), default=_default(Deadline, "cancel"),
+    show_default=True, help="--deadline: as `run --deadline-cancel`.",
+)  # fmt: skip
 @json_option
 def price(
     jobfile: Path,
@@ -523,6 +527,7 @@ def price(
     deadline: str | None,
     deadline_margin: float,
     deadline_slack: float,
+    deadline_cancel: float,
     as_json: bool,
 ) -> None:
     """Price JOBFILE in full; with --sample, send a sample and project the real cost.
@@ -563,9 +568,10 @@ def price(
     worst = plan.total.batch_worst_pico if via == "batch" else plan.total.worst_pico
     by_deadline = None
     if deadline is not None:
-        by_deadline = runner.deadline_plan(
-            plan, Deadline(spec=deadline, margin=deadline_margin, slack=deadline_slack), rpm, tpm
+        spec = Deadline(
+            spec=deadline, margin=deadline_margin, slack=deadline_slack, cancel=deadline_cancel
         )
+        by_deadline = runner.deadline_plan(plan, spec, rpm, tpm, table=table)
     if as_json:
         from .report import deadline_plan_json
 
@@ -863,8 +869,15 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
 @click.option(
     "--deadline-slack", type=_Seconds(0), default=_default(Deadline, "slack"),
     show_default=True,
-    help="--deadline: seconds added to the plan on top of the margin (cancelling the "
-    "batches, the last requests' latency).",
+    help="--deadline: seconds added to the plan on top of the margin (the last requests' "
+    "latency).",
+)  # fmt: skip
+@click.option(
+    "--deadline-cancel", type=_Seconds(0), default=_default(Deadline, "cancel"),
+    show_default=True,
+    help="--deadline: seconds cancelling the open batches may take (the Batch API's "
+    "cancelling lasts up to ~10 minutes, and the lines a cancelling batch holds come back "
+    "only when it ends): the switch comes this much earlier while batches are open.",
 )  # fmt: skip
 @click.option(
     "--batch-requests", type=click.IntRange(1, 50_000),
@@ -1004,6 +1017,7 @@ def _deadline(o: dict[str, Any]) -> Deadline:
         spec=spec,
         margin=o.get("deadline_margin", _default(Deadline, "margin")),
         slack=o.get("deadline_slack", _default(Deadline, "slack")),
+        cancel=o.get("deadline_cancel", _default(Deadline, "cancel")),
     )
 
 

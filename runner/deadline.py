@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from .durations import parse_duration, span
 from .errors import UsageError
 from .plan import Plan, least_seconds
+from .pricing import PriceTable
 from .settings import Deadline
 
 DEADLINE_EVENT = "deadline"  # the event that records a job's deadline (detail: SPEC|EPOCH)
@@ -91,6 +92,44 @@ def planned_seconds(seconds: float, deadline: Deadline) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class FlexLane:
+    """The flex lane of the plan: the requests of the models the price table marks
+    flex-capable, sent with ``service_tier: "flex"`` from the switch until the time left is down
+    to the standard tail (then what is left of them goes at the standard tier)."""
+
+    models: tuple[str, ...]
+    requests: int
+    weight: int  # their tokens as the rate limits count them
+    floor_pico: int  # at flex prices (the table's flex_*, else the Batch API's)
+    worst_pico: int
+    tail_seconds: float | None  # through the sync API at the limits, at the flex latency
+    planned: float | None  # ... with the margin: the flex window before the standard tail
+
+
+def flex_lane(
+    models: tuple[str, ...],
+    requests: int,
+    weight: int,
+    bounds: tuple[int, int],
+    limits: TailLimits,
+    deadline: Deadline,
+) -> FlexLane | None:
+    """The flex lane for ``requests`` of flex-capable ``models`` (None: no such request)."""
+    if requests <= 0 or not models:
+        return None
+    tail = sync_seconds(requests, weight, limits, deadline.flex_latency)
+    return FlexLane(
+        models=models,
+        requests=requests,
+        weight=weight,
+        floor_pico=bounds[0],
+        worst_pico=bounds[1],
+        tail_seconds=tail,
+        planned=None if tail is None else tail * (1 + deadline.margin),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DeadlinePlan:
     """The plan for the requests not yet finished, as ``run`` and ``price`` show it."""
 
@@ -108,11 +147,26 @@ class DeadlinePlan:
     tail_seconds: float | None  # all of them through the sync API at the limits
     planned: float | None  # ... with the margin and slack
     spec: str = ""
+    cancel: float = 0.0  # seconds cancelling the open batches is planned to take
+    flex: FlexLane | None = None  # the flex lane, when the job has flex-capable models
 
     @property
     def latest_switch(self) -> float | None:
-        """Epoch seconds by which the batches are cancelled (the rest then goes sync)."""
-        return None if self.planned is None else self.deadline - self.planned
+        """Epoch seconds by which the batches are cancelled (the rest then goes sync, the
+        flex lane's requests at flex first): the standard tail, the cancel time and the
+        flex window before the deadline."""
+        if self.planned is None:
+            return None
+        flex = self.flex.planned if self.flex is not None and self.flex.planned else 0.0
+        return self.deadline - self.planned - self.cancel - flex
+
+    @property
+    def flex_fallback(self) -> float | None:
+        """Epoch seconds by which the flex lane falls back to the standard tier (at the
+        latest: the time left is then down to the standard tail)."""
+        if self.flex is None or self.planned is None:
+            return None
+        return self.deadline - self.planned
 
     @property
     def feasible(self) -> bool | None:
@@ -136,7 +190,12 @@ def make_plan(
     limits: TailLimits,
     batch_bounds: tuple[int, int],
     sync_bounds: tuple[int, int],
+    *,
+    cancel: float = 0.0,
+    flex: FlexLane | None = None,
 ) -> DeadlinePlan:
+    """The plan; ``cancel``: seconds cancelling open batches may take (0: none will be open);
+    ``flex``: the flex lane (see ``flex_lane``)."""
     assert deadline.at is not None
     tail = sync_seconds(requests, weight, limits)
     return DeadlinePlan(
@@ -154,22 +213,57 @@ def make_plan(
         tail_seconds=tail,
         planned=None if tail is None else planned_seconds(tail, deadline),
         spec=deadline.spec or "",
+        cancel=cancel,
+        flex=flex,
     )
 
 
 def switch_due(
-    now: float, deadline: Deadline, left: int, weight: int, limits: TailLimits, latency: float
+    now: float,
+    deadline: Deadline,
+    left: int,
+    weight: int,
+    limits: TailLimits,
+    latency: float,
+    *,
+    cancel: float = 0.0,
+    flex_left: int = 0,
+    flex_weight: int = 0,
 ) -> bool:
     """Whether the batches must be cancelled now: the time left is down to what the ``left``
     requests not yet finished need through the sync API (unknown limits: at once, since no
-    plan can promise anything then)."""
+    plan can promise anything then), plus ``cancel`` seconds for cancelling the open batches,
+    plus the flex window of the ``flex_left`` of them that go flex first (their time at the
+    limits at the flex latency, with the margin).
+
+    The same test, without the flex window and with what is left of the cancel time, says
+    when the flex lane must fall back to the standard tier (``flex_fallback_due``)."""
     assert deadline.at is not None
     if left <= 0:
         return False
     tail = sync_seconds(left, weight, limits, latency)
     if tail is None:
         return True
-    return deadline.at - now <= planned_seconds(tail, deadline)
+    planned = planned_seconds(tail, deadline) + max(0.0, cancel)
+    if flex_left > 0:
+        flex = sync_seconds(flex_left, flex_weight, limits, deadline.flex_latency)
+        planned += (flex or 0.0) * (1 + deadline.margin)
+    return deadline.at - now <= planned
+
+
+def flex_fallback_due(
+    now: float,
+    deadline: Deadline,
+    left: int,
+    weight: int,
+    limits: TailLimits,
+    latency: float,
+    cancel_left: float = 0.0,
+) -> bool:
+    """Whether the flex lane must go to the standard tier now: the time left is down to what
+    the ``left`` requests not yet finished need at the standard tier with the margin (plus
+    what may be left of cancelling batches that still hold some of them)."""
+    return switch_due(now, deadline, left, weight, limits, latency, cancel=cancel_left)
 
 
 def clock_text(epoch: float, now: float) -> str:
@@ -181,21 +275,60 @@ def clock_text(epoch: float, now: float) -> str:
 
 
 def price_plan(
-    plan: Plan, deadline: Deadline, rpm: int | None, tpm: int | None, now: float | None = None
+    plan: Plan,
+    deadline: Deadline,
+    rpm: int | None,
+    tpm: int | None,
+    now: float | None = None,
+    table: PriceTable | None = None,
 ) -> DeadlinePlan:
-    """``price --deadline``: the plan for a whole job file, at the limits given."""
+    """``price --deadline``: the plan for a whole job file, at the limits given (with
+    ``table``, the flex lane of the models it marks flex-capable)."""
     now = time.time() if now is None else now
     at = resolve(deadline.spec, now) if deadline.spec is not None else deadline.at
+    deadline = replace(deadline, at=at)
     total = plan.total
+    limits = TailLimits(rpm, tpm, "given" if rpm or tpm else "unknown")
+    flex = None
+    if table is not None:
+        flex = plan_flex_lane(
+            {m: (t.requests, t.input_tokens, t.output_limit_tokens)
+             for m, t in plan.standard_by_model.items()},
+            table, limits, deadline,
+        )  # fmt: skip
     return make_plan(
-        replace(deadline, at=at),
+        deadline,
         now,
         total.requests,
         total.input_tokens + total.output_limit_tokens,
-        TailLimits(rpm, tpm, "given" if rpm or tpm else "unknown"),
+        limits,
         (total.batch_floor_pico, total.batch_worst_pico),
         (total.floor_pico, total.worst_pico),
+        cancel=deadline.cancel,
+        flex=flex,
     )
+
+
+def plan_flex_lane(
+    open_by_model: dict[str, tuple[int, int, int]],
+    table: PriceTable,
+    limits: TailLimits,
+    deadline: Deadline,
+) -> FlexLane | None:
+    """The flex lane of requests not yet finished, by model (requests, input tokens, output
+    limit tokens; requests asking for a service tier of their own left out): those of the
+    models ``table`` marks flex-capable, priced at flex. An unknown model is an error."""
+    models: list[str] = []
+    requests = weight = floor = worst = 0
+    for model, (n, tokens_in, limit) in sorted(open_by_model.items()):
+        price = table.resolve(model)
+        if n <= 0 or not price.flex_capable:
+            continue
+        models.append(model)
+        low, high = price.bounds(tokens_in, limit, requests=n, tier="flex")
+        requests, weight = requests + n, weight + tokens_in + limit
+        floor, worst = floor + low, worst + high
+    return flex_lane(tuple(models), requests, weight, (floor, worst), limits, deadline)
 
 
 # The public API's names (``runner.deadline_plan``, ``runner.resolve_deadline``).

@@ -70,6 +70,9 @@ class Plan:
     sha256: str = ""
     # Requests priced at a service tier's own prices (flex, priority): tier -> requests.
     tiers: dict[str, int] = field(default_factory=dict)
+    # Per model, the requests that ask for no service tier of their own (what ``--via auto``
+    # may send at flex for a flex-capable model).
+    standard_by_model: dict[str, Totals] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -367,6 +370,8 @@ class Planner:
             t.unlimited_worst_pico = t.unlimited_limit_tokens * acc.price.rates(tier=tier)[2]
             if tier is not None:
                 plan.tiers[tier] = plan.tiers.get(tier, 0) + t.requests
+            else:
+                plan.standard_by_model.setdefault(model, Totals()).add(t)
             if model in plan.by_model:
                 plan.by_model[model].add(t)
             else:

@@ -96,6 +96,10 @@ class Price:
     flex_input: int | None = None
     flex_cached_input: int | None = None  # None: flex_input (an upper bound)
     flex_output: int | None = None
+    # Whether the model takes ``service_tier: "flex"`` (``flex = true`` in the table, or flex
+    # prices given): ``--via auto`` then sends its synchronous tail at flex (see
+    # ``backends.auto``). None: not said (flex prices, if any, decide).
+    flex: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_cached_input < 0:
@@ -120,6 +124,14 @@ class Price:
             cached = self.priority_cached_input
             return rate_in, rate_in if cached is None else cached, rate_out
         raise UnknownTierError(self.model, str(tier))
+
+    @property
+    def flex_capable(self) -> bool:
+        """Whether the table marks the model as taking ``service_tier: "flex"``: its ``flex``
+        flag, else whether it has flex prices of its own."""
+        if self.flex is not None:
+            return self.flex
+        return self.flex_input is not None and self.flex_output is not None
 
     def prices_tier(self, tier: str | None) -> bool:
         """Whether requests at ``tier`` (see ``rates``) can be priced."""
@@ -189,6 +201,11 @@ class PriceTable:
     user_file: str | None = None
     _cache: dict[str, Price] = field(default_factory=dict, repr=False)
 
+    @property
+    def marks_flex(self) -> bool:
+        """Whether any model of the table is flex-capable (see ``Price.flex_capable``)."""
+        return any(p.flex_capable for p in self.prices.values())
+
     def lookup(self, model: str) -> Price | None:
         """The price for ``model``: its own entry, else its family's for a dated snapshot."""
         hit = self._cache.get(model)
@@ -230,6 +247,8 @@ class PriceTable:
             tiers = "".join(
                 f":{key}={value}" for key in TIER_FIELDS if (value := getattr(p, key)) is not None
             )
+            if p.flex is not None:
+                tiers += f":flex={p.flex}"
             digest.update(
                 f"{name}:{fields}:{p.batch_output}:{p.max_output}{factor}{tiers};".encode()
             )
@@ -270,7 +289,7 @@ class PriceTable:
         pico = price.cost(
             usage.input_tokens, usage.cached_tokens, output, batch=batch, tier=reported
         )
-        return Bill(pico, unpriced_model, unpriced_tier)
+        return Bill(pico, unpriced_model, unpriced_tier, None if batch else reported)
 
     def bill(
         self,
@@ -294,6 +313,7 @@ class Bill:
     pico: int
     unpriced_model: str | None = None  # the model the response names, unknown to the table
     unpriced_tier: str | None = None  # the tier the response reports, without prices
+    tier: str | None = None  # the tier it was priced at (None: standard, or Batch API prices)
 
     @property
     def priced(self) -> bool:
@@ -306,7 +326,9 @@ def _parse_entry(
     where = f"{origin}: models.{name}"
     if not isinstance(raw, dict):
         raise PriceError(f"{where}: must be a table")
-    unknown = set(raw) - {*_PRICE_FIELDS, *TIER_FIELDS, "max_output", "source", "input_factor"}
+    unknown = set(raw) - {
+        *_PRICE_FIELDS, *TIER_FIELDS, "max_output", "source", "input_factor", "flex",
+    }  # fmt: skip
     if unknown:
         raise PriceError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     values: dict[str, int] = {}
@@ -328,6 +350,10 @@ def _parse_entry(
         )
     source = str(raw.get("source", default_source))
     factor = _input_factor(raw.get("input_factor"), where)
+    flex = raw.get("flex")
+    if flex is not None and not isinstance(flex, bool):
+        raise PriceError(f"{where}: flex: must be true or false (takes service_tier flex)")
+    tiers_flag: dict[str, Any] = {} if flex is None else {"flex": flex}
     if base is not None:
         merged = replace(base, origin=origin, source=source)
         if factor is not None:
@@ -345,7 +371,7 @@ def _parse_entry(
             merged = replace(merged, **{key: val})
         if max_output is not None:
             merged = replace(merged, max_output=max_output)
-        return replace(merged, **tiers) if tiers else merged
+        return replace(merged, **tiers, **tiers_flag) if tiers or tiers_flag else merged
     for key in ("input", "output"):
         if key not in values:
             raise PriceError(f"{where}: {key} is required for a model not in the bundled table")
@@ -364,6 +390,7 @@ def _parse_entry(
         origin=origin,
         input_factor_ppm=PPM if factor is None else factor,
         **tiers,
+        **tiers_flag,
     )
 
 

@@ -898,6 +898,17 @@ def format_deadline_plan(plan: DeadlinePlan) -> str:
         f"{BATCH_WINDOW}",
         f"  all sync (standard prices):      {format_usd(plan.sync_floor_pico)} floor, "
         f"{format_usd(plan.sync_worst_pico)} worst case",
+    ]
+    flex = plan.flex
+    if flex is not None:
+        lines.append(
+            f"  flex lane (service_tier flex; {', '.join(flex.models)}): {flex.requests:,} "
+            f"request(s) at flex prices: {format_usd(flex.floor_pico)} floor, "
+            f"{format_usd(flex.worst_pico)} worst case; at the switch they go flex, then "
+            "standard near the deadline (reserved at standard worst case: a flex request "
+            "can be served, and billed, at standard)"
+        )
+    lines += [
         f"  cost range: {format_usd(plan.batch_floor_pico)} (all by batch, at floor) .. "
         f"{format_usd(plan.sync_worst_pico)} (all sync, at worst case)",
         f"  rate limits: {plan.limits.describe()}",
@@ -914,6 +925,18 @@ def format_deadline_plan(plan: DeadlinePlan) -> str:
         f"{span(plan.planned)} ({plan.margin:.0%} margin for retries and 429s, plus "
         f"{plan.slack:g} s)"
     )
+    if plan.cancel:
+        lines.append(
+            f"  cancelling the batches: up to {span(plan.cancel)} planned (--deadline-cancel; "
+            "a cancelled batch's lines come back only when it has cancelled)"
+        )
+    if flex is not None and flex.planned is not None and plan.flex_fallback is not None:
+        lines.append(
+            f"  flex window: {span(flex.planned)} (the flex lane's {flex.requests:,} "
+            f"request(s) at the limits, {span(flex.tail_seconds or 0)} with answers planned at "
+            f"flex's slower latency, plus the margin); flex falls back to standard by "
+            f"{clock_text(plan.flex_fallback, now)} at the latest"
+        )
     if plan.feasible is False:
         lines.append(
             f"  the deadline cannot be met even all sync at the limits: the "
@@ -965,5 +988,19 @@ def deadline_plan_json(plan: DeadlinePlan) -> dict[str, Any]:
         "slack_seconds": plan.slack,
         "latest_switch": plan.latest_switch,
         "latest_switch_iso": _iso(plan.latest_switch),
+        "cancel_seconds": plan.cancel,
+        "flex": None
+        if plan.flex is None
+        else {
+            "models": list(plan.flex.models),
+            "requests": plan.flex.requests,
+            "tokens": plan.flex.weight,
+            "floor_usd": format_exact(plan.flex.floor_pico),
+            "worst_usd": format_exact(plan.flex.worst_pico),
+            "tail_seconds": plan.flex.tail_seconds,
+            "window_seconds": plan.flex.planned,
+            "fallback_by": plan.flex_fallback,
+            "fallback_by_iso": _iso(plan.flex_fallback),
+        },
         "feasible": plan.feasible,
     }

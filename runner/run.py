@@ -501,10 +501,12 @@ def deadline_plan(
     projection: Projection,
     settings: RunSettings,
     clock: Clock | None = None,
+    table: PriceTable | None = None,
 ) -> DeadlinePlan:
     """The deadline's plan for the job's requests not yet finished (``run`` shows it before
-    sending), at the limits given (the learned ones are known only once a request is sent)."""
-    from .deadline import TailLimits, make_plan
+    sending), at the limits given (the learned ones are known only once a request is sent);
+    with ``table``, the flex lane of the models it marks flex-capable."""
+    from .deadline import TailLimits, make_plan, plan_flex_lane
 
     states = store.state_counts(job.id)
     left = states.get("pending", 0) + states.get("reserved", 0)
@@ -513,6 +515,10 @@ def deadline_plan(
     batch_floor, batch_worst = projection.floor_pico(True), projection.worst_pico(True)
     limits = settings.limits
     tail = TailLimits(limits.rpm, limits.tpm, "given" if limits.rpm or limits.tpm else "unknown")
+    flex = None
+    if table is not None and table.marks_flex:
+        flex = plan_flex_lane(store.open_by_model(job.id), table, tail, settings.deadline)
+    # Batches will be open (or are) unless nothing is left: cancelling them takes its time.
     return make_plan(
         settings.deadline,
         (clock or SYSTEM).now(),
@@ -521,6 +527,8 @@ def deadline_plan(
         tail,
         (int(batch_floor * share), int(batch_worst * share)),
         (int(job.floor_pico * share), int(job.worst_pico * share)),
+        cancel=settings.deadline.cancel if left else 0.0,
+        flex=flex,
     )
 
 
@@ -728,7 +736,7 @@ async def run_job(
             notes.insert(0, line)
         shown = [format_estimate(est, plan, table, settings.limits), *notes]
         if settings.deadline.at is not None:
-            by_deadline = deadline_plan(store, job, projection, settings, clock)
+            by_deadline = deadline_plan(store, job, projection, settings, clock, table)
             shown.append(format_deadline_plan(by_deadline))
             if by_deadline.feasible is False:
                 est = replace(est, deadline_missed=True)

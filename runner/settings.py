@@ -72,7 +72,18 @@ class Deadline:
     # that first gave it: the same command resumes against the same deadline)
     margin: float = 0.25  # the sync tail's time at the limits, planned this share longer
     # (retries, 429s, a limit shared with other work)
-    slack: float = 15.0  # seconds on top: cancelling the batches, the last requests' latency
+    slack: float = 15.0  # seconds on top: the last requests' latency
+    # Seconds cancelling the open batches may take before their lines come back to pending
+    # (the Batch API's "cancelling" state lasts "up to ~10 minutes": shared/openai-api-facts.md,
+    # "Batch timing", gathered 2026-12-03). The switch comes this much earlier while batches
+    # are open: the sync tail cannot send a line its cancelled batch still holds.
+    cancel: float = 600.0
+    # Flex lane (models the price table marks flex-capable): seconds one flex answer is
+    # planned to take (flex is slower; the guide raises the client timeout to 15 min). The
+    # batches are cancelled early enough for the flex lane's requests at the limits with this
+    # latency (and the margin) and then the standard tail; flex falls back to standard when
+    # the time left is down to the standard tail.
+    flex_latency: float = 30.0
     tick: float = 1.0  # seconds between two looks at the plan while batches run
 
 

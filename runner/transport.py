@@ -134,11 +134,13 @@ class OpenAITransport:
         )
         self._headers = {"Content-Type": "application/json"}
 
-    async def send(self, path: str, body: str) -> Outcome:
-        """POST ``body`` to ``path`` (relative to the base URL, e.g. ``/chat/completions``)."""
+    async def send(self, path: str, body: str, timeout: float | None = None) -> Outcome:
+        """POST ``body`` to ``path`` (relative to the base URL, e.g. ``/chat/completions``),
+        within ``timeout`` seconds if given (never longer than the transport's own)."""
         started = time.monotonic()
+        limit = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 response = await self.client.post(
                     path,
                     cast_to=httpx2.Response,
@@ -154,7 +156,7 @@ class OpenAITransport:
                 content = b""
             return Outcome(r.status_code, content, r.headers, latency=time.monotonic() - started)
         except TimeoutError:
-            return Outcome(None, error="timeout", maybe_sent=True, latency=self.timeout)
+            return Outcome(None, error="timeout", maybe_sent=True, latency=limit)
         except (openai.APIError, httpx2.HTTPError, OSError, ValueError) as exc:
             kind, maybe_sent = _network_error(exc)
             return Outcome(

@@ -38,7 +38,8 @@ async def run_auto(
 ) -> Ran:
     batching = Batching(**{**POLL, **kw.pop("batching", {})})
     kw.setdefault("retry", Retry(max_attempts=20, backoff_base=0.01, backoff_max=0.05))
-    spec = Deadline(spec=deadline, **kw.pop("plan", {"margin": 0.1, "slack": 2.0, "tick": 0.2}))
+    plan = {"margin": 0.1, "slack": 2.0, "tick": 0.2, "cancel": 1.0, **kw.pop("plan", {})}
+    spec = Deadline(spec=deadline, **plan)
     return await run_in_process(
         job, db, sim.base_url, via="auto", batching=batching, deadline=spec, **kw
     )
@@ -212,8 +213,8 @@ def _auto_args(job: Path, db: Path, sim: SimulatorThread) -> list[str]:
     return [
         BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
         "--via", "auto", "--deadline", "8s", "--rpm", "240", "--deadline-margin", "0.1",
-        "--deadline-slack", "2", "--poll-interval", "0.05", "--backoff-base", "0.01",
-        "--backoff-max", "0.05", "--batch-requests", "50",
+        "--deadline-slack", "2", "--deadline-cancel", "1", "--poll-interval", "0.05",
+        "--backoff-base", "0.01", "--backoff-max", "0.05", "--batch-requests", "50",
     ]  # fmt: skip
 
 

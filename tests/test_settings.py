@@ -29,6 +29,7 @@ RUN_DEFAULTS = {
     "poll_interval": (settings.Batching, "poll_interval"),
     "deadline_margin": (settings.Deadline, "margin"),
     "deadline_slack": (settings.Deadline, "slack"),
+    "deadline_cancel": (settings.Deadline, "cancel"),
 }
 
 

@@ -26,6 +26,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..clock import SYSTEM, Clock
 from ..endpoints import endpoint_for
@@ -200,6 +201,38 @@ class _FirstRefusals:
         return held
 
 
+class FlexChooser(Protocol):
+    """Which attempts go at ``service_tier: "flex"`` (``--via auto``'s flex lane)."""
+
+    def flex_for(self, req: PendingRequest) -> float | None:
+        """None: send this attempt as it is (the standard tier); else send it at flex within
+        this many seconds (inf: the transport's own timeout)."""
+        ...
+
+    def flex_refused(self, req: PendingRequest, message: str) -> None:
+        """The API answered a flex attempt 400 naming the tier: the model is not
+        flex-capable here (the attempt is sent again at the standard tier)."""
+        ...
+
+
+def with_flex(body: str) -> str:
+    """A stored request body (a JSON object without ``service_tier``) asking for flex: the
+    same bytes, with the tier first."""
+    start = body.index("{") + 1
+    rest = body[start:]
+    sep = "" if rest.lstrip().startswith("}") else ","
+    return '{"service_tier":"flex"' + sep + rest
+
+
+def _refuses_flex(out: Outcome) -> bool:
+    """A 400 that names the service tier (its message or its ``param``): some providers and
+    gateways answer a flex request for a model without flex this way, not with a fallback."""
+    if out.status != 400:
+        return False
+    text = out.body[:8192].lower()
+    return b"service_tier" in text or b"service tier" in text or b"flex" in text
+
+
 class SyncBackend:
     """Sends each request through ``transport`` under ``governor``."""
 
@@ -242,6 +275,8 @@ class SyncBackend:
         # None: all it can.
         self.most: int | None = None
         self._claimed = 0
+        # ``--via auto``'s flex lane: which attempts go at service_tier flex (None: none).
+        self.flex: FlexChooser | None = None
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -476,10 +511,15 @@ class SyncBackend:
                 return
             number += 1
             started = self.clock.now()
+            # The flex lane decides per attempt: one sent again after the fallback (or after a
+            # refusal of flex) goes at the standard tier.
+            flex = self.flex.flex_for(req) if self.flex is not None else None
+            body = req.body if flex is None else with_flex(req.body)
+            timeout = None if flex is None or math.isinf(flex) else flex
             self._on_wire.add(req.id)
             books.stats.in_flight += 1
             try:
-                out = await self.transport.send(endpoint.path, req.body)
+                out = await self.transport.send(endpoint.path, body, timeout)
             finally:
                 self._on_wire.discard(req.id)
                 books.stats.in_flight -= 1
@@ -490,14 +530,18 @@ class SyncBackend:
             with contextlib.suppress(Exception):  # nonsense headers must not cost the result
                 self.governor.done(ticket, out.headers, passed=not verdict.rate_limited)
             self._pool.observe(out.latency)
-            # Rate limits, refused connections and flex capacity are not the request's fault:
-            # they do not use up its attempts.
-            counted = not (verdict.rate_limited or verdict.kind in ("connect", "capacity"))
+            refused_flex = flex is not None and _refuses_flex(out)
+            # Rate limits, refused connections, flex capacity and a refusal of flex itself are
+            # not the request's fault: they do not use up its attempts.
+            counted = not (
+                verdict.rate_limited or verdict.kind in ("connect", "capacity") or refused_flex
+            )
             if counted:
                 req.attempts += 1
             books.attempt(
                 req, number, started, out.latency, out.status,
-                None if verdict.action is Action.OK else verdict.kind,
+                "flex_refused" if refused_flex
+                else None if verdict.action is Action.OK else verdict.kind,
             )  # fmt: skip
             if verdict.kind != "connect":
                 self._outage.reached()
@@ -505,6 +549,10 @@ class SyncBackend:
                 self._answered = True
             elif not self._answered and await self._unreadable_first(req, out, verdict):
                 return
+            if refused_flex:
+                assert self.flex is not None
+                self.flex.flex_refused(req, verdict.message or f"HTTP {out.status}")
+                continue  # not billed (a 400): sent again at the standard tier
             if verdict.action is Action.OK:
                 for held in self._refusals.close():
                     self._fail(held)

@@ -132,6 +132,11 @@ class Books:
         """How many of the job's requests are in each of ``states``."""
         return await self.in_db(self.store.state_counts, self.job.id, states)
 
+    async def open_by_model(self) -> dict[str, tuple[int, int, int]]:
+        """The job's requests not yet finished that ask for no service tier of their own, by
+        model: (requests, input tokens, output limit tokens)."""
+        return await self.in_db(self.store.open_by_model, self.job.id)
+
     async def last_event(self, kind: str) -> tuple[float, str | None] | None:
         """(when, detail) of the job's latest event of ``kind`` (any runner's, any run's)."""
         return await self.in_db(self.store.last_event, self.job.id, kind)
@@ -238,6 +243,8 @@ class Books:
                 ResultFlag.UNPRICED_MODEL if bill.unpriced_model else ResultFlag.UNPRICED_TIER
             )
             self._unpriced(req, bill, cost)
+        elif bill.tier == "flex":
+            flags.append(ResultFlag.FLEX)  # served and billed at flex: the flex lane
         ratio = self._learn(req, usage, endpoint) if ResultFlag.USAGE_MISSING not in flags else 0
         if cost > req.worst_pico:
             flags.append(ResultFlag.OVER_RESERVATION)

@@ -301,7 +301,10 @@ class _Batches:
             if batch.status == "in_progress" and not expired:
                 batch.enter("finalizing")
             if batch.status in ("finalizing", "cancelling"):
-                await asyncio.sleep(self._config.batch_finalize_s)
+                config = self._config
+                cancel_s = config.batch_cancel_s
+                cancelling = batch.status == "cancelling" and cancel_s is not None
+                await asyncio.sleep(cancel_s if cancelling else config.batch_finalize_s)
             if self._config.batch_lose_output:
                 output.discard()
             batch.output_file_id = output.publish()

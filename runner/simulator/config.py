@@ -173,6 +173,11 @@ class SimConfig:
     )
     batch_validate_s: float = _setting(0.0, "Seconds a batch spends validating.")
     batch_finalize_s: float = _setting(0.0, "Seconds a batch spends finalizing or cancelling.")
+    batch_cancel_s: float | None = _setting(
+        None,
+        "Seconds a cancelled batch spends cancelling before it is cancelled (the real API: up "
+        "to ~10 minutes); unset: --batch-finalize-s.",
+    )
     batch_max_requests: int = _setting(50_000, "Most requests one batch input file may hold.")
     batch_max_bytes: int = _setting(200 * 1024 * 1024, "Largest batch input file, in bytes.")
     # Batch timing: when a batch starts and how fast the Batch API works through its lines
@@ -204,6 +209,11 @@ class SimConfig:
     )
     flex_latency_ms: float = _setting(
         0.0, 'Extra service time of a service_tier "flex" request, in milliseconds.'
+    )
+    flex_refuse_models: str | None = _setting(
+        None,
+        'Comma-separated models whose service_tier "flex" requests are answered 400 (as some '
+        "providers and gateways answer flex for a model without it), never billed.",
     )
 
     def __post_init__(self) -> None:
@@ -272,12 +282,15 @@ class SimConfig:
             "api_key",
             "response_model",
             "response_service_tier",
+            "flex_refuse_models",
         ):
             value = getattr(self, name)
             if value is not None and (not value or not value.isprintable()):
                 raise ValueError(f"{name} must be a non-empty printable string")
         if self.quota_usd is not None:
             usd_to_pico(self.quota_usd)
+        if self.batch_cancel_s is not None and self.batch_cancel_s < 0:
+            raise ValueError("batch_cancel_s must not be negative")
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply a patch atomically: unknown fields or invalid values change nothing."""

@@ -282,6 +282,16 @@ class Simulator:
             return self._fail(err, headers, key)
 
         flex = req.body.get("service_tier") == "flex"
+        refused = config.flex_refuse_models
+        if flex and refused and req.model in {m.strip() for m in refused.split(",")}:
+            # A provider without flex for this model: a 400 naming the tier, not a fallback.
+            unsupported = _ApiError(
+                400,
+                f"Invalid value for 'service_tier': 'flex' is not supported for model "
+                f"'{req.model}'.",
+                param="service_tier",
+            )
+            return self._fail(unsupported, headers, key)
         if flex and self._dice.flex_unavailable(config):
             # Flex capacity is short: a 429 of its own, before the rate limits, never billed.
             self.ledger.flex_unavailable += 1

@@ -313,7 +313,9 @@ class BatchesMixin(ClaimsMixin, ReadsMixin):
 
     def lanes(self, job_id: int) -> dict[str, tuple[int, int]]:
         """The job's results by the lane they came back through: (results, cost)."""
-        lane = sa.case((flagged(ResultFlag.BATCH), "batch"), else_="sync")
+        lane = sa.case(
+            (flagged(ResultFlag.BATCH), "batch"), (flagged(ResultFlag.FLEX), "flex"), else_="sync"
+        )
         with self.reading() as conn:
             return {
                 str(name): (int(n), int(cost or 0))

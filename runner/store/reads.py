@@ -224,6 +224,28 @@ class ReadsMixin(StoreBase):
         with self.reading() as conn:
             return {str(state): int(n) for state, n in conn.execute(q.group_by(requests.c.state))}
 
+    def open_by_model(self, job_id: int) -> dict[str, tuple[int, int, int]]:
+        """The requests not yet finished (pending or reserved) that ask for no service tier
+        of their own, by model: (requests, input tokens, output limit tokens). What the deadline
+        plan's flex lane is made of."""
+        big = sa.BigInteger
+        q = (
+            sa.select(
+                requests.c.model,
+                sa.func.count(),
+                sa.func.sum(sa.cast(requests.c.input_tokens, big)),
+                sa.func.sum(sa.cast(requests.c.output_limit, big)),
+            )
+            .where(
+                requests.c.job_id == job_id,
+                requests.c.state.in_((RequestState.PENDING, RequestState.RESERVED)),
+                ~requests.c.body.like('%"service_tier":%'),
+            )
+            .group_by(requests.c.model)
+        )
+        with self.reading() as conn:
+            return {str(m): (int(n), int(i or 0), int(o or 0)) for m, n, i, o in conn.execute(q)}
+
     def pending_worst(self, job_id: int, *, batch: bool = False) -> int:
         """The worst case of every request not yet sent (at Batch API prices when ``batch``)."""
         worst = requests.c.batch_worst_pico if batch else requests.c.worst_pico

@@ -33,6 +33,9 @@ class ResultFlag(enum.StrEnum):
     OVER_RESERVATION = "over_reservation"  # billed more than its reserved worst case
     REUSED = "reused"  # copied from an earlier job's identical request; not spent again
     BATCH = "batch"  # came back through the Batch API, billed at batch prices
+    # Served (as the response reports) and billed at service tier flex through the synchronous
+    # API: the flex lane of ``--via auto``, or a request that asked for flex itself.
+    FLEX = "flex"
     # The response named a model (kept in ``response_model``) or reported a service tier that
     # the price table has no prices for: charged at worst case.
     UNPRICED_MODEL = "unpriced_model"
@@ -320,8 +323,8 @@ class JobStatus:
     in_batches: int = 0  # reserved requests held by open Batch API batches
     # model -> the largest ratios its results were billed at (see ``calibration``)
     calibration: dict[str, ModelCalibration] = field(default_factory=dict)
-    # Results by the lane they came back through ("batch", "sync"): (results, cost), and when
-    # a ``--deadline`` run switched from the batches to the synchronous API, if it did.
+    # Results by the lane they came back through ("batch", "flex", "sync"): (results, cost),
+    # and when a ``--deadline`` run switched from the batches to the synchronous API, if it did.
     lanes: dict[str, tuple[int, int]] = field(default_factory=dict)
     switched_at: float | None = None
     # What the job will really cost (a ``projection.Projection``), from the results in: set by
