@@ -789,6 +789,14 @@ def prices_cmd(prices: Path | None, as_json: bool) -> None:
     "counts as unknown and it is charged at worst case).",
 )
 @click.option(
+    "--flex-timeout",
+    type=_Seconds(0.1),
+    default=_default(Transport, "flex_timeout"),
+    show_default=True,
+    help='The same for a request sent at service_tier "flex" (slower by design; OpenAI\'s '
+    "flex guide allows 15 minutes).",
+)
+@click.option(
     "--grace",
     type=_Seconds(),
     default=_default(Stopping, "grace"),
@@ -994,7 +1002,9 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
             max_wait=o["max_wait"],
             outage_limit=o["outage_limit"],
         ),
-        transport=Transport(base_url=o["base_url"], timeout=o["timeout"]),
+        transport=Transport(
+            base_url=o["base_url"], timeout=o["timeout"], flex_timeout=o["flex_timeout"]
+        ),
         stopping=Stopping(grace=o["grace"], heartbeat_ttl=o["heartbeat_ttl"]),
         via=o["via"],
         deadline=_deadline(o),

@@ -45,6 +45,9 @@ class Transport:
 
     base_url: str | None = None  # None: the client's default (https://api.openai.com/v1)
     timeout: float = 120.0  # seconds for a whole request, first byte to last
+    # A flex request's (``service_tier: "flex"``, slower by design): OpenAI's flex guide raises
+    # the client timeout to 15 minutes (shared/openai-api-facts.md, gathered 2026-12-03).
+    flex_timeout: float = 900.0
     kind: str = "aiohttp"  # the openai client's transport: "aiohttp" or "httpx"
 
 

@@ -113,7 +113,9 @@ class OpenAITransport:
         limits = httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        timeout = settings.timeout
+        # The client's own timeouts allow the longest request (a flex one); ``send`` bounds each
+        # exchange by its own.
+        timeout = max(settings.timeout, settings.flex_timeout)
         # Redirects are not followed (the openai client's default follows them): the API
         # never redirects, so a redirect is a base URL pointing elsewhere, said as such
         # (``retry.classify``), instead of a request body sent on to wherever it leads.
@@ -124,7 +126,8 @@ class OpenAITransport:
                 timeout=timeout, limits=limits, follow_redirects=False
             )
         )
-        self.timeout = timeout
+        self.timeout = settings.timeout
+        self.flex_timeout = settings.flex_timeout
         self.client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=settings.base_url,
@@ -134,11 +137,15 @@ class OpenAITransport:
         )
         self._headers = {"Content-Type": "application/json"}
 
-    async def send(self, path: str, body: str, timeout: float | None = None) -> Outcome:
+    async def send(
+        self, path: str, body: str, timeout: float | None = None, *, flex: bool = False
+    ) -> Outcome:
         """POST ``body`` to ``path`` (relative to the base URL, e.g. ``/chat/completions``),
-        within ``timeout`` seconds if given (never longer than the transport's own)."""
+        within ``timeout`` seconds if given, never longer than the transport's own timeout (its
+        flex timeout for a ``flex`` request)."""
         started = time.monotonic()
-        limit = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
+        ceiling = self.flex_timeout if flex else self.timeout
+        limit = ceiling if timeout is None else max(0.001, min(timeout, ceiling))
         try:
             async with asyncio.timeout(limit):
                 response = await self.client.post(

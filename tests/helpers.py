@@ -117,6 +117,7 @@ async def run_in_process(
     limits: Limits | None = None,
     retry: Retry | None = None,
     timeout: float = 30.0,
+    flex_timeout: float = 900.0,
     grace: float = 10.0,
     **settings: Any,
 ) -> Ran:
@@ -129,7 +130,7 @@ async def run_in_process(
         quiet=True,
         limits=limits or Limits(),
         retry=retry or Retry(backoff_base=0.01, backoff_max=0.05),
-        transport=Transport(base_url=base_url, timeout=timeout),
+        transport=Transport(base_url=base_url, timeout=timeout, flex_timeout=flex_timeout),
         stopping=Stopping(grace=grace),
         **settings,
     )

@@ -45,3 +45,22 @@ async def test_capacity_429s_are_retried_without_a_pause_or_an_attempt_and_never
     assert stats.capacity_waits == ledger["flex_unavailable"] and stats.rate_limited == 0
     paused = query(db, "SELECT COUNT(*) FROM events WHERE kind = 'rate_limit_pause'")[0][0]
     assert paused == 0
+
+
+async def test_a_flex_request_may_take_the_flex_timeout_not_the_standard_one(
+    tmp_path: Path, make_simulator
+) -> None:
+    """Flex answers are slower by design: a flex request waits up to the flex timeout (the
+    guide's 15 minutes by default), where a standard one would have timed out and been resent."""
+    sim = make_simulator(flex_latency_ms=600, rpm=6000)
+    job, db = tmp_path / "job.jsonl", tmp_path / "b.db"
+    _flex_job(job, 6)
+    ran = await run_in_process(
+        job, db, sim.base_url, cap="1", limits=Limits(rpm=6000),
+        retry=Retry(max_attempts=1), timeout=0.2, flex_timeout=10.0,
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.message
+    assert ran.status.states == {"done": 6}
+    assert sim.ledger_snapshot()["requests_billed"] == 6
+    timeouts = query(db, "SELECT COUNT(*) FROM attempts WHERE error_kind = 'timeout'")[0][0]
+    assert timeouts == 0

@@ -22,6 +22,7 @@ RUN_DEFAULTS = {
     "max_wait": (settings.Retry, "max_wait"),
     "outage_limit": (settings.Retry, "outage_limit"),
     "timeout": (settings.Transport, "timeout"),
+    "flex_timeout": (settings.Transport, "flex_timeout"),
     "grace": (settings.Stopping, "grace"),
     "heartbeat_ttl": (settings.Stopping, "heartbeat_ttl"),
     "via": (settings.RunSettings, "via"),

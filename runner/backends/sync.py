@@ -33,6 +33,7 @@ from ..endpoints import endpoint_for
 from ..engine import Books, Control, RunOutcome
 from ..errors import BatchrunError
 from ..governor import Governor
+from ..pricing import tier_of_json
 from ..retry import (
     UNREADABLE,
     Action,
@@ -231,6 +232,11 @@ def _refuses_flex(out: Outcome) -> bool:
         return False
     text = out.body[:8192].lower()
     return b"service_tier" in text or b"service tier" in text or b"flex" in text
+
+
+def _asks_flex(req: PendingRequest) -> bool:
+    """Whether the job file's own body asks for the flex tier (slower: its longer timeout)."""
+    return tier_of_json(req.body) == "flex"
 
 
 class SyncBackend:
@@ -519,7 +525,9 @@ class SyncBackend:
             self._on_wire.add(req.id)
             books.stats.in_flight += 1
             try:
-                out = await self.transport.send(endpoint.path, body, timeout)
+                out = await self.transport.send(
+                    endpoint.path, body, timeout, flex=flex is not None or _asks_flex(req)
+                )
             finally:
                 self._on_wire.discard(req.id)
                 books.stats.in_flight -= 1
