@@ -5,7 +5,11 @@ real openai client, on a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
+import subprocess
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +31,7 @@ from runner.settings import Deadline, Limits
 from runner.simulator import SimulatorThread
 
 from .books import assert_consistent, assert_covers_bill, books, rows, scalar, watch_bills
-from .helpers import batchrun
+from .helpers import BATCHRUN, batchrun, batchrun_env
 from .test_deadline import run_auto
 
 MakeSim = Callable[..., SimulatorThread]
@@ -357,3 +361,53 @@ async def test_the_stragglers_of_batches_that_ended_go_flex_for_flex_capable_mod
     assert ledger["duplicate_bodies"] == 0 and books(db).ledger_pico == ledger["billed_pico"]
     assert_consistent(db)
     assert_covers_bill(db, sim, bills)
+
+
+def test_kill_9_in_the_flex_phase_then_the_same_command_resumes_and_the_books_cover_the_bill(
+    tmp_path: Path, make_simulator: MakeSim
+) -> None:
+    """Killed while the tail goes out at flex (some results in, more in flight): the same
+    command finishes the job; a flex request in flight at the kill is charged its worst case
+    (it may have been billed) and is the only kind sent again; the books never fall below the
+    bill."""
+    # 160 requests at 120 RPM: 120 go at once (the bucket starts full), the rest at 2/s, so the
+    # flex phase lasts ~20 s and the kill lands after the burst, with the trickle in flight.
+    sim = make_simulator(batch_p_stuck=1.0, rpm=120, batch_cancel_s=0.3, flex_latency_ms=100)
+    job, db = tmp_path / "job.jsonl", tmp_path / "k.db"
+    mixed_job(job, 160, models=(FLEX_MODEL,))
+    args = [
+        BATCHRUN, "run", str(job), "--db", str(db), "--cap", "5", "--base-url", sim.base_url,
+        "--via", "auto", "--deadline", "90s", "--rpm", "120", "--deadline-margin", "0.1",
+        "--deadline-slack", "2", "--deadline-cancel", "1", "--poll-interval", "0.05",
+        "--backoff-base", "0.01", "--backoff-max", "0.05",
+        "--prices", str(flex_prices(tmp_path / "p.toml")),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=batchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    flex_done = 0
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                with contextlib.suppress(sqlite3.Error):
+                    flex_done = scalar(db, "SELECT COUNT(*) FROM results WHERE flags LIKE '%flex%'")
+            if flex_done >= 125:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 125 <= flex_done < 160, flex_done  # killed in the flex phase, not before or after it
+    assert_consistent(db)
+    assert_covers_bill(db, sim)
+    resumed = subprocess.run(args, env=batchrun_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    ledger = sim.ledger_snapshot()
+    b = books(db)
+    assert (b.done, b.pending, b.reserved, b.failed) == (160, 0, 0, 0)
+    unknown = scalar(db, "SELECT COUNT(*) FROM ledger WHERE kind = 'unknown'")
+    assert ledger["duplicate_bodies"] <= unknown  # only what may have been billed went again
+    assert b.ledger_pico >= ledger["billed_pico"]  # books >= bill
+    assert scalar(db, "SELECT COUNT(*) FROM results WHERE flags LIKE '%flex%'") == 160
+    assert_consistent(db)
