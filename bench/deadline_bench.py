@@ -3,6 +3,7 @@ simulated Batch API delays (fast, 2 lines/s, typical, stuck).
 
     .venv/bin/python bench/deadline_bench.py            # 2,000 requests, ~7 min
     .venv/bin/python bench/deadline_bench.py --requests 500 --quick
+    .venv/bin/python bench/deadline_bench.py --requests 500 --rpm 200 --sweep 120s,240s
 
 Each row is one in-process run (``runner.run_with``) against the simulator on a thread, on a
 fresh database: the simulator's ledger gives what was billed (in all, and by batch), and
@@ -130,6 +131,12 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="auto rows only")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--sweep",
+        metavar="DEADLINES",
+        help="instead of the fixed rows: all-sync, then --via auto at each of these deadlines "
+        "(comma-separated) against each delay",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.jsonl"
@@ -143,7 +150,11 @@ def main() -> None:
             ("stuck", "auto+flex", "90s", 300),  # the flex lane: stuck batches, flex tail
             ("2 lines/s", "auto+flex", "90s", 300),
         ]
-        if not args.quick:
+        if args.sweep:
+            runs = [("fast", "sync", None, 900)]
+            for delay in ("fast", "typical", "2 lines/s", "stuck"):
+                runs += [(delay, "auto", d, 900) for d in args.sweep.split(",")]
+        elif not args.quick:
             runs += [
                 ("fast", "batch", None, 300),
                 ("typical", "batch", None, 300),
@@ -161,7 +172,9 @@ def main() -> None:
         "",
         f"Commit {commit()}; `.venv/bin/python bench/deadline_bench.py"
         + (f" --requests {args.requests}" if args.requests != 2000 else "")
-        + ("  --quick" if args.quick else "")
+        + (f" --rpm {args.rpm}" if args.rpm != 1000 else "")
+        + (" --quick" if args.quick else "")
+        + (f" --sweep {args.sweep}" if args.sweep else "")
         + f"`. {args.requests:,} chat requests (gpt-4o-mini), the sync API limited to "
         f"{args.rpm:,} RPM (the run told the same), deadline margin 5% + 3 s, cancelling "
         "planned at 2 s (the simulator cancels in 1 s), the simulator on a thread of the same "

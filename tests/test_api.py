@@ -161,7 +161,9 @@ def test_a_library_run_by_a_deadline_sends_the_bulk_by_batch_at_batch_prices(
             api_key=KEY,
             base_url=sim.base_url,
             via="auto",
-            deadline=runner.Deadline(spec="10m", margin=0.1, slack=2.0, tick=0.2),
+            # The simulator cancels at once: planning the real API's 10 minutes of cancelling
+            # against a 10-minute deadline would switch at the first look.
+            deadline=runner.Deadline(spec="10m", margin=0.1, slack=2.0, cancel=1.0, tick=0.2),
             batching=runner.Batching(poll_first=0.05, poll_interval=0.25),
         )
         assert result.ok, result.message

@@ -212,7 +212,10 @@ async def test_three_runners_keep_to_one_rate_limit_together(
     # slower, so this holds under load); how close they come to it is a benchmark's question
     # (bench/pg_bench.py), not a test's.
     assert last - first >= 0.95 * least, f"{last - first:.2f}s for a least time of {least:.2f}s"
-    assert limited < 0.005 * requests, f"{limited} requests met a 429"
+    # Without 429s, but for a few on a starved machine (the simulator's thread and the runners
+    # share the process and the CPU; under a CPU hog 7 of 630 were seen): runners that each
+    # took more than their share would meet hundreds.
+    assert limited < 0.03 * requests, f"{limited} requests met a 429"
 
 
 def _spend_the_burst(sim: SimulatorThread, left: int) -> float:
