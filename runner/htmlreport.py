@@ -442,7 +442,11 @@ def _cost(status: JobStatus) -> go.Figure:
     )  # fmt: skip
     fig = _layout(fig, title, None, hovermode="closest", showlegend=False)
     fig.update_xaxes(title_text="USD", rangemode="tozero", **_DOLLARS)
-    fig.update_yaxes(automargin=True)
+    # A left margin wide enough for the longest model name, rather than plotly's automargin,
+    # which can redraw back and forth with the bars' inside/outside labels (and then warns
+    # "Too many auto-margin redraws"): about 7 px a character at the axis' font.
+    widest = max(len(m) for m, _c, _n in rows)
+    fig.update_layout(margin={"l": min(320, max(70, 16 + 7 * widest))})
     return fig
 
 
