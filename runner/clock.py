@@ -72,10 +72,6 @@ class VirtualClock(Clock):
         """Move the clock on (from outside a run; inside one, sleep instead)."""
         self._t += max(0.0, seconds)
 
-    def set_now(self, epoch: float) -> None:
-        """Make ``now()`` read ``epoch`` from here on (a test's move across midnight)."""
-        self._epoch = epoch - self._t
-
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return _VirtualLoop(self)
 

@@ -43,7 +43,7 @@ import math
 import shutil
 
 from ..clock import SYSTEM, Clock
-from ..deadline import TailLimits, flex_fallback_due, planned_seconds, switch_due, sync_seconds
+from ..deadline import TailLimits, planned_seconds, switch_due, sync_seconds
 from ..durations import span
 from ..engine import Books, Control, RunOutcome
 from ..settings import Deadline, Limits
@@ -280,7 +280,7 @@ class AutoBackend:
                 now if tail is None
                 else deadline.at - planned_seconds(tail, deadline) - cancel_left
             )  # fmt: skip
-            if n > 0 and flex_fallback_due(now, deadline, n, weight, limits, latency, cancel_left):
+            if n > 0 and now >= self._fallback_at:  # deadline.flex_fallback_due
                 self._fall_back(books, n, tail, now)
                 return
             await self.clock.sleep(deadline.tick)
